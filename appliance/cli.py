@@ -1,0 +1,115 @@
+"""The ``appliance`` command. Each subcommand is a small function that calls one module;
+add one by writing ``cmd_<name>(args)`` and registering its arguments in ``_parser()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_CONFIG = "/etc/appliance/appliance.yaml"
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("APPLIANCE_CONFIG") or DEFAULT_CONFIG)
+
+
+def _load_or_exit(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .config import ConfigError, load
+
+    try:
+        return load(_config_path(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(1) from exc
+
+
+# ---- subcommands -------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import run
+
+    return run(_config_path(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load
+
+    try:
+        load(args.file)
+    except ConfigError as exc:
+        print(exc)
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from .echo import echo
+
+    ok, message = echo(args.host, args.port, args.aet, calling_ae=args.calling_ae, timeout=args.timeout)
+    print(message)
+    return 0 if ok else 1
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .db import open_database
+
+    config = _load_or_exit(args)
+    db = open_database(config.storage.root)
+    studies = db.studies()
+    header = f"{'PATIENT':<28} {'STUDY DATE':<10} {'MOD':<8} {'INST':>6} {'SIZE':>10}  {'STATE':<8} STUDY UID"
+    print(header)
+    for s in studies:
+        patient = f"{s.patient_name or '-'} ({s.patient_id or '-'})"
+        date = s.study_date or "-"
+        print(f"{patient[:28]:<28} {date:<10} {s.modalities or '-':<8} {s.instances:>6} "
+              f"{_size(s.size):>10}  {s.state:<8} {s.study_instance_uid}")
+    total = sum(s.instances for s in studies)
+    print(f"{len(studies)} studies, {total} instances, {_size(sum(s.size for s in studies))}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Edge DICOM appliance")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Every subcommand that reads the configuration takes --config after its name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help=f"configuration file (default: $APPLIANCE_CONFIG or {DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="run the appliance in the foreground")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a configuration file; exit 0 if it is OK")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("aet", help="the peer's AE title")
+    p.add_argument("--calling-ae", default="EDGE", help="our AE title (default: EDGE)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("ls", parents=[common], help="list cached studies")
+    p.set_defaults(func=cmd_ls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,350 @@
+"""The appliance's configuration: one YAML file, read once into typed, frozen objects.
+
+``load(path)`` returns a :class:`Config` or raises :class:`ConfigError` listing every problem with
+its file:line:column and key path. The rest of the code never sees raw YAML. The mechanism
+(how a dataclass field's type hint says how to read a value) is in ``yamlschema.py``; this module
+is the schema: which sections exist, their keys, defaults and cross-checks.
+
+To add a section: write a frozen dataclass whose fields carry type hints (see ``yamlschema``
+for what a hint may say), give it a default instance in :class:`Config`, and add any check that
+spans sections to ``_cross_check``. Print settings live in ``printing/settings.py`` and are
+plugged in the same way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Literal
+
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .printing.settings import PrintConfig
+from .yamlschema import INVALID, Check, ConfigError, Context, Custom, Parse, Problem, compose, read_section
+
+__all__ = ["Config", "ConfigError", "Problem", "load", "loads"]
+
+
+# ---- value types -------------------------------------------------------------------------------
+
+def is_ae_title(value: str) -> bool:
+    """PS3.5 AE: 1-16 characters of the default repertoire, no backslash or control characters."""
+    return 0 < len(value.strip()) <= 16 and len(value) <= 16 and all(
+        " " <= ch <= "~" and ch != "\\" for ch in value
+    )
+
+
+AETitle = Annotated[str, Check(is_ae_title, "an AE title (1-16 printable ASCII characters, no backslash)")]
+Port = Annotated[int, Check(lambda p: 1 <= p <= 65535, "an integer 1-65535")]
+PositiveInt = Annotated[int, Check(lambda n: n >= 1, "an integer of at least 1")]
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``10m``, ``1.5h``, ``7d``, ``250ms`` or a bare number of seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)?\s*", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+Duration = Annotated[float, Parse(parse_duration, 'a duration such as "30s", "10m", "7d"')]
+
+_SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Space:
+    """An amount of disk: absolute bytes, or a percentage of the filesystem's size."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+    def of(self, total: int) -> int:
+        return self.bytes if self.bytes is not None else int(total * (self.percent or 0) / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.bytes} bytes"
+
+
+def parse_space(text: str) -> Space:
+    """``2GiB``, ``500MB``, ``10%`` -> :class:`Space`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(text)
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "%":
+        if number > 100:
+            raise ValueError(text)
+        return Space(percent=number)
+    return Space(bytes=int(number * _SIZES[unit]))
+
+
+DiskSpace = Annotated[Space, Parse(parse_space, 'a size such as "2GiB", "500MB" or a percentage such as "10%"')]
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+Network = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    Parse(parse_network, 'an address or network such as "10.0.0.0/8"'),
+]
+BindAddress = Annotated[str, Check(lambda a: _is_ip(a), "an IP address to listen on")]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---- sections ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait: for the TCP connection, for an association reply, for a DIMSE reply,
+    and for an idle network."""
+
+    connect: Duration = 10.0
+    acse: Duration = 30.0
+    dimse: Duration = 60.0
+    network: Duration = 60.0
+
+
+@dataclass(frozen=True)
+class Node_:
+    """This box as a DICOM node (the Storage SCP)."""
+
+    ae_title: AETitle = "EDGE"
+    bind_address: BindAddress = "0.0.0.0"
+    port: Port = 104
+    max_associations: PositiveInt = 16
+    # The called AE title a modality uses must be ours; false accepts any called AE.
+    require_called_ae: bool = True
+    # Empty means: any calling AE title / any source address.
+    allowed_calling_aes: tuple[AETitle, ...] = ()
+    allowed_networks: tuple[Network, ...] = ()
+    # What a second C-STORE of a SOP Instance UID already cached does.
+    on_duplicate: Literal["replace", "keep-first", "reject"] = "replace"
+    # 0 = unlimited; large PDUs cost less CPU per byte on the receive path.
+    max_pdu: Annotated[int, Check(lambda n: n == 0 or 4096 <= n <= 2**31, "0 or 4096-2147483648")] = 4 * 2**20
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """Watermarks on the cache's filesystem."""
+
+    # Low watermark: below this much free space, new C-STOREs get 0xA700 (out of resources).
+    min_free: DiskSpace = field(default_factory=lambda: Space(percent=5.0))
+    # High watermark: above this much used space, delivered instances are evicted, oldest first.
+    evict_above: DiskSpace = field(default_factory=lambda: Space(percent=80.0))
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where the cache and the database live."""
+
+    path: str = "/var/lib/appliance"
+    disk: Disk = field(default_factory=Disk)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.path)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Backoff for a destination: initial delay, growth factor, cap, random jitter, and when to
+    give up (after ``max_attempts`` attempts, or ``give_up_after`` since the first one)."""
+
+    initial_delay: Duration = 10.0
+    factor: Annotated[float, Check(lambda f: f >= 1.0, "a number of at least 1")] = 2.0
+    max_delay: Duration = 600.0
+    jitter: Annotated[float, Check(lambda j: 0.0 <= j <= 1.0, "a fraction 0-1")] = 0.2
+    max_attempts: Annotated[int, Check(lambda n: n >= 0, "0 (no limit) or more")] = 0
+    give_up_after: Duration = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class TLS:
+    """DICOM TLS to a destination (pynetdicom's ssl support)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A remote Storage SCP (a PACS, a workstation) that instances are forwarded to."""
+
+    ae_title: AETitle
+    host: Annotated[str, Check(lambda h: bool(h.strip()), "a host name or address")]
+    port: Port
+    calling_ae: AETitle | None = None
+    max_associations: PositiveInt = 1
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: Retry = field(default_factory=Retry)
+    tls: TLS | None = None
+
+
+def _read_when(node: Node, path: str, ctx: Context) -> object:
+    """Rule conditions are read by the rule engine; here they only need to be a mapping."""
+    from .rules import read_condition
+
+    return read_condition(node, path, ctx)
+
+
+def _read_tag_edits(node: Node, path: str, ctx: Context) -> object:
+    from .rules import read_tag_edits
+
+    return read_tag_edits(node, path, ctx)
+
+
+def _read_tag_list(node: Node, path: str, ctx: Context) -> object:
+    from .rules import read_tag_list
+
+    return read_tag_list(node, path, ctx)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One routing rule: when its conditions hold, its actions apply."""
+
+    name: str | None = None
+    when: Annotated[object, Custom(_read_when)] = None
+    send_to: tuple[str, ...] = ()
+    set: Annotated[object, Custom(_read_tag_edits)] = field(default_factory=lambda: MappingProxyType({}))
+    remove: Annotated[object, Custom(_read_tag_list)] = ()
+    discard: bool = False
+    # First match wins unless a rule says to keep evaluating.
+    continue_: bool = field(default=False, metadata={"yaml": "continue"})
+    stable_after: Duration | None = None
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long delivered instances stay in the cache."""
+
+    keep_delivered_for: Duration = 86400.0
+
+
+@dataclass(frozen=True)
+class Web:
+    """The status page and its JSON API."""
+
+    enabled: bool = True
+    bind_address: BindAddress = "0.0.0.0"
+    port: Port = 80
+
+
+@dataclass(frozen=True)
+class Logging:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file."""
+
+    node: Node_ = field(default_factory=Node_)
+    storage: Storage = field(default_factory=Storage)
+    destinations: Mapping[str, Destination] = field(default_factory=lambda: MappingProxyType({}))
+    routes: tuple[Route, ...] = ()
+    retention: Retention = field(default_factory=Retention)
+    print: PrintConfig = field(default_factory=PrintConfig)
+    web: Web = field(default_factory=Web)
+    logging: Logging = field(default_factory=Logging)
+    source: str = field(default="", metadata={"internal": True})
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+def loads(text: str, filename: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Read configuration text; relative storage paths are taken from ``base_dir``."""
+    ctx = Context(filename)
+    root = compose(text, ctx)
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    if root is None:
+        root = MappingNode("tag:yaml.org,2002:map", [], None, None)  # type: ignore[arg-type]
+    config = read_section(Config, root, "", ctx)
+    if ctx.problems or config is INVALID:
+        raise ConfigError(ctx.problems)
+    _cross_check(config, root, ctx)
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    storage = config.storage
+    if base_dir is not None and not Path(storage.path).is_absolute():
+        storage = Storage(path=str((base_dir / storage.path).resolve()), disk=storage.disk)
+    return _replace(config, storage=storage, source=filename)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(str(path), 1, 1, "", f"cannot read the file: {exc}")]) from exc
+    return loads(text, str(path), base_dir=path.resolve().parent)
+
+
+def _replace(config: Config, **changes: object) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def _find(root: Node, *keys: str | int) -> Node | None:
+    """The node at a key path, for pointing cross-check errors at the right line: the key node
+    for a final mapping key, the item node for a list index."""
+    node: Node | None = root
+    last: Node | None = root
+    for key in keys:
+        if isinstance(key, int) and isinstance(node, SequenceNode):
+            node = last = node.value[key] if key < len(node.value) else None
+        elif isinstance(key, str) and isinstance(node, MappingNode):
+            pair = next(((k, v) for k, v in node.value if isinstance(k, ScalarNode) and k.value == key), None)
+            if pair is None:
+                return last
+            last, node = pair
+        else:
+            return last
+    return last
+
+
+def _cross_check(config: Config, root: Node, ctx: Context) -> None:
+    """Checks that span sections: routes name existing destinations, ports do not collide."""
+    for i, route in enumerate(config.routes):
+        for j, name in enumerate(route.send_to):
+            if name not in config.destinations:
+                known = ", ".join(config.destinations) or "none are configured"
+                ctx.error(_find(root, "routes", i, "send_to", j), f"routes[{i}].send_to[{j}]",
+                          f'unknown destination "{name}" (destinations: {known})')
+        if route.discard and route.send_to:
+            ctx.error(_find(root, "routes", i, "discard"), f"routes[{i}].discard",
+                      "a rule cannot both discard and send_to")
+    ports = {"node.port": config.node.port}
+    if config.web.enabled:
+        ports["web.port"] = config.web.port
+    if getattr(config.print, "enabled", False):
+        ports["print.port"] = getattr(config.print, "port", 0)
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port in seen:
+            section, name = key.split(".")
+            ctx.error(_find(root, section, name), key, f"port {port} is also used by {seen[port]}")
+        seen[port] = key

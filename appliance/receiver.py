@@ -1,0 +1,278 @@
+"""The Storage SCP: answers C-ECHO and C-STORE, and acknowledges an instance only once it is
+durable (file fsync'd and renamed into the cache, directory fsync'd, row committed).
+
+pynetdicom plays the DICOM role; the handlers here only decode the event, call ``store`` and
+``db``, and return a status from ``statuses``. Two process-wide pynetdicom switches are set
+where the receiver is built, and why:
+
+* ``STORE_RECV_CHUNKED_DATASET``: each C-STORE data set is streamed to a file in the cache's
+  ``incoming/`` directory as it arrives, so a 500 MB instance never sits in memory, and it is
+  stored exactly as received (no decoding, any transfer syntax);
+* ``UNRESTRICTED_STORAGE_SERVICE``: every proposed storage context is accepted with the
+  proposed transfer syntax — compressed and private classes included — without building a
+  list of every class × every syntax, which costs ~50 ms of CPU per association.
+
+Associations are vetted when the A-ASSOCIATE-RQ arrives (called AE, calling AE, source
+network) and rejected with a logged reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from . import statuses
+from .config import Config
+from .db import Database, Instance
+from .store import Store, digest_and_sync
+
+log = logging.getLogger(__name__)
+
+_ALL_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from: the association that sent it."""
+
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+
+
+# Given the header of a received instance and where it came from, the routing decision to
+# record with it (JSON), or None when no rules are configured.
+Router = Callable[[pydicom.Dataset, Origin], "str | None"]
+
+
+@dataclass
+class _AssociationStats:
+    origin: Origin
+    opened: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    bytes: int = 0
+    refused: int = 0
+
+
+class Receiver:
+    """The Storage SCP of one appliance. ``config`` is read per C-STORE, so a reload applies
+    to new work; the AE title, address and port apply at :meth:`start`."""
+
+    def __init__(self, config: Config, db: Database, store: Store, router: Router | None = None) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        self.router = router
+        self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
+        self._stats: dict[int, _AssociationStats] = {}
+        # A repeated SOP Instance UID on two associations at once must not interleave.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        self.address: tuple[str, int] = ("", 0)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        node = self.config.node
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's chunked receive writes to tempfile's directory: make it ours, on the
+        # cache's filesystem, so admitting a file is a rename.
+        tempfile.tempdir = str(self.store.incoming)
+
+        ae = AE(ae_title=node.ae_title)
+        ae.add_supported_context(Verification, _ALL_UNCOMPRESSED)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu
+        ae.require_called_aet = False  # checked in _on_requested, with the reason logged
+        ae.connection_timeout = node.timeouts.connect
+        ae.acse_timeout = node.timeouts.acse
+        ae.dimse_timeout = node.timeouts.dimse
+        ae.network_timeout = node.timeouts.network
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = ae.start_server((node.bind_address, node.port), block=False, evt_handlers=handlers)
+        self._ae = ae
+        self.address = self._server.server_address[:2]
+        log.info("Storage SCP %s listening on %s:%d", node.ae_title, *self.address)
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop accepting; let open associations finish for up to ``drain_seconds``; abort the rest."""
+        if self._server is None or self._ae is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while self._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._ae.active_associations:
+            log.warning("aborting %d association(s) still open at shutdown", len(self._ae.active_associations))
+        self._ae.shutdown()
+        self._server = None
+
+    # ---- association vetting ----------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        node = self.config.node
+        origin = _origin_of(assoc)
+        calling, called, source_ip = origin.calling_ae, origin.called_ae, origin.source_ip
+        reason = None
+        if node.require_called_ae and called != node.ae_title.strip():
+            reason, rj = f'called AE title "{called}" is not ours ("{node.ae_title}")', statuses.REJECT_CALLED_AE
+        elif node.allowed_calling_aes and calling not in [a.strip() for a in node.allowed_calling_aes]:
+            reason, rj = f'calling AE title "{calling}" is not in node.allowed_calling_aes', statuses.REJECT_CALLING_AE
+        elif node.allowed_networks and not _in_networks(source_ip, node.allowed_networks):
+            reason, rj = f"source address {source_ip} is not in node.allowed_networks", statuses.REJECT_NO_REASON
+        if reason is None:
+            return
+        log.warning("rejected association from %s@%s to %s: %s", calling, source_ip, called, reason)
+        assoc.acse.send_reject(*rj)
+        assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        origin = _origin_of(event.assoc)
+        self._stats[id(event.assoc)] = _AssociationStats(origin)
+        log.info("association from %s@%s to %s accepted", origin.calling_ae, origin.source_ip, origin.called_ae)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        seconds = time.monotonic() - stats.opened
+        log.info(
+            "association from %s@%s %s after %.1f s: %d stored (%.1f MB), %d refused",
+            stats.origin.calling_ae, stats.origin.source_ip, how, seconds, stats.stored, stats.bytes / 1e6, stats.refused,
+        )
+
+    # ---- DIMSE ------------------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return statuses.SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        origin = _origin_of(event.assoc)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        stats = self._stats.get(id(event.assoc))
+        status, size = self._store(event, origin, sop_uid)
+        if stats is not None:
+            if status == statuses.SUCCESS:
+                stats.stored += 1
+                stats.bytes += size
+            else:
+                stats.refused += 1
+        return status
+
+    def _store(self, event: evt.Event, origin: Origin, sop_uid: str) -> tuple[int, int]:
+        """Cache one received instance; returns the status to answer and its size."""
+        config = self.config
+        where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
+        if not self.store.has_room(config.storage.disk.min_free):
+            usage = self.store.usage()
+            log.warning("refused %s: %.0f MB free is below storage.disk.min_free (%s)",
+                        where, usage.free / 1e6, config.storage.disk.min_free)
+            return statuses.OUT_OF_RESOURCES, 0
+        received = Path(event.dataset_path)
+        try:
+            header = pydicom.dcmread(received, stop_before_pixels=True)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
+            log.error("refused %s: cannot read its data set: %s", where, exc)
+            return statuses.CANNOT_UNDERSTAND, 0
+        try:
+            size, sha256 = digest_and_sync(received)
+        except OSError as exc:
+            log.error("refused %s: cannot write it durably: %s", where, exc)
+            return statuses.OUT_OF_RESOURCES, 0
+        instance = Instance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            study_instance_uid=_text(header, "StudyInstanceUID") or "unknown",
+            series_instance_uid=_text(header, "SeriesInstanceUID") or "unknown",
+            patient_id=_text(header, "PatientID"),
+            patient_name=_text(header, "PatientName"),
+            study_date=_text(header, "StudyDate"),
+            accession_number=_text(header, "AccessionNumber"),
+            modality=_text(header, "Modality"),
+            transfer_syntax=str(event.context.transfer_syntax),
+            calling_ae=origin.calling_ae,
+            called_ae=origin.called_ae,
+            source_ip=origin.source_ip,
+            size=size,
+            sha256=sha256,
+            path="",
+            received_at=time.time(),
+            decision=self.router(header, origin) if self.router else None,
+        )
+        with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
+            return self._admit(received, instance, where), size
+
+    def _admit(self, received: Path, instance: Instance, where: str) -> int:
+        existing = self.db.find_instance(instance.sop_instance_uid)
+        policy = self.config.node.on_duplicate
+        if existing is not None and policy != "replace":
+            self.db.record_duplicate(instance, "kept-first" if policy == "keep-first" else "rejected")
+            log.info("%s: already cached; node.on_duplicate is %s", where, policy)
+            return statuses.SUCCESS if policy == "keep-first" else statuses.DUPLICATE_SOP_INSTANCE
+        try:
+            final = self.store.admit(received, instance.study_instance_uid, instance.sop_instance_uid, instance.sha256)
+        except OSError as exc:
+            log.error("refused %s: cannot move it into the cache: %s", where, exc)
+            return statuses.OUT_OF_RESOURCES
+        instance = dataclasses.replace(instance, path=str(final))
+        try:
+            self.db.store_instance(instance, existing)
+        except Exception as exc:  # noqa: BLE001 - any database failure must refuse, and remove the file
+            log.error("refused %s: cannot index it: %s", where, exc)
+            if existing is None or existing.path != str(final):
+                self.store.discard(final)
+            return statuses.OUT_OF_RESOURCES
+        if existing is not None:
+            if existing.path != str(final):
+                self.store.discard(Path(existing.path))
+            log.info("%s replaced the cached copy (node.on_duplicate: replace)", where)
+        return statuses.SUCCESS
+
+
+def _origin_of(assoc: Association) -> Origin:
+    """Calling/called AE titles as the A-ASSOCIATE-RQ gave them (available before negotiation)."""
+    rq = assoc.requestor
+    primitive: Any = rq.primitive
+    calling = primitive.calling_ae_title if primitive is not None else rq.ae_title
+    called = primitive.called_ae_title if primitive is not None else assoc.acceptor.ae_title
+    return Origin(calling_ae=(calling or "").strip(), called_ae=(called or "").strip(), source_ip=rq.address)
+
+
+def _in_networks(address: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()

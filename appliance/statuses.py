@@ -1,0 +1,31 @@
+"""Every DIMSE status this appliance sends or acts on, in one table (PS3.4 Annex B, PS3.7 C)."""
+
+from __future__ import annotations
+
+SUCCESS = 0x0000
+
+# C-STORE (PS3.4 B.2.3)
+OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk below the low watermark, I/O error)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class
+CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (unreadable data set)
+DUPLICATE_SOP_INSTANCE = 0x0111  # Failure (PS3.7 C.4.5): a cached UID with on_duplicate: reject
+
+WARNING_COERCION = 0xB000
+WARNING_ELEMENTS_DISCARDED = 0xB006
+WARNING_DATASET_MISMATCH = 0xB007
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): (result, source, reason)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognised
+REJECT_NO_REASON = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no reason given (source IP)
+REJECT_BUSY = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+
+
+def is_success(status: int) -> bool:
+    return status == SUCCESS
+
+
+def is_warning(status: int) -> bool:
+    return status in (WARNING_COERCION, WARNING_ELEMENTS_DISCARDED, WARNING_DATASET_MISMATCH) or (
+        0xB000 <= status <= 0xBFFF
+    )

@@ -1,0 +1,140 @@
+"""The on-disk cache: the only module that creates, moves or deletes cached DICOM files.
+
+Layout under the data directory::
+
+    incoming/                      files being received (pynetdicom streams each C-STORE here)
+    cache/<StudyUID>/<SOPUID>.<sha256[:12]>.dcm
+
+A file enters the cache durably: its data is fsync'd, it is renamed into its study directory
+(atomic on one filesystem, which is why ``incoming/`` sits beside ``cache/``), and the directory
+is fsync'd. The content hash in the name means a replacement never overwrites the file the
+database points at: the new file is placed beside the old one, the database is switched over,
+and only then is the old file removed. So whatever a crash interrupts, the database row points
+at a complete file, and :meth:`Store.recover` removes files no row points at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Space
+
+log = logging.getLogger(__name__)
+
+_SAFE_UID = re.compile(r"[0-9][0-9.]{0,63}")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    total: int
+    free: int
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+def _name_for(uid: str) -> str:
+    """A UID as a file name; anything not a plain UID is hashed so it cannot escape the cache."""
+    return uid if _SAFE_UID.fullmatch(uid) and ".." not in uid else "x" + hashlib.sha1(uid.encode()).hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def digest_and_sync(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file, and its data forced to disk (one pass over the page cache)."""
+    sha = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, sha.hexdigest()
+
+
+class Store:
+    """The cache directory tree of one appliance."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.cache = root / "cache"
+
+    def prepare(self) -> None:
+        """Create the tree and empty ``incoming/``: what is there was never acknowledged."""
+        for path in (self.root, self.incoming, self.cache):
+            path.mkdir(parents=True, exist_ok=True)
+        leftovers = list(self.incoming.iterdir())
+        for entry in leftovers:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if leftovers:
+            log.info("removed %d partial file(s) left in %s by an interrupted receive", len(leftovers), self.incoming)
+        fsync_dir(self.incoming)
+
+    def admit(self, received: Path, study_uid: str, sop_uid: str, sha256: str) -> Path:
+        """Move a received (already fsync'd) file into the cache durably; returns its path."""
+        study_dir = self.cache / _name_for(study_uid)
+        if not study_dir.is_dir():
+            study_dir.mkdir(exist_ok=True)
+            fsync_dir(self.cache)
+        final = study_dir / f"{_name_for(sop_uid)}.{sha256[:12]}.dcm"
+        os.replace(received, final)
+        fsync_dir(study_dir)
+        return final
+
+    def discard(self, path: Path) -> None:
+        """Remove a cached file (after the database no longer points at it)."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
+        try:
+            path.parent.rmdir()  # the last instance of a study takes its directory with it
+        except OSError:
+            pass
+
+    def recover(self, known_paths: set[str]) -> int:
+        """Remove cached files that no database row points at (a crash between rename and commit,
+        or between commit and removing a replaced copy). Returns how many were removed."""
+        removed = 0
+        for study_dir in self.cache.iterdir():
+            if not study_dir.is_dir():
+                continue
+            for entry in study_dir.iterdir():
+                if str(entry) not in known_paths:
+                    log.warning("removing %s: the database has no record of it (interrupted receive)", entry)
+                    entry.unlink()
+                    removed += 1
+            if not any(study_dir.iterdir()):
+                study_dir.rmdir()
+        return removed
+
+    def usage(self) -> DiskUsage:
+        st = os.statvfs(self.root)
+        return DiskUsage(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)
+
+    def has_room(self, min_free: Space) -> bool:
+        """False when free space is below the low watermark: intake must stop."""
+        usage = self.usage()
+        return usage.free >= min_free.of(usage.total)

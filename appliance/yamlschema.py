@@ -1,0 +1,283 @@
+"""Turn a YAML node tree into typed, frozen dataclasses, with errors that point at the file.
+
+This module owns the *mechanism* of strict configuration loading; ``config.py`` owns the
+*schema* (which sections and keys exist). A section is a frozen dataclass; each field's type
+hint says how its YAML value is read:
+
+* ``str``, ``int``, ``float``, ``bool`` — the YAML scalar must already have that type
+  (``port: "104"`` is a string, not a port);
+* ``Annotated[T, Check(fn, "what is expected")]`` — ``fn(value)`` must return True;
+* ``Annotated[T, Parse(fn, "what is expected")]`` — ``fn(scalar text)`` converts, raising
+  ``ValueError`` on bad input (durations, byte sizes, networks);
+* ``Annotated[T, Custom(fn)]`` — ``fn(node, path, ctx)`` reads the node itself (for free-form
+  parts such as rule conditions) and reports through ``ctx.error``;
+* ``Literal[...]``, ``tuple[T, ...]`` (a YAML list), ``Mapping[str, T]`` (a YAML mapping of
+  names), ``T | None`` and nested dataclasses.
+
+A field with a default is optional; one without is required. Unknown keys are errors. Every
+error carries the file, line and column (1-based) of the offending key or item and the dotted
+key path, e.g. ``appliance.yaml:14:5: destinations.central.port: expected an integer 1-65535,
+got "104a"``. All errors of a file are collected, not just the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration file."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Check:
+    """A predicate on an already-typed value, with the words for what was expected."""
+
+    predicate: Callable[[Any], bool]
+    expected: str
+
+
+@dataclass(frozen=True)
+class Parse:
+    """A converter from the scalar's text; raises ValueError when the text is not valid."""
+
+    convert: Callable[[str], Any]
+    expected: str
+
+
+@dataclass(frozen=True)
+class Custom:
+    """Reads the node itself: ``read(node, path, ctx)`` returns the value or reports errors."""
+
+    read: Callable[[Node, str, Context], Any]
+
+
+class Context:
+    """Collects problems while one file is read."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.problems: list[Problem] = []
+
+    def error(self, node: Node | None, path: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        column = node.start_mark.column + 1 if node is not None else 1
+        self.problems.append(Problem(self.filename, line, column, path, message))
+
+
+class _Invalid:
+    """Marks a value that failed to read; the error is already reported."""
+
+
+INVALID: Any = _Invalid()
+
+_SCALAR_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def describe(node: Node) -> str:
+    """How a node appears in an error message: its text in quotes, or its kind."""
+    if isinstance(node, ScalarNode):
+        if node.tag.endswith(":null"):
+            return "nothing"
+        return f'"{node.value}"'
+    return "a list" if isinstance(node, SequenceNode) else "a mapping"
+
+
+_CONSTRUCTOR = yaml.SafeLoader("")
+
+
+def scalar_value(node: Node) -> Any:
+    """The Python value of a node, resolved by YAML's own tag rules."""
+    return _CONSTRUCTOR.construct_object(node, deep=True)
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def mapping_items(node: MappingNode, path: str, ctx: Context) -> list[tuple[str, Node, Node]]:
+    """(key text, key node, value node) for each entry; reports non-string and repeated keys."""
+    seen: dict[str, Node] = {}
+    items = []
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, ScalarNode) or key_node.tag.endswith(":null"):
+            ctx.error(key_node, path, "keys must be plain names")
+            continue
+        key = str(key_node.value)
+        if key in seen:
+            ctx.error(key_node, join(path, key), f"repeated key (first at line {seen[key].start_mark.line + 1})")
+            continue
+        seen[key] = key_node
+        items.append((key, key_node, value_node))
+    return items
+
+
+def read(
+    tp: Any, node: Node, path: str, ctx: Context, where: Node | None = None, expected: str | None = None
+) -> Any:
+    """Read ``node`` as type ``tp``; ``where`` is the node errors point at (default: ``node``);
+    ``expected`` words what a scalar should have been (default: its type)."""
+    at = where if where is not None else node
+    origin = get_origin(tp)
+
+    if origin is typing.Annotated:
+        base, *extras = get_args(tp)
+        for extra in extras:
+            if isinstance(extra, Custom):
+                return extra.read(node, path, ctx)
+            if isinstance(extra, Parse):
+                return _read_parsed(extra, base, node, path, ctx, at)
+        checks = [e for e in extras if isinstance(e, Check)]
+        value = read(base, node, path, ctx, where, checks[0].expected if checks else None)
+        if value is INVALID:
+            return INVALID
+        for extra in extras:
+            if isinstance(extra, Check) and not extra.predicate(value):
+                ctx.error(at, path, f"expected {extra.expected}, got {describe(node)}")
+                return INVALID
+        return value
+
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+            return None
+        return read(options[0], node, path, ctx, where, expected)
+
+    if origin is Literal:
+        choices = get_args(tp)
+        value = scalar_value(node) if isinstance(node, ScalarNode) else INVALID
+        if value not in choices:
+            words = ", ".join(str(c) for c in choices)
+            ctx.error(at, path, f"expected one of {words}, got {describe(node)}")
+            return INVALID
+        return value
+
+    if origin is tuple:
+        item_type = get_args(tp)[0]
+        if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+            return ()
+        if not isinstance(node, SequenceNode):
+            ctx.error(at, path, f"expected a list, got {describe(node)}")
+            return INVALID
+        items = [read(item_type, item, f"{path}[{i}]", ctx) for i, item in enumerate(node.value)]
+        return INVALID if any(i is INVALID for i in items) else tuple(items)
+
+    if origin in (Mapping, dict, typing.Mapping) or origin is getattr(typing, "Mapping", None):
+        value_type = get_args(tp)[1]
+        if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+            return types.MappingProxyType({})
+        if not isinstance(node, MappingNode):
+            ctx.error(at, path, f"expected a mapping of names, got {describe(node)}")
+            return INVALID
+        result = {}
+        for key, key_node, value_node in mapping_items(node, path, ctx):
+            result[key] = read(value_type, value_node, join(path, key), ctx, key_node)
+        if any(v is INVALID for v in result.values()):
+            return INVALID
+        return types.MappingProxyType(result)
+
+    if dataclasses.is_dataclass(tp):
+        return read_section(typing.cast(type, tp), node, path, ctx, at)
+
+    if tp in _SCALAR_WORDS:
+        words = expected or _SCALAR_WORDS[tp]
+        if not isinstance(node, ScalarNode):
+            ctx.error(at, path, f"expected {words}, got {describe(node)}")
+            return INVALID
+        value = scalar_value(node)
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if tp is str and not node.tag.endswith(":str"):
+            ok = False
+        if not ok:
+            ctx.error(at, path, f"expected {words}, got {describe(node)}")
+            return INVALID
+        return value
+
+    raise TypeError(f"configuration type not supported: {tp!r}")
+
+
+def _read_parsed(parse: Parse, base: Any, node: Node, path: str, ctx: Context, at: Node) -> Any:
+    if not isinstance(node, ScalarNode) or node.tag.endswith(":null"):
+        ctx.error(at, path, f"expected {parse.expected}, got {describe(node)}")
+        return INVALID
+    try:
+        return parse.convert(str(node.value))
+    except ValueError:
+        ctx.error(at, path, f"expected {parse.expected}, got {describe(node)}")
+        return INVALID
+
+
+def read_section(cls: type[T], node: Node, path: str, ctx: Context, where: Node | None = None) -> T:
+    """Read a mapping node into the frozen dataclass ``cls``."""
+    at = where if where is not None else node
+    if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+        node = MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
+    if not isinstance(node, MappingNode):
+        ctx.error(at, path, f"expected a mapping, got {describe(node)}")
+        return typing.cast(T, INVALID)
+    hints = get_type_hints(cls, include_extras=True)
+    # YAML key -> field; a field may name its key (``continue`` is a Python keyword).
+    fields = {
+        f.metadata.get("yaml", f.name): f
+        for f in dataclasses.fields(typing.cast(Any, cls))
+        if f.init and not f.metadata.get("internal")
+    }
+    values: dict[str, Any] = {}
+    for key, key_node, value_node in mapping_items(node, path, ctx):
+        field = fields.get(key)
+        if field is None:
+            ctx.error(key_node, join(path, key), f"unknown key (known keys: {', '.join(fields)})")
+            continue
+        values[field.name] = read(hints[field.name], value_node, join(path, key), ctx, key_node)
+    for key, field in fields.items():
+        if field.name in values:
+            continue
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            ctx.error(at, join(path, key), "required key is missing")
+            values[field.name] = INVALID
+    if any(v is INVALID for v in values.values()):
+        return typing.cast(T, INVALID)
+    return cls(**values)
+
+
+def compose(text: str, ctx: Context) -> Node | None:
+    """Parse YAML text into a node tree; a syntax error becomes a located problem."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        column = mark.column + 1 if mark else 1
+        ctx.problems.append(Problem(ctx.filename, line, column, "", f"YAML syntax error: {exc.problem}"))
+        return None
