@@ -47,7 +47,7 @@ class Appliance:
         self.db = open_database(self.config.storage.root)
         removed = self.store.recover(self.db.cached_paths())
         if removed:
-            log.warning("removed %d unindexed file(s) from the cache: interrupted receives, never acknowledged", removed)
+            log.warning("removed %d unindexed cache file(s): interrupted receives, never acknowledged", removed)
         self.receiver = Receiver(self.config, self.db, self.store)
         self.receiver.start()
         self.services = [self.receiver]

@@ -51,7 +51,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_echo(args: argparse.Namespace) -> int:
     from .echo import echo
 
-    ok, message = echo(args.host, args.port, args.aet, calling_ae=args.calling_ae, timeout=args.timeout)
+    calling_ae = args.calling_ae
+    if calling_ae is None:  # speak as this box, when its configuration is at hand
+        calling_ae = _load_or_exit(args).node.ae_title if args.config or os.environ.get("APPLIANCE_CONFIG") else "EDGE"
+    ok, message = echo(args.host, args.port, args.aet, calling_ae=calling_ae, timeout=args.timeout)
     print(message)
     return 0 if ok else 1
 
@@ -71,6 +74,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"{_size(s.size):>10}  {s.state:<8} {s.study_instance_uid}")
     total = sum(s.instances for s in studies)
     print(f"{len(studies)} studies, {total} instances, {_size(sum(s.size for s in studies))}")
+    return 0
+
+
+def cmd_route_test(args: argparse.Namespace) -> int:
+    from .routetest import route_test
+    from .rules import Origin
+
+    config = _load_or_exit(args)
+    origin = Origin(args.calling_ae or "", args.called_ae or "", args.source_ip or "")
+    print(route_test(args.files, config, origin), end="")
     return 0
 
 
@@ -97,16 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("aet", help="the peer's AE title")
-    p.add_argument("--calling-ae", default="EDGE", help="our AE title (default: EDGE)")
+    p.add_argument("--calling-ae", help="our AE title (default: node.ae_title of the configuration, or EDGE)")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("ls", parents=[common], help="list cached studies")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("route-test", parents=[common],
+                       help="explain what the routes would do with DICOM files (nothing is sent)")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--calling-ae", help="as if sent by this AE title")
+    p.add_argument("--called-ae", help="as if sent to this AE title")
+    p.add_argument("--source-ip", help="as if sent from this address")
+    p.set_defaults(func=cmd_route_test)
     return parser
 
 

@@ -226,3 +226,146 @@ def open_database(root: Path) -> Database:
     """The database of the appliance whose data directory is ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     return Database(root / "appliance.db")
+
+
+# ---- print jobs ----
+# Owned by the print SCP (appliance/printing). A job is one N-ACTION: its films rendered into one
+# PostScript file in the spool, sent to one printer. States: rendering -> queued -> sending ->
+# printed | failed (a failed send goes back to queued with a later next_attempt_at until the
+# printer's retry policy gives up). The table is created idempotently by the print service, so
+# it does not depend on the order of MIGRATIONS.
+
+PRINT_JOBS_DDL = [
+    """
+    CREATE TABLE IF NOT EXISTS print_jobs (
+        id INTEGER PRIMARY KEY,
+        printer TEXT NOT NULL,
+        called_ae TEXT NOT NULL,
+        calling_ae TEXT NOT NULL,
+        level TEXT NOT NULL,
+        film_box_uids TEXT NOT NULL,
+        pages INTEGER NOT NULL DEFAULT 0,
+        copies INTEGER NOT NULL DEFAULT 1,
+        copies_sent INTEGER NOT NULL DEFAULT 0,
+        priority TEXT NOT NULL DEFAULT 'MED',
+        media TEXT NOT NULL DEFAULT '',
+        title TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'rendering',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        ps_path TEXT,
+        preview_path TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        printed_at REAL
+    )""",
+    "CREATE INDEX IF NOT EXISTS print_jobs_due ON print_jobs(state, next_attempt_at)",
+]
+
+
+@dataclass(frozen=True)
+class PrintJob:
+    """One row of ``print_jobs``."""
+
+    id: int
+    printer: str
+    called_ae: str
+    calling_ae: str
+    level: str
+    film_box_uids: str
+    pages: int
+    copies: int
+    copies_sent: int
+    priority: str
+    media: str
+    title: str
+    state: str
+    attempts: int
+    last_error: str
+    ps_path: str | None
+    preview_path: str | None
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
+    printed_at: float | None
+
+
+_PRINT_JOB_COLUMNS = ", ".join(PrintJob.__dataclass_fields__)
+
+
+def ensure_print_schema(db: Database) -> None:
+    with db.transaction() as conn:
+        for statement in PRINT_JOBS_DDL:
+            conn.execute(statement)
+
+
+def insert_print_job(db: Database, printer: str, called_ae: str, calling_ae: str, level: str,
+                     film_box_uids: Sequence[str], copies: int, priority: str, title: str) -> int:
+    now = time.time()
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            "INSERT INTO print_jobs (printer, called_ae, calling_ae, level, film_box_uids, copies, priority,"
+            " title, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'rendering', ?, ?)",
+            (printer, called_ae, calling_ae, level, "\\".join(film_box_uids), copies, priority, title, now, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+
+def update_print_job(db: Database, job_id: int, **changes: Any) -> None:
+    """Set columns of one job (names are PrintJob fields; never user input)."""
+    unknown = set(changes) - set(PrintJob.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"not print_jobs columns: {sorted(unknown)}")
+    changes["updated_at"] = time.time()
+    assignments = ", ".join(f"{name} = ?" for name in changes)
+    with db.transaction() as conn:
+        conn.execute(f"UPDATE print_jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
+
+
+def claim_print_job(db: Database, printers: Sequence[str], now: float) -> PrintJob | None:
+    """Take the next due queued job of these printers (HIGH before MED before LOW, then oldest)
+    and mark it sending, atomically."""
+    if not printers:
+        return None
+    marks = ", ".join("?" for _ in printers)
+    with db.transaction() as conn:
+        row = conn.execute(
+            f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs WHERE state = 'queued' AND next_attempt_at <= ?"
+            f" AND printer IN ({marks}) ORDER BY CASE priority WHEN 'HIGH' THEN 0 WHEN 'MED' THEN 1 ELSE 2 END, id"
+            " LIMIT 1",
+            (now, *printers),
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute("UPDATE print_jobs SET state = 'sending', updated_at = ? WHERE id = ?", (now, row["id"]))
+    return PrintJob(**{**dict(row), "state": "sending"})
+
+
+def print_jobs_in_state(db: Database, state: str) -> list[PrintJob]:
+    rows = db.query(f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs WHERE state = ? ORDER BY id", (state,))
+    return [PrintJob(**dict(row)) for row in rows]
+
+
+def list_print_jobs(db: Database, limit: int = 100) -> list[PrintJob]:
+    rows = db.query(f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs ORDER BY id DESC LIMIT ?", (limit,))
+    return [PrintJob(**dict(row)) for row in rows]
+
+
+def next_print_job_due(db: Database, printers: Sequence[str]) -> float | None:
+    if not printers:
+        return None
+    marks = ", ".join("?" for _ in printers)
+    row = db.query(
+        f"SELECT min(next_attempt_at) FROM print_jobs WHERE state = 'queued' AND printer IN ({marks})",
+        tuple(printers),
+    )[0]
+    return None if row[0] is None else float(row[0])
+
+
+def printed_jobs_before(db: Database, before: float) -> list[PrintJob]:
+    rows = db.query(
+        f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs WHERE state IN ('printed', 'failed') AND updated_at < ?"
+        " AND preview_path IS NOT NULL", (before,),
+    )
+    return [PrintJob(**dict(row)) for row in rows]

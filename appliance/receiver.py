@@ -123,10 +123,15 @@ class Receiver:
             return
         self._server.shutdown()
         deadline = time.monotonic() + drain_seconds
-        while self._ae.active_associations and time.monotonic() < deadline:
+
+        def busy() -> list[Association]:
+            # Released or rejected associations only wait for the peer to close the socket.
+            return [a for a in self._ae.active_associations if a.is_established]  # type: ignore[union-attr]
+
+        while busy() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._ae.active_associations:
-            log.warning("aborting %d association(s) still open at shutdown", len(self._ae.active_associations))
+        if busy():
+            log.warning("aborting %d association(s) still open at shutdown", len(busy()))
         self._ae.shutdown()
         self._server = None
 
@@ -163,7 +168,8 @@ class Receiver:
         seconds = time.monotonic() - stats.opened
         log.info(
             "association from %s@%s %s after %.1f s: %d stored (%.1f MB), %d refused",
-            stats.origin.calling_ae, stats.origin.source_ip, how, seconds, stats.stored, stats.bytes / 1e6, stats.refused,
+            stats.origin.calling_ae, stats.origin.source_ip, how, seconds,
+            stats.stored, stats.bytes / 1e6, stats.refused,
         )
 
     # ---- DIMSE ------------------------------------------------------------------------------

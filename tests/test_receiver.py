@@ -1,0 +1,264 @@
+"""The durable receiver, seen from a modality (DCMTK's storescu/echoscu, a pynetdicom SCU) and
+from the admin (the cache directory, the database, ``appliance ls``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from .corpus import Series, make_instance, write_series
+from .peers import DCMTK_ENV, ApplianceProcess, parse_storescu, require_tool, storescu
+
+
+def rows(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
+    with sqlite3.connect(box.data / "appliance.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return {r["sop_instance_uid"]: r for r in conn.execute("SELECT * FROM instances WHERE state = 'cached'")}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_dataset(original: Path, cached: Path) -> None:
+    a, b = pydicom.dcmread(original), pydicom.dcmread(cached)
+    assert b.file_meta.TransferSyntaxUID == a.file_meta.TransferSyntaxUID
+    assert a == b  # every element of the data set, pixel data included, as sent
+    assert a.PixelData == b.PixelData
+
+
+def incoming_files(box: ApplianceProcess) -> list[Path]:
+    return list((box.data / "incoming").iterdir())
+
+
+def cache_files(box: ApplianceProcess) -> list[Path]:
+    return [p for p in (box.data / "cache").rglob("*") if p.is_file()]
+
+
+def send(port: int, datasets: list[pydicom.Dataset], aet: str = "PYSCU", aec: str = "EDGE",
+         between: Callable[[int], None] | None = None) -> tuple[list[int], bool]:
+    """C-STORE datasets on one association; returns their statuses and whether the association
+    was still up at the end. ``between(i)`` runs before the i-th store."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    assert assoc.is_established
+    result = []
+    for i, ds in enumerate(datasets):
+        if between:
+            between(i)
+        status = assoc.send_c_store(ds)
+        result.append(int(status.Status) if "Status" in status else -1)
+    still_up = assoc.is_established
+    assoc.release()
+    return result, still_up
+
+
+# ---- what arrives is what was sent ------------------------------------------------------------
+
+def test_storescu_corpus_is_cached_intact_and_indexed(appliance_factory, corpus) -> None:
+    box = appliance_factory()
+    plain = [p for name in ("ct", "mr", "us", "cr", "dx", "mg") for p in corpus[name]]
+    results = [storescu(box.port, plain)]
+    # storescu proposes one compressed family per run.
+    for name, flag in (("rle", "-xr"), ("jpegls", "-xt"), ("j2k", "-xv")):
+        results.append(storescu(box.port, corpus[name], extra=[flag]))
+    sent = [p for r in results for p in r.succeeded]
+    for r in results:
+        assert r.returncode == 0 and not r.failed, r.output
+    assert len(sent) == sum(len(v) for v in corpus.values())
+
+    index = rows(box)
+    assert len(index) == len(sent)
+    for original in sent:
+        ds = pydicom.dcmread(original, stop_before_pixels=True)
+        row = index[ds.SOPInstanceUID]
+        cached = Path(row["path"])
+        assert_same_dataset(original, cached)
+        assert row["transfer_syntax"] == ds.file_meta.TransferSyntaxUID
+        assert row["study_instance_uid"] == ds.StudyInstanceUID
+        assert row["series_instance_uid"] == ds.SeriesInstanceUID
+        assert row["patient_id"] == ds.PatientID
+        assert row["modality"] == ds.Modality
+        assert row["sop_class_uid"] == ds.SOPClassUID
+        assert row["calling_ae"] == "MODALITY" and row["called_ae"] == "EDGE"
+        assert row["source_ip"] == "127.0.0.1"
+        assert row["size"] == cached.stat().st_size
+        assert row["sha256"] == sha256(cached)
+        assert row["received_at"] > 0
+    assert incoming_files(box) == []
+
+    listing = box.cli("ls").stdout
+    assert "TEST^PAT004 (PAT004)" in listing and "CR" in listing
+    studies = {r["study_instance_uid"] for r in index.values()}
+    assert f"{len(studies)} studies, {len(sent)} instances" in listing
+
+
+def test_echo_and_cli_echo(appliance_factory) -> None:
+    box = appliance_factory()
+    require_tool("echoscu")
+    proc = subprocess.run(["echoscu", "-aec", "EDGE", "127.0.0.1", str(box.port)], env=DCMTK_ENV,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    ok = box.cli("echo", "127.0.0.1", str(box.port), "EDGE", check=False)
+    assert ok.returncode == 0 and "C-ECHO OK" in ok.stdout
+    bad = box.cli("echo", "127.0.0.1", str(box.port), "NOTEDGE", check=False)
+    assert bad.returncode == 1 and "rejected" in bad.stdout
+
+
+# ---- power cuts ---------------------------------------------------------------------------------
+
+def test_sigkill_while_receiving_loses_no_acknowledged_instance(appliance_factory, tmp_path) -> None:
+    """Kill -9 the appliance at random moments while storescu streams; after each restart
+    every instance storescu saw acknowledged is present, readable, indexed and intact."""
+    require_tool("storescu")
+    box = appliance_factory()
+    rng = random.Random(os.environ.get("CRASH_SEED", "durable"))
+    acknowledged: list[Path] = []
+    partial_rounds = 0
+    for round_no in range(5):
+        files = write_series(tmp_path / f"round{round_no}", "crash", 1, round_no + 1, Series("CT", 300, 256, 256))
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-nh", "-aet", "MODALITY", "-aec", "EDGE", "127.0.0.1", str(box.port), *map(str, files)],
+            env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        time.sleep(rng.uniform(0.3, 1.5))
+        box.kill()
+        out, _ = sender.communicate(timeout=60)
+        result = parse_storescu(sender.returncode, out)
+        acknowledged += result.succeeded
+        if 0 < len(result.succeeded) < len(files):
+            partial_rounds += 1
+        box.start()  # recovery runs at start-up
+
+        index = rows(box)
+        for original in acknowledged:
+            ds = pydicom.dcmread(original, stop_before_pixels=True)
+            assert ds.SOPInstanceUID in index, f"round {round_no}: acknowledged {original.name} is lost"
+            cached = Path(index[ds.SOPInstanceUID]["path"])
+            assert index[ds.SOPInstanceUID]["sha256"] == sha256(cached)
+            assert_same_dataset(original, cached)
+        assert incoming_files(box) == [], "temporary files survived the restart"
+        assert {str(p) for p in cache_files(box)} == {r["path"] for r in index.values()}
+        with sqlite3.connect(box.data / "appliance.db") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # The kills must have landed mid-stream for this test to mean anything.
+    assert partial_rounds >= 3, f"only {partial_rounds} kills landed mid-stream"
+    assert acknowledged
+
+
+# ---- who may send -------------------------------------------------------------------------------
+
+def echoscu(port: int, aet: str, aec: str) -> subprocess.CompletedProcess[str]:
+    require_tool("echoscu")
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)], env=DCMTK_ENV,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_wrong_called_ae_is_rejected(appliance_factory) -> None:
+    box = appliance_factory()
+    proc = echoscu(box.port, "MODALITY", "SOMEONE")
+    assert proc.returncode != 0
+    assert "Called AE Title Not Recognized" in proc.stdout + proc.stderr
+    assert 'called AE title "SOMEONE" is not ours' in box.log()
+    assert echoscu(box.port, "MODALITY", "EDGE").returncode == 0
+
+
+def test_calling_ae_allow_list(appliance_factory) -> None:
+    box = appliance_factory({"node": {"allowed_calling_aes": ["CT_SCANNER1", "US_ROOM2"]}})
+    assert echoscu(box.port, "CT_SCANNER1", "EDGE").returncode == 0
+    proc = echoscu(box.port, "INTRUDER", "EDGE")
+    assert proc.returncode != 0
+    assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr
+    assert 'calling AE title "INTRUDER" is not in node.allowed_calling_aes' in box.log()
+
+
+def test_source_network_allow_list(appliance_factory) -> None:
+    box = appliance_factory({"node": {"bind_address": "0.0.0.0", "allowed_networks": ["192.0.2.0/24", "127.0.0.2"]}})
+
+    def associate_from(address: str) -> bool:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE", bind_address=(address, 0))
+        established = assoc.is_established
+        if established:
+            assoc.release()
+        return bool(established) and not assoc.is_rejected
+
+    assert associate_from("127.0.0.2")
+    assert not associate_from("127.0.0.1")
+    assert "source address 127.0.0.1 is not in node.allowed_networks" in box.log()
+
+
+# ---- a full disk ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 MB filesystem of its own (tmpfs), so "full" is real and nobody else's."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs and needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, small_disk) -> None:
+    box = appliance_factory({"storage": {"path": str(small_disk / "data"), "disk": {"min_free": "40MB"}}})
+    datasets = [make_instance("disk", 1, 1, n, Series("CT", 3, 512, 512)) for n in (1, 2, 3)]
+    ballast = small_disk / "ballast"
+
+    def between(i: int) -> None:
+        if i == 1:  # fill the disk below the watermark before the second C-STORE
+            ballast.write_bytes(b"\0" * 30_000_000)
+        if i == 2:  # space is back before the third
+            ballast.unlink()
+
+    statuses, still_up = send(box.port, datasets, between=between)
+    assert statuses == [0x0000, 0xA700, 0x0000]
+    assert still_up, "a full disk must refuse the instance, not abort the association"
+    index = rows(box)
+    assert datasets[0].SOPInstanceUID in index and datasets[2].SOPInstanceUID in index
+    assert datasets[1].SOPInstanceUID not in index
+    assert len(cache_files(box)) == 2 and incoming_files(box) == []
+    assert "below storage.disk.min_free" in box.log()
+
+
+# ---- the same SOP Instance UID twice ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "policy, second_status, kept",
+    [("replace", 0x0000, "second"), ("keep-first", 0x0000, "first"), ("reject", 0x0111, "first")],
+)
+def test_duplicate_policy(appliance_factory, policy: str, second_status: int, kept: str) -> None:
+    box = appliance_factory({"node": {"on_duplicate": policy}})
+    first = make_instance("dup", 1, 1, 1, Series("CT", 1, 128, 128))
+    second = make_instance("dup", 1, 1, 1, Series("CT", 1, 128, 128))
+    second.PatientComments = "second copy"
+    statuses, _ = send(box.port, [first, second])
+    assert statuses == [0x0000, second_status]
+
+    index = rows(box)
+    row = index[first.SOPInstanceUID]
+    cached = pydicom.dcmread(row["path"])
+    assert ("PatientComments" in cached) == (kept == "second")
+    assert row["receive_count"] == 2
+    assert len(cache_files(box)) == 1
+    with sqlite3.connect(box.data / "appliance.db") as conn:
+        outcomes = [r[0] for r in conn.execute("SELECT outcome FROM receptions WHERE sop_instance_uid = ?",
+                                               (first.SOPInstanceUID,))]
+    assert outcomes == [{"replace": "replaced", "keep-first": "kept-first", "reject": "rejected"}[policy]]
