@@ -1077,7 +1077,10 @@ def explain(evaluation: Evaluation, routes: Sequence[Route]) -> list[str]:
 def _actions(route: Route) -> str:
     if route.discard:
         return "discard"
-    words = [f"send_to {', '.join(route.send_to)}" if route.send_to else "send nowhere (kept as unrouted)"]
+    if route.send_to:
+        words = [f"send_to {', '.join(route.send_to)}"]
+    else:
+        words = ["no destinations" if route.continue_ else "send nowhere (kept as unrouted)"]
     words += [str(e) for e in _removals_as_edits(route)]
     words += [str(e) for e in _sets(route)]
     if route.continue_:
