@@ -51,7 +51,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_echo(args: argparse.Namespace) -> int:
     from .echo import echo
 
-    ok, message = echo(args.host, args.port, args.aet, calling_ae=args.calling_ae, timeout=args.timeout)
+    calling_ae = args.calling_ae
+    if calling_ae is None:  # speak as this box, when its configuration is at hand
+        calling_ae = _load_or_exit(args).node.ae_title if args.config or os.environ.get("APPLIANCE_CONFIG") else "EDGE"
+    ok, message = echo(args.host, args.port, args.aet, calling_ae=calling_ae, timeout=args.timeout)
     print(message)
     return 0 if ok else 1
 
@@ -107,11 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("aet", help="the peer's AE title")
-    p.add_argument("--calling-ae", default="EDGE", help="our AE title (default: EDGE)")
+    p.add_argument("--calling-ae", help="our AE title (default: node.ae_title of the configuration, or EDGE)")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_echo)
 
