@@ -1,0 +1,192 @@
+"""Configuration: a bad file gets an error naming file:line:column and the key path; a good one
+becomes typed values; ``appliance check-config`` says OK or the errors, exit 0/1; a running box
+keeps its configuration when a reload is invalid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, Space, load, loads
+
+from .peers import REPO
+
+GOOD = """\
+node:
+  ae_title: EDGE
+  port: 11112
+  allowed_networks: [10.0.0.0/8, 192.168.1.7]
+storage:
+  path: /srv/appliance
+  disk: {min_free: 2GiB, evict_above: 85%}
+destinations:
+  central:
+    ae_title: PACS
+    host: pacs.example.org
+    port: 104
+    retry: {initial_delay: 5s, max_delay: 10m}
+routes:
+  - send_to: [central]
+"""
+
+# (case, YAML text, the exact first error: "line:column: key.path: message start")
+BAD = [
+    ("port not a number", "node:\n  port: 104a\n", '2:3: node.port: expected an integer 1-65535, got "104a"'),
+    ("port out of range", "node:\n  port: 70000\n", '2:3: node.port: expected an integer 1-65535, got "70000"'),
+    ("port zero", "node:\n  port: 0\n", '2:3: node.port: expected an integer 1-65535, got "0"'),
+    ("port quoted", 'node:\n  port: "104"\n', '2:3: node.port: expected an integer 1-65535, got "104"'),
+    ("AE title too long", "node:\n  ae_title: ABCDEFGHIJKLMNOPQ\n",
+     '2:3: node.ae_title: expected an AE title (1-16 printable ASCII characters, no backslash), got "ABCDEFGHIJKLMNOPQ"'),
+    ("AE title backslash", 'node:\n  ae_title: "A\\\\B"\n',
+     '2:3: node.ae_title: expected an AE title (1-16 printable ASCII characters, no backslash), got "A\\B"'),
+    ("AE title empty", 'node:\n  ae_title: ""\n', '2:3: node.ae_title: expected an AE title'),
+    ("unknown top-level key", "nodes:\n  port: 104\n", "1:1: nodes: unknown key (known keys: node, storage,"),
+    ("unknown nested key", "node:\n  ae_title: EDGE\n  prot: 104\n", "3:3: node.prot: unknown key (known keys: ae_title,"),
+    ("repeated key", "node:\n  port: 104\n  port: 105\n", "3:3: node.port: repeated key (first at line 2)"),
+    ("section not a mapping", "node: 104\n", '1:1: node: expected a mapping, got "104"'),
+    ("list instead of scalar", "node:\n  ae_title: [A, B]\n", "2:3: node.ae_title: expected an AE title"),
+    ("bad boolean", "node:\n  require_called_ae: yes please\n",
+     '2:3: node.require_called_ae: expected true or false, got "yes please"'),
+    ("bad duplicate policy", "node:\n  on_duplicate: overwrite\n",
+     '2:3: node.on_duplicate: expected one of replace, keep-first, reject, got "overwrite"'),
+    ("bad network", "node:\n  allowed_networks: [10.0.0.0/8, 10.0.0.300]\n",
+     '2:34: node.allowed_networks[1]: expected an address or network such as "10.0.0.0/8", got "10.0.0.300"'),
+    ("bad calling AE in list", "node:\n  allowed_calling_aes:\n    - CT1\n    - THIS_NAME_IS_TOO_LONG\n",
+     '4:7: node.allowed_calling_aes[1]: expected an AE title'),
+    ("bad bind address", "node:\n  bind_address: everywhere\n",
+     '2:3: node.bind_address: expected an IP address to listen on, got "everywhere"'),
+    ("bad disk size", "storage:\n  disk:\n    min_free: lots\n",
+     '3:5: storage.disk.min_free: expected a size such as "2GiB", "500MB" or a percentage such as "10%", got "lots"'),
+    ("percentage over 100", "storage:\n  disk:\n    evict_above: 120%\n",
+     '3:5: storage.disk.evict_above: expected a size such as "2GiB"'),
+    ("destination port", "destinations:\n  central:\n    ae_title: PACS\n    host: h\n    port: 104a\n",
+     '5:5: destinations.central.port: expected an integer 1-65535, got "104a"'),
+    ("destination missing host", "destinations:\n  central:\n    ae_title: PACS\n    port: 104\n",
+     "2:3: destinations.central.host: required key is missing"),
+    ("destination bad AE", "destinations:\n  central: {ae_title: 'PACS\\ONE', host: h, port: 104}\n",
+     '2:13: destinations.central.ae_title: expected an AE title'),
+    ("bad retry duration", "destinations:\n  central:\n    ae_title: PACS\n    host: h\n    port: 104\n"
+     "    retry:\n      initial_delay: soon\n",
+     '7:7: destinations.central.retry.initial_delay: expected a duration such as "30s", "10m", "7d", got "soon"'),
+    ("bad jitter", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {jitter: 2}}\n",
+     '2:46: destinations.c.retry.jitter: expected a fraction 0-1, got "2"'),
+    ("destinations not a mapping", "destinations: [central]\n",
+     "1:1: destinations: expected a mapping of names, got a list"),
+    ("unknown destination in route", "destinations:\n  central: {ae_title: PACS, host: h, port: 104}\n"
+     "routes:\n  - send_to: [central, archive]\n",
+     '4:24: routes[0].send_to[1]: unknown destination "archive" (destinations: central)'),
+    ("route to nothing configured", "routes:\n  - send_to: [central]\n",
+     '2:15: routes[0].send_to[0]: unknown destination "central" (destinations: none are configured)'),
+    ("routes not a list", "routes: {send_to: central}\n", "1:1: routes: expected a list, got a mapping"),
+    ("port clash", "node: {port: 8080}\nweb: {port: 8080}\n", "2:7: web.port: port 8080 is also used by node.port"),
+    ("bad log level", "logging:\n  level: verbose\n",
+     '2:3: logging.level: expected one of debug, info, warning, error, got "verbose"'),
+    ("YAML syntax", "node:\n  port: [104\n", "3:1: YAML syntax error:"),
+    ("tab indentation", "node:\n\tport: 104\n", "2:1: YAML syntax error:"),
+]
+
+
+@pytest.mark.parametrize("case, text, expected", BAD, ids=[c[0] for c in BAD])
+def test_bad_file_names_line_column_and_key(case: str, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(text, "appliance.yaml")
+    first = str(info.value.problems[0])
+    assert first.startswith(f"appliance.yaml:{expected}"), first
+
+
+def test_every_problem_is_reported_not_just_the_first() -> None:
+    text = "node:\n  port: 104a\n  ae_title: ABCDEFGHIJKLMNOPQRSTU\n  bogus: 1\n"
+    with pytest.raises(ConfigError) as info:
+        loads(text, "appliance.yaml")
+    paths = [p.path for p in info.value.problems]
+    assert paths == ["node.port", "node.ae_title", "node.bogus"]
+    assert [p.line for p in info.value.problems] == [2, 3, 4]
+
+
+def test_good_file_becomes_typed_values(tmp_path: Path) -> None:
+    path = tmp_path / "appliance.yaml"
+    path.write_text(GOOD)
+    config = load(path)
+    assert config.node.ae_title == "EDGE" and config.node.port == 11112
+    assert [str(n) for n in config.node.allowed_networks] == ["10.0.0.0/8", "192.168.1.7/32"]
+    assert config.storage.disk.min_free == Space(bytes=2 * 2**30)
+    assert config.storage.disk.evict_above == Space(percent=85.0)
+    central = config.destinations["central"]
+    assert (central.ae_title, central.host, central.port) == ("PACS", "pacs.example.org", 104)
+    assert central.retry.initial_delay == 5.0 and central.retry.max_delay == 600.0
+    assert central.retry.give_up_after == 7 * 86400  # defaults suit a VPN link: never before 7 days
+    assert config.routes[0].send_to == ("central",)
+    with pytest.raises(AttributeError):
+        config.node.port = 1  # type: ignore[misc]
+
+
+def test_relative_storage_path_is_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "appliance.yaml"
+    path.parent.mkdir()
+    path.write_text("storage:\n  path: ../data\n")
+    assert load(path).storage.path == str(tmp_path / "data")
+
+
+def test_bundled_default_config_is_valid() -> None:
+    config = load(REPO / "config" / "appliance.yaml")
+    assert config.node.port == 11112  # unprivileged, for `make run`
+    assert config.storage.path == str(REPO / "var")
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", "check-config", str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text(textwrap.dedent("""\
+        node:
+          ae_title: EDGE
+        destinations:
+          central:
+            ae_title: PACS
+            host: 10.0.0.5
+            port: 104a
+        """))
+    ok = check_config(good)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{good}: OK"
+    fail = check_config(bad)
+    assert fail.returncode == 1
+    assert fail.stdout.strip() == f'{bad}:7:5: destinations.central.port: expected an integer 1-65535, got "104a"'
+    missing = check_config(tmp_path / "nope.yaml")
+    assert missing.returncode == 1 and "cannot read the file" in missing.stdout
+
+
+def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
+    """SIGHUP with a broken file: logged, nothing changes, the box keeps receiving."""
+    from .peers import require_tool
+    from .test_receiver import echoscu
+
+    require_tool("echoscu")
+    box = appliance_factory({"node": {"allowed_calling_aes": ["CT1"]}})
+    text = box.config_path.read_text()
+    box.config_path.write_text(text + "node_typo: 1\n")
+    box.reload()
+    deadline = time.monotonic() + 10
+    while "reload refused" not in box.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "reload refused, keeping the running configuration" in box.log()
+    assert "node_typo: unknown key" in box.log()
+    assert echoscu(box.port, "CT1", "EDGE").returncode == 0
+    assert echoscu(box.port, "OTHER", "EDGE").returncode != 0
+
+    # A valid change applies to new associations without a restart.
+    box.config_path.write_text(text.replace("- CT1", "- OTHER"))
+    box.reload()
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in box.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert echoscu(box.port, "OTHER", "EDGE").returncode == 0
+    assert echoscu(box.port, "CT1", "EDGE").returncode != 0
