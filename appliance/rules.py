@@ -106,6 +106,7 @@ import ipaddress
 import json
 import math
 import re
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -115,6 +116,7 @@ from pydicom import datadict, valuerep
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -762,6 +764,14 @@ def _number(text: str) -> float | None:
     return None if math.isnan(number) else number
 
 
+# What pydicom raises when it converts a malformed raw element (wrong length for its VR, a
+# sequence that does not parse, an undecodable value).
+_UNREADABLE = (
+    ValueError, TypeError, LookupError, UnicodeError, OverflowError, OSError, EOFError, struct.error,
+    NotImplementedError, BytesLengthException, InvalidDicomError,
+)
+
+
 def _observe(dataset: Dataset, element: TagRef) -> _Observed:
     name = str(element)
     # The receiver reads the file with its meta information; group 0002 lives there.
@@ -771,8 +781,8 @@ def _observe(dataset: Dataset, element: TagRef) -> _Observed:
     try:
         elem = source[element.tag]
         value = elem.value
-    except (ValueError, TypeError, LookupError, UnicodeError, OverflowError) as exc:
-        # A value pydicom cannot decode is "not matching", never a failed C-STORE.
+    except _UNREADABLE as exc:
+        # A value pydicom cannot decode is "not matching", never a refused C-STORE.
         return _Observed(name, False, (), False, f"{name} unreadable: {exc}")
     vr = str(elem.VR)
     if vr == "SQ" or isinstance(value, DicomSequence):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from appliance.config import ConfigError, loads
@@ -172,6 +175,23 @@ def test_an_empty_dataset_matches_nothing_but_absence() -> None:
         check(parsed, empty, UNKNOWN)  # never raises
     assert check(condition("{Modality: {present: false}}"), empty, UNKNOWN).matched
     assert not check(condition("{TransferSyntaxUID: {present: true}}"), empty, UNKNOWN).matched
+
+
+def test_malformed_values_from_a_modality_never_crash_a_rule() -> None:
+    """Values as a careless modality sends them, converted only when a rule reads them."""
+    ds = Dataset()
+    raw = {0x00200011: ("IS", b"abc "), 0x00180050: ("DS", b"x.y "), 0x00080060: ("CS", b"\xff\xfe"),
+           0x00280010: ("US", b"\x01"), 0x00100010: ("PN", b"\xc3\x28"), 0x00081140: ("SQ", b"garbage")}
+    for tag, (vr, value) in raw.items():
+        ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about each invalid value
+        for when, _, _ in CONDITIONS:
+            check(condition(when), ds, CT1_V4)
+        trace = check(condition("{Rows: 1, ReferencedImageSequence: {present: true}, SeriesNumber: {gt: 1}}"),
+                      ds, CT1_V4)
+    assert [p.matched for p in trace.parts] == [False, False, False]
+    assert trace.parts[0].seen.startswith("Rows unreadable: ")
 
 
 # ---- decisions ---------------------------------------------------------------------------------
