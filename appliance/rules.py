@@ -66,9 +66,9 @@ operators, all of which must hold:
 ========================  ===================================================================
 
 Values are compared as the text written in the file: YAML's guesses do not apply, so
-``PatientID: 00123`` means the text ``00123`` and ``Laterality: "N"`` needs no quotes.
-Comparisons are case-sensitive (DICOM code strings and AE titles are upper case by
-definition; use ``regex`` with ``(?i)`` when case must not matter). For numeric elements (VR
+``PatientID: 00123`` means the text ``00123`` and ``BurnedInAnnotation: NO`` the text ``NO``.
+Comparisons are case-sensitive (code strings such as ``Modality`` are upper case by definition,
+and AE titles are case-sensitive); use ``regex`` with ``(?i)`` when case must not matter. For numeric elements (VR
 IS, DS, US, SS, UL, SL, UV, SV, FL, FD), ``eq``/``ne``/``in`` compare numbers, so ``SliceThickness:
 2.5`` matches ``2.50``. Dates (``StudyDate: {ge: 20240101}``) and times compare as numbers.
 

@@ -51,6 +51,7 @@ def make_dataset() -> Dataset:
     ds.BodyPartExamined = ""  # type 2: present but empty
     ds.PatientName = "Doe^John"
     ds.PatientID = "00123"
+    ds.BurnedInAnnotation = "NO"
     ds.AccessionNumber = "A123"
     ds.StudyDate = "20240315"
     ds.SeriesDescription = "Scout 2"
@@ -110,6 +111,7 @@ CONDITIONS = [
     ("{SeriesNumber: 03}", CT1_V4, True),
     ("{PatientID: 00123}", CT1_V4, True),
     ("{PatientID: 123}", CT1_V4, False),
+    ("{BurnedInAnnotation: NO}", CT1_V4, True),  # YAML 1.1 would have read a boolean
     ("{StudyDate: {ge: 20240101, lt: 20250101}}", CT1_V4, True),
     ("{AccessionNumber: {gt: 5}}", CT1_V4, False),  # not a number: no match, no crash
     # presence; absent and empty elements
