@@ -128,9 +128,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllOf", "AnyOf", "Condition", "Decision", "Delivery", "ElementCondition", "Evaluation", "MatchedRule",
-    "NotOf", "Origin", "OriginCondition", "RuleOutcome", "SourceIPCondition", "TagEdit", "TagRef", "Trace",
-    "ValueTest", "apply_edits", "check", "decide", "evaluate", "read_condition", "read_tag_edits",
-    "read_tag_list", "route_problems",
+    "NotOf", "Origin", "OriginCondition", "OriginLike", "RuleOutcome", "SourceIPCondition", "TagEdit", "TagRef",
+    "Trace", "ValueTest", "apply_edits", "check", "decide", "evaluate", "explain", "parse_tag", "read_condition",
+    "read_tag_edits", "read_tag_list", "route_problems", "value_problem",
 ]
 
 
