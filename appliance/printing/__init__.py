@@ -1,0 +1,1 @@
+"""The DICOM Print SCP: film sessions to PostScript on a printer."""

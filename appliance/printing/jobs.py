@@ -1,0 +1,43 @@
+"""The print queue as people read it: ``appliance print-jobs`` and the status page."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..db import PrintJob, ensure_print_schema, list_print_jobs, open_database
+
+
+def list_jobs(root: Path, limit: int = 100) -> list[PrintJob]:
+    """The newest print jobs of the appliance whose data directory is ``root``."""
+    db = open_database(Path(root))
+    try:
+        ensure_print_schema(db)
+        return list_print_jobs(db, limit)
+    finally:
+        db.close()
+
+
+def _when(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
+
+
+def format_jobs(jobs: list[PrintJob]) -> str:
+    """A table: one line per job, the last error under a failing one."""
+    lines = [f"{'JOB':>5}  {'STATE':<9} {'PRINTER':<14} {'FROM':<16} {'PAGES':>5} {'COPIES':>6} "
+             f"{'TRIES':>5}  {'QUEUED':<19}  {'PRINTED':<19}  PREVIEW"]
+    for job in jobs:
+        lines.append(
+            f"{job.id:>5}  {job.state:<9} {job.printer[:14]:<14} {job.calling_ae[:16]:<16} {job.pages:>5} "
+            f"{job.copies:>6} {job.attempts:>5}  {_when(job.created_at):<19}  {_when(job.printed_at):<19}  "
+            f"{job.preview_path or '-'}"
+        )
+        if job.last_error and job.state != "printed":
+            retry = f" (next try {_when(job.next_attempt_at)})" if job.state == "queued" else ""
+            lines.append(f"       last error: {job.last_error}{retry}")
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no print jobs"
+    lines.append(summary)
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""A streaming PostScript Level 3 writer: DSC structure, page setup, rectangles, text, and
+images drawn by the ``image`` operator from Flate- or DCT-compressed, ASCII85-encoded data.
+
+Image data is compressed and encoded a block of rows at a time straight into the output file,
+so no whole film (nor whole image, with Flate) is ever held as PostScript in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import zlib
+from collections.abc import Iterable
+from typing import BinaryIO
+
+import numpy as np
+
+from .layout import Placement, Rect
+
+# ASCII85 line width; DSC asks for lines under 255 characters.
+A85_LINE = 78
+
+
+def _number(value: float) -> str:
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
+def ps_string(text: str) -> str:
+    """A PostScript string literal; characters outside printable ASCII become '?' because the
+    standard fonts' encoding is not Latin-1."""
+    safe = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return "(" + safe.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ")"
+
+
+class PostScriptWriter:
+    """Writes one document; call ``begin`` once, then ``begin_page``/drawing/``end_page`` per
+    page, then ``end``."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self._page = 0
+
+    def _line(self, text: str) -> None:
+        self.out.write(text.encode("ascii") + b"\n")
+
+    def begin(self, pages: int, page_w: float, page_h: float, title: str, creator: str) -> None:
+        self._line("%!PS-Adobe-3.0")
+        self._line(f"%%Title: {ps_string(title)[1:-1]}")
+        self._line(f"%%Creator: {ps_string(creator)[1:-1]}")
+        self._line("%%LanguageLevel: 3")
+        self._line(f"%%BoundingBox: 0 0 {round(page_w)} {round(page_h)}")
+        self._line(f"%%Pages: {pages}")
+        self._line("%%DocumentData: Clean7Bit")
+        self._line("%%EndComments")
+        self._line("%%BeginProlog")
+        # Short names keep the page description readable; nothing here depends on the device.
+        self._line("/RF { rectfill } bind def")
+        self._line("%%EndProlog")
+
+    def begin_page(self, page_w: float, page_h: float, media: str) -> None:
+        self._page += 1
+        self._line(f"%%Page: {self._page} {self._page}")
+        self._line("%%BeginPageSetup")
+        self._line(f"%%BeginFeature: *PageSize {media}")
+        self._line(f"<< /PageSize [{_number(page_w)} {_number(page_h)}] >> setpagedevice")
+        self._line("%%EndFeature")
+        self._line("%%EndPageSetup")
+        self._line("save")
+
+    def end_page(self) -> None:
+        self._line("restore")
+        self._line("showpage")
+
+    def end(self) -> None:
+        self._line("%%Trailer")
+        self._line("%%EOF")
+
+    # ---- drawing ----
+
+    def film_transform(self, placement: Placement) -> None:
+        """Map film points onto the page (see layout.Placement)."""
+        self._line(f"{_number(placement.origin_x)} {_number(placement.origin_y)} translate")
+        if placement.rotated:
+            self._line("90 rotate")
+        self._line(f"{_number(placement.scale)} dup scale")
+
+    def fill_rect(self, rect: Rect, gray: float) -> None:
+        self._line(
+            f"{_number(gray)} setgray {_number(rect.x)} {_number(rect.y)} {_number(rect.w)} {_number(rect.h)} RF"
+        )
+
+    def stroke_rect(self, rect: Rect, gray: float, width: float) -> None:
+        self._line(
+            f"{_number(gray)} setgray {_number(width)} setlinewidth "
+            f"{_number(rect.x)} {_number(rect.y)} {_number(rect.w)} {_number(rect.h)} rectstroke"
+        )
+
+    def text(self, x: float, y: float, size: float, gray: float, text: str) -> None:
+        self._line(
+            f"/Helvetica findfont {_number(size)} scalefont setfont {_number(gray)} setgray "
+            f"{_number(x)} {_number(y)} moveto {ps_string(text)} show"
+        )
+
+    def _image_header(
+        self, rect: Rect, clip: Rect | None, width: int, height: int, color: bool, interpolate: bool, decode: str
+    ) -> None:
+        self._line("gsave")
+        if clip is not None:
+            self._line(f"{_number(clip.x)} {_number(clip.y)} {_number(clip.w)} {_number(clip.h)} rectclip")
+        self._line(f"{_number(rect.x)} {_number(rect.y)} translate {_number(rect.w)} {_number(rect.h)} scale")
+        space, ranges = ("/DeviceRGB", "[0 1 0 1 0 1]") if color else ("/DeviceGray", "[0 1]")
+        self._line(f"{space} setcolorspace")
+        # The image's first row is its top: flip y in the image matrix.
+        self._line(
+            f"<< /ImageType 1 /Width {width} /Height {height} /BitsPerComponent 8 /Decode {ranges} "
+            f"/ImageMatrix [{width} 0 0 -{height} 0 {height}] /Interpolate {str(interpolate).lower()} "
+            f"/DataSource currentfile /ASCII85Decode filter {decode} filter >> image"
+        )
+
+    def image(
+        self,
+        rect: Rect,
+        width: int,
+        height: int,
+        chunks: Iterable[np.ndarray],
+        color: bool = False,
+        interpolate: bool = False,
+        clip: Rect | None = None,
+    ) -> None:
+        """Draw 8-bit rows (gray, or RGB interleaved) into ``rect``, Flate-compressed."""
+        self._image_header(rect, clip, width, height, color, interpolate, "/FlateDecode")
+        compressor = zlib.compressobj(6)
+        pending = b""
+        for chunk in chunks:
+            pending += compressor.compress(np.ascontiguousarray(chunk).data)
+            pending = self._a85(pending, final=False)
+        pending += compressor.flush()
+        self._a85(pending, final=True)
+        self._line("~>")
+        self._line("grestore")
+
+    def image_jpeg(
+        self,
+        rect: Rect,
+        pixels: np.ndarray,
+        quality: int,
+        interpolate: bool = False,
+        clip: Rect | None = None,
+    ) -> None:
+        """Draw an 8-bit image (2-D gray or RGB) as baseline JPEG (lossy, much smaller on noisy films)."""
+        from PIL import Image
+
+        color = pixels.ndim == 3
+        height, width = pixels.shape[:2]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB" if color else "L").save(buffer, "JPEG", quality=quality, optimize=True)
+        self._image_header(rect, clip, width, height, color, interpolate, "/DCTDecode")
+        self._a85(buffer.getvalue(), final=True)
+        self._line("~>")
+        self._line("grestore")
+
+    def _a85(self, data: bytes, final: bool) -> bytes:
+        """Encode whole 4-byte groups (all of it when final) and return what is left over."""
+        usable = len(data) if final else len(data) - len(data) % 4
+        if usable:
+            encoded = base64.a85encode(data[:usable], wrapcol=A85_LINE)
+            # A line starting with "%" could be taken for a DSC comment by spoolers; ASCII85
+            # ignores white space, so indent such lines.
+            encoded = encoded.replace(b"\n%", b"\n %")
+            if encoded.startswith(b"%"):
+                encoded = b" " + encoded
+            self.out.write(encoded + b"\n")
+        return data[usable:]

@@ -1,0 +1,248 @@
+"""The Print SCP on the network: one pynetdicom AE on one port, answering to one called AE
+title per configured printer, with Basic Grayscale and Basic Color Print Management Meta,
+Presentation LUT, Basic Annotation Box and Verification.
+
+Handlers are thin: find the association's print state, call the session model, turn a
+``PrintError`` into its status. State lives per association and disappears with it (the
+standard's implicit N-DELETE). No N-EVENT-REPORT is ever sent: modalities poll the printer with
+N-GET, and an unsolicited request from the SCP collides with the SCU's next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .. import __version__
+from . import model, statuses
+from .backends import PrinterState
+from .errors import PrintError
+from .model import PrintAssociation, PrintRequest
+from .settings import PrintConfig
+
+LOG = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+
+Submit = Callable[[PrintRequest, str, str], int]
+StateOf = Callable[[str], PrinterState]
+
+
+class PrintSCP:
+    """Accepts print associations and keeps each one's film session."""
+
+    def __init__(self, config: PrintConfig, submit: Submit, printer_state: StateOf, port: int | None = None) -> None:
+        self.config = config
+        self.submit = submit
+        self.printer_state = printer_state
+        self.port = port if port is not None else config.port
+        self._states: dict[int, PrintAssociation] = {}
+        self._lock = threading.Lock()
+        self.server: ThreadedAssociationServer | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        titles = [p.ae_title.strip() for p in self.config.printers.values()]
+        if not titles:
+            raise ValueError("print SCP: no printers configured")
+        ae = AE(ae_title=titles[0])
+        # The called AE title picks the printer (see _on_requested); others are rejected.
+        ae.require_called_aet = True
+        if self.config.allowed_calling_aes:
+            ae.require_calling_aet = [t.strip() for t in self.config.allowed_calling_aes]
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = 0  # image box N-SETs are 0.25-60 MB: no reason to split them finely
+        for uid in (model.GRAYSCALE_META, model.COLOR_META, model.PRESENTATION_LUT, model.ANNOTATION_BOX,
+                    VERIFICATION):
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        handlers: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_N_GET, self._on_n_get),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
+            (evt.EVT_N_ACTION, self._on_n_action),
+            (evt.EVT_N_DELETE, self._on_n_delete),
+            (evt.EVT_C_ECHO, lambda event: statuses.SUCCESS),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        self.server = ae.start_server((self.config.bind_address, self.port), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+        LOG.info("print SCP listening on %s:%d for %s", self.config.bind_address, self.port, ", ".join(titles))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # ---- association state ----
+
+    def _on_requested(self, event: Event) -> None:
+        called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        found = self.config.printer_for(called)
+        if found is not None:
+            # Accepting checks the called AE title against ours: make ours the one called.
+            event.assoc.acceptor.ae_title = found[1].ae_title.strip()
+        else:
+            LOG.warning("print association from %s refused: unknown called AE title %r",
+                        event.assoc.requestor.ae_title, called)
+
+    def _state(self, assoc: Association) -> PrintAssociation:
+        key = id(assoc)
+        with self._lock:
+            state = self._states.get(key)
+            if state is None:
+                found = self.config.printer_for(assoc.acceptor.ae_title)
+                if found is None:  # cannot happen: the association was accepted for this title
+                    raise PrintError(statuses.PROCESSING_FAILURE, "no printer for this association")
+                name, printer = found
+                annotations = any(cx.abstract_syntax == model.ANNOTATION_BOX for cx in assoc.accepted_contexts)
+                state = PrintAssociation(name, printer, str(assoc.requestor.ae_title).strip(), annotations)
+                self._states[key] = state
+            return state
+
+    def _on_closed(self, event: Event) -> None:
+        with self._lock:
+            state = self._states.pop(id(event.assoc), None)
+        if state is not None and state.film_boxes:
+            unprinted = [uid for uid, film in state.film_boxes.items()]
+            LOG.info("%s -> %s: association ended; discarding %d film box(es) %s", state.calling_ae,
+                     state.printer.ae_title.strip(), len(unprinted), ", ".join(unprinted))
+
+    def _guard(self, event: Event, what: str, call: Callable[[PrintAssociation], Any]) -> Any:
+        """Run a model call; PrintError -> its status (no dataset); anything else -> 0x0110."""
+        failure_shape = what in ("N-DELETE",)
+        try:
+            return call(self._state(event.assoc))
+        except PrintError as exc:
+            LOG.warning("%s -> %s %s: %s", event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title, what, exc)
+            return exc.status if failure_shape else (exc.status, None)
+        except Exception:
+            LOG.exception("%s -> %s %s failed", event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title, what)
+            return statuses.PROCESSING_FAILURE if failure_shape else (statuses.PROCESSING_FAILURE, None)
+
+    # ---- DIMSE-N ----
+
+    def _on_n_get(self, event: Event) -> tuple[int, Dataset | None]:
+        request = event.request
+
+        def get(state: PrintAssociation) -> tuple[int, Dataset | None]:
+            if request.RequestedSOPClassUID != model.PRINTER:
+                raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-GET of {request.RequestedSOPClassUID} not supported")
+            if request.RequestedSOPInstanceUID != model.PRINTER_INSTANCE:
+                raise PrintError(statuses.NO_SUCH_SOP_INSTANCE, "N-GET of a Printer other than the well-known one")
+            printer_state = self.printer_state(state.printer_name)
+            ds = Dataset()
+            ds.PrinterStatus = printer_state.status
+            ds.PrinterStatusInfo = printer_state.info
+            ds.PrinterName = state.printer_name[:64]
+            ds.Manufacturer = state.printer.manufacturer
+            ds.ManufacturerModelName = state.printer.model_name
+            ds.DeviceSerialNumber = ""
+            ds.SoftwareVersions = __version__
+            ds.DateOfLastCalibration = ""
+            ds.TimeOfLastCalibration = ""
+            wanted = [Tag(t) for t in (event.attribute_identifiers or [])]
+            if wanted:
+                # Asked-for attributes we do not have are left out rather than failing the N-GET.
+                kept = Dataset()
+                for tag in wanted:
+                    if tag in ds:
+                        kept[tag] = ds[tag]
+                ds = kept
+            if printer_state.status != "NORMAL":
+                LOG.info("%s -> %s: printer %s %s (%s)", state.calling_ae, state.printer.ae_title.strip(),
+                         printer_state.status, printer_state.info, printer_state.detail)
+            return statuses.SUCCESS, ds
+
+        return self._guard(event, "N-GET", get)  # type: ignore[no-any-return]
+
+    def _on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID)
+        uid = str(request.AffectedSOPInstanceUID) if request.AffectedSOPInstanceUID else None
+        attrs = event.attribute_list or Dataset()
+        color = event.context.abstract_syntax == model.COLOR_META
+
+        def create(state: PrintAssociation) -> tuple[int, Dataset]:
+            if sop_class == model.FILM_SESSION:
+                return state.create_film_session(uid, attrs)
+            if sop_class == model.FILM_BOX:
+                return state.create_film_box(uid, attrs, color)
+            if sop_class == model.PRESENTATION_LUT:
+                return state.create_presentation_lut(uid, attrs)
+            raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-CREATE of {sop_class} not supported")
+
+        return self._guard(event, f"N-CREATE {sop_class}", create)  # type: ignore[no-any-return]
+
+    def _on_n_set(self, event: Event) -> tuple[int, Dataset | None]:
+        request = event.request
+        sop_class = str(request.RequestedSOPClassUID)
+        uid = str(request.RequestedSOPInstanceUID)
+        attrs = event.modification_list or Dataset()
+
+        def set_(state: PrintAssociation) -> tuple[int, Dataset]:
+            if sop_class in (model.GRAYSCALE_IMAGE_BOX, model.COLOR_IMAGE_BOX):
+                return state.set_image_box(sop_class, uid, attrs)
+            if sop_class == model.FILM_BOX:
+                return state.set_film_box(uid, attrs)
+            if sop_class == model.FILM_SESSION:
+                return state.set_film_session(uid, attrs)
+            if sop_class == model.ANNOTATION_BOX:
+                return state.set_annotation_box(uid, attrs)
+            raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-SET of {sop_class} not supported")
+
+        return self._guard(event, f"N-SET {sop_class} {uid}", set_)  # type: ignore[no-any-return]
+
+    def _on_n_action(self, event: Event) -> tuple[int, Dataset | None]:
+        request = event.request
+        sop_class = str(request.RequestedSOPClassUID)
+        uid = str(request.RequestedSOPInstanceUID)
+
+        def action(state: PrintAssociation) -> tuple[int, Dataset | None]:
+            if request.ActionTypeID != 1:
+                raise PrintError(statuses.NO_SUCH_ACTION_TYPE, f"Action Type {request.ActionTypeID}")
+            if sop_class == model.FILM_BOX:
+                status, job = state.print_film_box(uid)
+            elif sop_class == model.FILM_SESSION:
+                status, job = state.print_film_session(uid)
+            else:
+                raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-ACTION of {sop_class} not supported")
+            if job is not None:
+                job_id = self.submit(job, state.printer_name, state.calling_ae)
+                LOG.info("%s -> %s: %s %s printed as job %d (%s)", state.calling_ae,
+                         state.printer.ae_title.strip(), job.level, uid, job_id,
+                         ", ".join(film.uid for film in job.films))
+            # Print Job SOP class is not offered, so the reply carries no Referenced Print Job.
+            return status, None
+
+        return self._guard(event, f"N-ACTION {sop_class} {uid}", action)  # type: ignore[no-any-return]
+
+    def _on_n_delete(self, event: Event) -> int:
+        request = event.request
+        sop_class = str(request.RequestedSOPClassUID)
+        uid = str(request.RequestedSOPInstanceUID)
+
+        def delete(state: PrintAssociation) -> int:
+            if sop_class == model.FILM_SESSION:
+                return state.delete_film_session(uid)
+            if sop_class == model.FILM_BOX:
+                return state.delete_film_box(uid)
+            if sop_class == model.PRESENTATION_LUT:
+                return state.delete_presentation_lut(uid)
+            raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-DELETE of {sop_class} not supported")
+
+        return self._guard(event, "N-DELETE", delete)  # type: ignore[no-any-return]

@@ -1,0 +1,241 @@
+"""The durable print queue: an N-ACTION's films become a PostScript file in the spool and a
+``print_jobs`` row before the modality hears "success"; a worker thread hands queued jobs to their
+printer's backend and retries an unreachable printer with backoff.
+
+Files live under ``<storage.path>/print/``: ``jobs/`` (PostScript, removed once printed) and
+``previews/`` (a small PNG of the first film, kept ``keep_printed_for``). Each file is written to
+a temporary name, fsync'd, renamed and its directory fsync'd, so a power cut leaves either
+nothing or a complete file; rows are committed with synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .. import db as dbmod
+from ..db import Database, PrintJob
+from . import statuses
+from .backends import Backend, BackendError, fsync_directory
+from .errors import PrintError
+from .model import PrintRequest
+from .render import render_postscript, render_preview
+from .settings import PrinterConfig, PrintRetry
+
+LOG = logging.getLogger(__name__)
+
+
+@contextmanager
+def durable_file(target: Path) -> Iterator[BinaryIO]:
+    """Write ``target`` so it is either absent or complete after a crash."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
+
+
+def retry_delay(policy: PrintRetry, attempts: int) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones, with +-20 % jitter so a
+    returning printer is not hit by every queue at once."""
+    delay = min(policy.initial_delay * policy.factor ** max(attempts - 1, 0), policy.max_delay)
+    return float(delay * random.uniform(0.8, 1.2))
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip()) or "unknown"
+
+
+class Spool:
+    """Submitting jobs (from SCP handler threads) and delivering them (from one worker)."""
+
+    def __init__(self, db: Database, root: Path, printers: Mapping[str, PrinterConfig],
+                 backends: Mapping[str, Backend]) -> None:
+        self.db = db
+        self.root = root
+        self.jobs_dir = root / "jobs"
+        self.previews_dir = root / "previews"
+        self.printers = printers
+        self.backends = backends
+        self.wake = threading.Event()
+        dbmod.ensure_print_schema(db)
+
+    # ---- submit (N-ACTION) ----
+
+    def submit(self, request: PrintRequest, printer_name: str, calling_ae: str) -> int:
+        """Render the request into the spool and queue it; raises PrintError (print queue full)
+        when the spool cannot take it."""
+        printer = self.printers[printer_name]
+        session = request.session
+        full = statuses.QUEUE_FULL_SESSION if request.level == "film session" else statuses.QUEUE_FULL_FILM_BOX
+        title = f"{calling_ae.strip()} {session.label or request.films[0].uid}".strip()
+        job_id = dbmod.insert_print_job(
+            self.db, printer_name, printer.ae_title.strip(), calling_ae.strip(), request.level,
+            [film.uid for film in request.films], session.copies, session.priority, title,
+        )
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        name = f"{stamp}-{_safe(calling_ae)}-job{job_id}"
+        ps_path = self.jobs_dir / f"{name}.ps"
+        preview_path = self.previews_dir / f"{name}.png"
+        started = time.monotonic()
+        try:
+            with durable_file(ps_path) as out:
+                result = render_postscript(request, printer, out, title)
+            self._write_preview(request, printer, preview_path)
+        except OSError as exc:
+            dbmod.update_print_job(self.db, job_id, state="failed", last_error=f"spool: {exc}")
+            LOG.error("printer %s: job %d from %s cannot be spooled: %s", printer_name, job_id, calling_ae, exc)
+            raise PrintError(full, f"print queue full: {exc}") from exc
+        dbmod.update_print_job(
+            self.db, job_id, state="queued", ps_path=str(ps_path), preview_path=str(preview_path),
+            pages=result.pages, media=result.media, next_attempt_at=0.0,
+        )
+        LOG.info(
+            "printer %s: job %d queued from %s (%s, %d page(s), %d copies, %.2f s to render, %d bytes)",
+            printer_name, job_id, calling_ae, request.level, result.pages, session.copies,
+            time.monotonic() - started, ps_path.stat().st_size,
+        )
+        self.wake.set()
+        return job_id
+
+    @staticmethod
+    def _write_preview(request: PrintRequest, printer: PrinterConfig, path: Path) -> None:
+        from PIL import Image
+
+        canvas = render_preview(request.films[0], printer)
+        with durable_file(path) as out:
+            Image.fromarray(canvas).save(out, "PNG", optimize=True)
+
+    # ---- restart ----
+
+    def recover(self) -> None:
+        """After a restart: a job caught sending is queued again; a job caught rendering was
+        never acknowledged to the modality, so it is failed (its partial file never got its name)."""
+        for job in dbmod.print_jobs_in_state(self.db, "sending"):
+            LOG.warning("printer %s: job %d was being sent when the service stopped; queued again", job.printer, job.id)
+            dbmod.update_print_job(self.db, job.id, state="queued", next_attempt_at=0.0)
+        for job in dbmod.print_jobs_in_state(self.db, "rendering"):
+            LOG.warning("printer %s: job %d was interrupted while rendering; failed", job.printer, job.id)
+            dbmod.update_print_job(self.db, job.id, state="failed", last_error="interrupted while rendering")
+
+    # ---- deliver (worker) ----
+
+    def deliver_due(self, now: float | None = None) -> bool:
+        """Send one due job, if any; True if a job was tried."""
+        job = dbmod.claim_print_job(self.db, list(self.backends), time.time() if now is None else now)
+        if job is None:
+            return False
+        self._deliver(job)
+        return True
+
+    def _deliver(self, job: PrintJob) -> None:
+        printer = self.printers[job.printer]
+        backend = self.backends[job.printer]
+        path = Path(str(job.ps_path))
+        sent = job.copies_sent
+
+        def copy_sent() -> None:
+            nonlocal sent
+            sent += 1
+            dbmod.update_print_job(self.db, job.id, copies_sent=sent)
+
+        attempts = job.attempts + 1
+        try:
+            if not path.is_file():
+                raise BackendError(f"spool file {path} is missing")
+            backend.send(path, job.copies - job.copies_sent, job.priority, job.media, job.title, copy_sent)
+        except BackendError as exc:
+            self._failed_attempt(job, printer.retry, attempts, str(exc))
+            return
+        dbmod.update_print_job(self.db, job.id, state="printed", attempts=attempts, printed_at=time.time(),
+                               last_error="", ps_path=None)
+        path.unlink(missing_ok=True)
+        LOG.info("printer %s: job %d from %s printed (%d copies)", job.printer, job.id, job.calling_ae, job.copies)
+
+    def _failed_attempt(self, job: PrintJob, policy: PrintRetry, attempts: int, error: str) -> None:
+        now = time.time()
+        give_up = (policy.max_attempts and attempts >= policy.max_attempts) or (
+            now - job.created_at > policy.give_up_after
+        )
+        if give_up:
+            LOG.error("printer %s: job %d from %s failed after %d attempts: %s", job.printer, job.id,
+                      job.calling_ae, attempts, error)
+            dbmod.update_print_job(self.db, job.id, state="failed", attempts=attempts, last_error=error)
+            return
+        delay = retry_delay(policy, attempts)
+        LOG.warning("printer %s: job %d from %s not printed (attempt %d): %s; retry in %.0f s", job.printer,
+                    job.id, job.calling_ae, attempts, error, delay)
+        dbmod.update_print_job(self.db, job.id, state="queued", attempts=attempts, last_error=error,
+                               next_attempt_at=now + delay)
+
+    def seconds_until_due(self) -> float | None:
+        due = dbmod.next_print_job_due(self.db, list(self.backends))
+        return None if due is None else max(0.0, due - time.time())
+
+    def retry_now(self, job_id: int) -> None:
+        """Make a queued or failed job due at once (the CLI/status page 'retry' action)."""
+        dbmod.update_print_job(self.db, job_id, state="queued", next_attempt_at=0.0)
+        self.wake.set()
+
+    def prune(self, keep_for: float) -> None:
+        """Forget previews of jobs finished more than ``keep_for`` seconds ago."""
+        for job in dbmod.printed_jobs_before(self.db, time.time() - keep_for):
+            if job.preview_path:
+                Path(job.preview_path).unlink(missing_ok=True)
+            dbmod.update_print_job(self.db, job.id, preview_path=None)
+
+
+class SpoolWorker:
+    """One thread that drains the queue; woken by new jobs, otherwise sleeps until the next
+    retry is due (at most ``poll`` seconds)."""
+
+    def __init__(self, spool: Spool, keep_printed_for: float, poll: float = 5.0,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
+        self.spool = spool
+        self.keep_printed_for = keep_printed_for
+        self.poll = poll
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="print-spool", daemon=True)
+        self._on_error = on_error
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.spool.wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        last_prune = 0.0
+        while not self._stop.is_set():
+            try:
+                while not self._stop.is_set() and self.spool.deliver_due():
+                    pass
+                if time.monotonic() - last_prune > 3600:
+                    self.spool.prune(self.keep_printed_for)
+                    last_prune = time.monotonic()
+                wait = self.spool.seconds_until_due()
+            except Exception as exc:  # the worker must survive a bad row or a full disk
+                LOG.exception("print spool worker: %s", exc)
+                if self._on_error:
+                    self._on_error(exc)
+                wait = self.poll
+            self.spool.wake.wait(self.poll if wait is None else min(wait, self.poll))
+            self.spool.wake.clear()
