@@ -328,6 +328,8 @@ def _find(root: Node, *keys: str | int) -> Node | None:
 
 def _cross_check(config: Config, root: Node, ctx: Context) -> None:
     """Checks that span sections: routes name existing destinations, ports do not collide."""
+    from .rules import route_problems
+
     for i, route in enumerate(config.routes):
         for j, name in enumerate(route.send_to):
             if name not in config.destinations:
@@ -337,6 +339,8 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
         if route.discard and route.send_to:
             ctx.error(_find(root, "routes", i, "discard"), f"routes[{i}].discard",
                       "a rule cannot both discard and send_to")
+        for key, message in route_problems(route):
+            ctx.error(_find(root, "routes", i, key), f"routes[{i}].{key}", message)
     ports = {"node.port": config.node.port}
     if config.web.enabled:
         ports["web.port"] = config.web.port

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for our SCU sockets: without TCP_NODELAY every DIMSE exchange with a
-    DCMTK-based peer waits ~40 ms on Nagle and delayed ACKs."""
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+from .dicomnet import tune_socket
 
 
 def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout: float = 10.0) -> tuple[bool, str]:
@@ -19,7 +13,7 @@ def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout:
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
     where = f"{ae_title}@{host}:{port}"
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive

@@ -24,7 +24,6 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,18 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import statuses
+from . import rules, statuses
 from .config import Config
 from .db import Database, Instance
+from .dicomnet import tune_socket
 from .store import Store, digest_and_sync
 
 log = logging.getLogger(__name__)
+
+# What the receiver reads of each instance when no routes are configured: the index columns.
+# Rules may test any tag, so with routes the whole header (up to the pixels) is read.
+HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "StudyDate",
+               "AccessionNumber", "Modality", "SpecificCharacterSet"]
 
 _ALL_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
 
@@ -53,11 +58,6 @@ class Origin:
     calling_ae: str
     called_ae: str
     source_ip: str
-
-
-# Given the header of a received instance and where it came from, the routing decision to
-# record with it (JSON), or None when no rules are configured.
-Router = Callable[[pydicom.Dataset, Origin], "str | None"]
 
 
 @dataclass
@@ -73,11 +73,10 @@ class Receiver:
     """The Storage SCP of one appliance. ``config`` is read per C-STORE, so a reload applies
     to new work; the AE title, address and port apply at :meth:`start`."""
 
-    def __init__(self, config: Config, db: Database, store: Store, router: Router | None = None) -> None:
+    def __init__(self, config: Config, db: Database, store: Store) -> None:
         self.config = config
         self.db = db
         self.store = store
-        self.router = router
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
         self._stats: dict[int, _AssociationStats] = {}
@@ -105,6 +104,7 @@ class Receiver:
         ae.dimse_timeout = node.timeouts.dimse
         ae.network_timeout = node.timeouts.network
         handlers = [
+            (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),
@@ -201,7 +201,12 @@ class Receiver:
             return statuses.OUT_OF_RESOURCES, 0
         received = Path(event.dataset_path)
         try:
-            header = pydicom.dcmread(received, stop_before_pixels=True)
+            if config.routes:
+                header = pydicom.dcmread(received, stop_before_pixels=True)
+                decision: str | None = rules.decide(config.routes, header, origin).to_json()
+            else:
+                header = pydicom.dcmread(received, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+                decision = None
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
             log.error("refused %s: cannot read its data set: %s", where, exc)
             return statuses.CANNOT_UNDERSTAND, 0
@@ -228,7 +233,7 @@ class Receiver:
             sha256=sha256,
             path="",
             received_at=time.time(),
-            decision=self.router(header, origin) if self.router else None,
+            decision=decision,
         )
         with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
             return self._admit(received, instance, where), size

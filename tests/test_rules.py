@@ -489,5 +489,11 @@ def test_every_bad_rule_of_a_file_is_reported() -> None:
     ("- {send_to: [a], set: {StationName: X}, remove: [PatientComments], continue: true}", []),
 ])
 def test_contradictions_within_a_rule(snippet: str, expected: list[tuple[str, str]]) -> None:
-    (route,) = routes(snippet + "\n")
-    assert route_problems(route) == expected
+    """Contradictions are configuration errors, located at the rule's key."""
+    if not expected:
+        (route,) = routes(snippet + "\n")
+        assert route_problems(route) == []
+        return
+    with pytest.raises(ConfigError) as caught:
+        loads(DESTINATIONS + "routes:\n" + snippet + "\n", "appliance.yaml")
+    assert [(p.path, p.message) for p in caught.value.problems] == [(f"routes[0].{k}", m) for k, m in expected]
