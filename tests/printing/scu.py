@@ -146,7 +146,7 @@ class PrintSCU:
         if table is not None:
             item = Dataset()
             item.LUTDescriptor = [len(table), 0, bits]
-            item.LUTData = list(table)
+            item.LUTData = np.asarray(table, dtype="<u2").tobytes()
             ds.PresentationLUTSequence = DicomSequence([item])
         elif shape:
             ds.PresentationLUTShape = shape

@@ -1,0 +1,431 @@
+"""The Print SCP against a pynetdicom Print SCU: every layout family, color, polarity, densities,
+orientation, magnification, Presentation LUTs, annotations, statuses and error cases. Every
+printed film is rendered with Ghostscript and checked where a person would look."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    BasicFilmBox,
+    BasicFilmSession,
+    BasicGrayscaleImageBox,
+    BasicGrayscalePrintManagementMeta,
+)
+
+from appliance.printing import statuses
+
+from .conftest import RunningPrinter, ghostscript, printer
+from .scu import PrintSCU, color_item, gray_item
+
+FILM_W, FILM_H = 576, 720  # 8INX10IN at 72 dpi
+
+
+def flat(value: int, size: int = 64, bits: int = 8) -> np.ndarray:
+    return np.full((size, size), value, dtype=np.uint16 if bits > 8 else np.uint8)
+
+
+def print_film(box: RunningPrinter, display_format: str, images: list[Any], color: bool = False,
+               session: dict[str, Any] | None = None, image_attrs: dict[str, Any] | None = None,
+               **film_attrs: Any) -> np.ndarray:
+    """Print one film box through the SCP and return the first page as Ghostscript renders it."""
+    before = len(box.printed_files())
+    with PrintSCU(box.port, "TESTPRINT", color=color) as scu:
+        assert scu.create_session(**(session or {})).status == 0
+        film = scu.create_film_box(display_format, **film_attrs)
+        assert film.status == 0, hex(film.status)
+        for position, item in enumerate(images, start=1):
+            if item is not None:
+                reply = scu.set_image(film.dataset, position, item, color=color, **(image_attrs or {}))
+                assert reply.status == 0, hex(reply.status)
+        assert scu.print_film_box(film.uid) == 0
+    box.wait_jobs(before + 1)
+    files = box.printed_files()
+    assert len(files) == before + 1
+    pages = ghostscript(files[-1], device="png16m" if color else "pnggray")
+    return pages[0]
+
+
+def cell_centre(kind: str, counts: tuple[int, ...], position: int, width: int = FILM_W,
+                height: int = FILM_H) -> tuple[int, int]:
+    """(row, column) in page pixels of the middle of an image box, from the display format alone:
+    ROW numbers left to right then down, COL top to bottom then right."""
+    index = position - 1
+    for line, n in enumerate(counts):
+        if index < n:
+            break
+        index -= n
+    lines = len(counts)
+    if kind == "ROW":
+        return int((line + 0.5) / lines * height), int((index + 0.5) / n * width)
+    return int((index + 0.5) / n * height), int((line + 0.5) / lines * width)
+
+
+# ---- layouts -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("display_format", "kind", "counts"),
+    [
+        (r"STANDARD\1,1", "ROW", (1,)),
+        (r"STANDARD\2,3", "ROW", (2, 2, 2)),
+        (r"STANDARD\3,2", "ROW", (3, 3)),
+        (r"ROW\1,3", "ROW", (1, 3)),
+        (r"COL\2,1,3", "COL", (2, 1, 3)),
+    ],
+)
+def test_every_layout_family_puts_each_image_in_its_box(
+    print_server: Callable[..., RunningPrinter], display_format: str, kind: str, counts: tuple[int, ...]
+) -> None:
+    box = print_server()
+    cells = sum(counts)
+    values = [20 + 30 * n for n in range(cells)]
+    page = print_film(box, display_format, [gray_item(flat(v)) for v in values])
+    assert page.shape == (FILM_H, FILM_W)
+    for position, value in enumerate(values, start=1):
+        y, x = cell_centre(kind, counts, position)
+        assert abs(int(page[y, x]) - value) <= 1, f"{display_format} position {position} at ({y},{x})"
+    # The default border on paper is WHITE.
+    assert page[1, 1] == 255
+
+
+def test_empty_image_boxes_and_borders_print_at_the_requested_density(
+    print_server: Callable[..., RunningPrinter],
+) -> None:
+    box = print_server()
+    page = print_film(box, r"STANDARD\2,1", [gray_item(flat(128)), None],
+                      BorderDensity="150", EmptyImageDensity="BLACK")
+    # 1.5 OD reflects 10^-1.5 of the light: 8/255.
+    assert abs(int(page[2, 2]) - round(255 * 10**-1.5)) <= 1
+    y, x = cell_centre("ROW", (2,), 2)
+    assert page[y, x] == 0
+    y, x = cell_centre("ROW", (2,), 1)
+    assert abs(int(page[y, x]) - 128) <= 1
+
+
+def test_square_image_keeps_its_aspect_ratio_in_a_tall_box(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    page = print_film(box, r"STANDARD\1,1", [gray_item(flat(0, size=64))], BorderDensity="WHITE")
+    dark = np.argwhere(page < 128)
+    height = dark[:, 0].max() - dark[:, 0].min() + 1
+    width = dark[:, 1].max() - dark[:, 1].min() + 1
+    assert abs(height - width) <= 2
+    assert width > 0.9 * FILM_W
+
+
+# ---- pixels --------------------------------------------------------------------------------------
+
+def test_polarity_reverse_monochrome1_and_12_bit(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    images = [
+        gray_item(flat(50)),                                        # 8-bit
+        gray_item(flat(4095, bits=12), bits_stored=12),             # 12-bit white
+        gray_item(flat(1024, bits=12), bits_stored=12),             # 12-bit quarter
+        gray_item(flat(0), photometric="MONOCHROME1"),              # MONOCHROME1: 0 is white
+    ]
+    page = print_film(box, r"STANDARD\2,2", images)
+    expected = [50, 255, round(1024 / 4095 * 255), 255]
+    for position, value in enumerate(expected, start=1):
+        y, x = cell_centre("ROW", (2, 2), position)
+        assert abs(int(page[y, x]) - value) <= 1, position
+    reversed_page = print_film(box, r"STANDARD\2,2", images, image_attrs={"Polarity": "REVERSE"})
+    for position, value in enumerate(expected, start=1):
+        y, x = cell_centre("ROW", (2, 2), position)
+        assert abs(int(reversed_page[y, x]) - (255 - value)) <= 1, position
+
+
+def test_color_film_with_both_planar_configurations(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    red = np.zeros((32, 48, 3), np.uint8)
+    red[..., 0] = 220
+    blue = np.zeros((32, 48, 3), np.uint8)
+    blue[..., 2] = 200
+    blue[..., 1] = 40
+    page = print_film(box, r"STANDARD\2,1", [color_item(red, planar=0), color_item(blue, planar=1)], color=True)
+    y, x = cell_centre("ROW", (2,), 1)
+    assert np.abs(page[y, x].astype(int) - [220, 0, 0]).max() <= 2
+    y, x = cell_centre("ROW", (2,), 2)
+    assert np.abs(page[y, x].astype(int) - [0, 40, 200]).max() <= 2
+    reversed_page = print_film(box, r"STANDARD\1,1", [color_item(red)], color=True,
+                               image_attrs={"Polarity": "REVERSE"})
+    assert np.abs(reversed_page[FILM_H // 2, FILM_W // 2].astype(int) - [35, 255, 255]).max() <= 2
+
+
+def test_presentation_lut_table_maps_pixels(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT", plut=True) as scu:
+        inverse = scu.create_plut(table=[255 - v for v in range(256)], bits=8)
+        assert inverse.status == 0 and inverse.uid
+        identity = scu.create_plut("IDENTITY")
+        assert identity.status == 0 and identity.uid
+        assert scu.create_session().status == 0
+        film = scu.create_film_box(r"STANDARD\2,1", plut_uid=inverse.uid)
+        assert film.status == 0
+        assert scu.set_image(film.dataset, 1, gray_item(flat(40))).status == 0
+        # An image box may name its own P-LUT, overriding the film box's.
+        reply = scu.set_image(film.dataset, 2, gray_item(flat(40)),
+                              ReferencedPresentationLUTSequence=film.dataset.ReferencedPresentationLUTSequence)
+        assert reply.status == 0
+        assert scu.print_film_box(film.uid) == 0
+        assert scu.delete(BasicFilmBox, film.uid) == 0
+    box.wait_jobs(1)
+    page = ghostscript(box.printed_files()[0])[0]
+    for position in (1, 2):
+        y, x = cell_centre("ROW", (2,), position)
+        assert abs(int(page[y, x]) - 215) <= 1
+
+
+@pytest.mark.parametrize("magnification", ["REPLICATE", "BILINEAR", "CUBIC"])
+def test_magnification_types(print_server: Callable[..., RunningPrinter], magnification: str) -> None:
+    # At 300 dpi the 8x8 checkerboard is magnified in numpy: replicated pixels stay pure black and
+    # white; interpolation makes greys.
+    box = print_server({"film": printer(resolution_dpi=300)})
+    checker = (np.indices((8, 8)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    page = print_film(box, r"STANDARD\1,1", [gray_item(checker)], MagnificationType=magnification)
+    middle = page[200:520, 100:476]
+    greys = np.count_nonzero((middle > 20) & (middle < 235)) / middle.size
+    if magnification == "REPLICATE":
+        assert greys < 0.02
+    else:
+        assert greys > 0.2
+    # Same layout whatever the interpolation: the top-left square is black.
+    assert page[FILM_H // 2 - 250, 40] < 30
+
+
+def test_magnification_none_prints_at_printer_resolution(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()  # 72 dpi: 144 pixels -> 2 inches -> 144 page pixels at 72 dpi
+    page = print_film(box, r"STANDARD\1,1", [gray_item(flat(0, size=144))], MagnificationType="NONE")
+    dark = np.argwhere(page < 128)
+    assert abs((dark[:, 1].max() - dark[:, 1].min() + 1) - 144) <= 2
+
+
+def test_requested_image_size_and_crop(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    # 50.8 mm = 2 inches = 144 page pixels.
+    page = print_film(box, r"STANDARD\1,1", [gray_item(flat(0))], image_attrs={"RequestedImageSize": "50.8"})
+    dark = np.argwhere(page < 128)
+    assert abs((dark[:, 1].max() - dark[:, 1].min() + 1) - 144) <= 2
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\2,2")
+        too_big = {"RequestedImageSize": "400"}
+        assert scu.set_image(film.dataset, 1, gray_item(flat(0)), **too_big,
+                             RequestedDecimateCropBehavior="FAIL").status == statuses.IMAGE_LARGER_THAN_BOX
+        assert scu.set_image(film.dataset, 1, gray_item(flat(0)), **too_big,
+                             RequestedDecimateCropBehavior="CROP").status == statuses.IMAGE_CROPPED
+        assert scu.set_image(film.dataset, 2, gray_item(flat(0)), **too_big,
+                             RequestedDecimateCropBehavior="DECIMATE").status == statuses.IMAGE_DECIMATED
+
+
+# ---- orientation, film size, paper ---------------------------------------------------------------
+
+def test_landscape_film_is_turned_onto_portrait_paper(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    marker = np.full((60, 80), 255, np.uint8)
+    marker[:30, :40] = 0  # the image's top-left quarter is black
+    page = print_film(box, r"STANDARD\1,1", [gray_item(marker)], FilmOrientation="LANDSCAPE",
+                      BorderDensity="WHITE")
+    # Page stays portrait; the film's top edge runs along the paper's left edge, so the image's
+    # top-left corner is at the bottom-left of the page.
+    assert page.shape == (FILM_H, FILM_W)
+    dark = np.argwhere(page < 128)
+    rows, cols = dark[:, 0], dark[:, 1]
+    assert rows.min() > FILM_H // 2 - 5  # the dark quarter is in the lower half
+    assert cols.max() < FILM_W // 2 + 5  # and the left half
+
+
+@pytest.mark.parametrize(("film_size", "paper", "page_size"), [
+    ("14INX17IN", "A4", (842, 595)), ("8INX10IN", "LETTER", (792, 612)), ("24CMX30CM", "A3", (1191, 842)),
+])
+def test_film_size_is_mapped_to_paper_with_its_aspect_ratio(
+    print_server: Callable[..., RunningPrinter], film_size: str, paper: str, page_size: tuple[int, int]
+) -> None:
+    from appliance.printing.layout import parse_film_size
+
+    box = print_server({"film": printer(paper={film_size: paper}, margin_mm=4.0)})
+    page = print_film(box, r"STANDARD\1,1", [gray_item(flat(128))], FilmSizeID=film_size, BorderDensity="BLACK")
+    assert abs(page.shape[0] - page_size[0]) <= 1 and abs(page.shape[1] - page_size[1]) <= 1
+    black = np.argwhere(page < 20)
+    height = black[:, 0].max() - black[:, 0].min() + 1
+    width = black[:, 1].max() - black[:, 1].min() + 1
+    size = parse_film_size(film_size)
+    assert size is not None
+    assert abs(width / height - size[0] / size[1]) < 0.01
+    # It fills the printable area (4 mm margins) in one dimension.
+    margin = 4 / 25.4 * 72
+    assert width >= page.shape[1] - 2 * margin - 2 or height >= page.shape[0] - 2 * margin - 2
+
+
+def test_trim_draws_a_box_around_each_image(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    page = print_film(box, r"STANDARD\2,1", [gray_item(flat(255)), gray_item(flat(255))], Trim="YES")
+    # A white image on a white border: only the trim line is dark, at the top edge of the cells.
+    column = page[:, FILM_W // 4]
+    assert np.count_nonzero(column < 128) >= 2
+
+
+# ---- sessions, copies, annotations ---------------------------------------------------------------
+
+def test_film_session_print_collates_all_film_boxes(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        assert scu.create_session(NumberOfCopies=2, PrintPriority="HIGH", FilmSessionLabel="CT HEAD").status == 0
+        for value in (30, 200):
+            film = scu.create_film_box(r"STANDARD\1,1")
+            assert film.status == 0
+            assert scu.set_image(film.dataset, 1, gray_item(flat(value))).status == 0
+        assert scu.print_session() == 0
+        assert scu.delete(BasicFilmSession, scu.session_uid) == 0
+    job = box.wait_jobs(1)[0]
+    assert (job.pages, job.copies, job.priority, job.level) == (2, 2, "HIGH", "film session")
+    pages = ghostscript(box.printed_files()[0])
+    assert [int(p[FILM_H // 2, FILM_W // 2]) for p in pages] == [30, 200]
+
+
+def test_annotation_text_is_printed(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT", annotation=True) as scu:
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\1,1")
+        annotations = film.dataset.ReferencedBasicAnnotationBoxSequence
+        assert len(annotations) == 2
+        assert scu.set_image(film.dataset, 1, gray_item(flat(255))).status == 0
+        assert scu.set_annotation(film.dataset, 1, "DOE^JANE 1970-01-01").status == 0
+        assert scu.print_film_box(film.uid) == 0
+    box.wait_jobs(1)
+    page = ghostscript(box.printed_files()[0])[0]
+    band = page[FILM_H - 25 :, : FILM_W // 2]
+    assert np.count_nonzero(band < 100) > 50  # black text on the white band
+    assert np.count_nonzero(page[FILM_H - 25 :, FILM_W // 2 :] < 100) == 0  # box 2 is empty
+
+
+def test_printed_job_keeps_a_preview(print_server: Callable[..., RunningPrinter]) -> None:
+    from PIL import Image
+
+    box = print_server()
+    print_film(box, r"STANDARD\2,1", [gray_item(flat(0)), None], BorderDensity="WHITE")
+    job = box.wait_jobs(1)[0]
+    assert job.preview_path is not None and job.ps_path is None  # spool PostScript removed once printed
+    preview = np.asarray(Image.open(job.preview_path))
+    assert max(preview.shape) == 480 and abs(preview.shape[1] / preview.shape[0] - 0.8) < 0.01
+    assert preview[preview.shape[0] // 2, preview.shape[1] // 4] < 20
+    assert preview[preview.shape[0] // 2, 3 * preview.shape[1] // 4] == 255
+
+
+def test_dct_compression_prints(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server({"film": printer(compression="dct")})
+    gradient = np.tile(np.linspace(0, 255, 128).astype(np.uint8), (128, 1))
+    page = print_film(box, r"STANDARD\1,1", [gray_item(gradient)])
+    row = page[FILM_H // 2, 20:FILM_W - 20].astype(int)
+    assert row[0] < 10 and row[-1] > 245 and np.all(np.diff(row) >= -4)
+
+
+# ---- statuses and errors -------------------------------------------------------------------------
+
+def test_scp_assigned_uids_and_defaults_for_unsupported_values(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        session = scu.create_session(assign=True, NumberOfCopies=500, MediumType="GLASS")
+        # We minted the UID: the reply must be success so pynetdicom sends the UID.
+        assert session.status == 0 and session.uid
+        assert session.dataset.NumberOfCopies == 10 and session.dataset.MediumType == "PAPER"
+        film = scu.create_film_box(r"STANDARD\1,1", assign=True, FilmOrientation="DIAGONAL", MaxDensity=900)
+        assert film.status == 0 and film.uid
+        assert film.dataset.FilmOrientation == "PORTRAIT" and film.dataset.MaxDensity == 300
+        assert scu.set_image(film.dataset, 1, gray_item(flat(9))).status == 0
+        assert scu.print_film_box(film.uid) == 0
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        scu.create_session()
+        # The SCU supplied the UID: the standard's warnings.
+        assert scu.create_film_box(r"STANDARD\1,1", FilmOrientation="DIAGONAL").status == \
+            statuses.ATTRIBUTE_VALUE_OUT_OF_RANGE
+        assert scu.create_film_box(r"STANDARD\1,1", MaxDensity=900).status == statuses.DENSITY_OUT_OF_RANGE
+    box.wait_jobs(1)
+
+
+def test_error_statuses(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        # Print with no film box.
+        assert scu.create_session().status == 0
+        assert scu.print_session() == statuses.NO_FILM_BOXES
+        # Film box without Referenced Film Session Sequence.
+        assert scu.create_film_box(r"STANDARD\1,1", reference_session=False).status == statuses.MISSING_ATTRIBUTE
+        assert scu.create_film_box(None).status == statuses.MISSING_ATTRIBUTE
+        for bad in ("SLIDE", r"STANDARD\0,2", r"STANDARD\2", "FOO", r"ROW\a,b", r"CUSTOM\1"):
+            assert scu.create_film_box(bad).status == statuses.INVALID_ATTRIBUTE_VALUE, bad
+        # A second film session on the same association.
+        first = scu.session_uid
+        assert scu.create_session().status == statuses.DUPLICATE_SOP_INSTANCE
+        scu.session_uid = first
+        film = scu.create_film_box(r"STANDARD\1,2")
+        assert film.status == 0
+        # Film box with no images: warning, nothing printed.
+        assert scu.print_film_box(film.uid) == statuses.FILM_BOX_HAS_NO_IMAGES
+        # Image box N-SET errors.
+        assert scu.set_image(film.dataset, 1, gray_item(flat(1)), ImageBoxPosition=2).status == \
+            statuses.INVALID_ATTRIBUTE_VALUE
+        item = gray_item(flat(1))
+        del item.Rows
+        assert scu.set_image(film.dataset, 1, item).status == statuses.MISSING_ATTRIBUTE
+        item = gray_item(flat(1))
+        item.BitsAllocated = 32
+        assert scu.set_image(film.dataset, 1, item).status == statuses.INVALID_ATTRIBUTE_VALUE
+        status, _ = scu.assoc.send_n_set(item, BasicGrayscaleImageBox, "1.2.3.4",
+                                         meta_uid=BasicGrayscalePrintManagementMeta)
+        assert status.Status == statuses.NO_SUCH_SOP_INSTANCE
+        assert scu.print_film_box("1.2.3.4") == statuses.NO_SUCH_SOP_INSTANCE
+        # Erasing an image (empty sequence) is allowed.
+        assert scu.set_image(film.dataset, 1, gray_item(flat(1))).status == 0
+        assert scu.set_image(film.dataset, 1, None).status == 0
+        assert scu.delete(BasicFilmBox, film.uid) == 0
+        assert scu.delete(BasicFilmBox, film.uid) == statuses.NO_SUCH_SOP_INSTANCE
+    assert box.jobs() == []
+
+
+def test_called_ae_title_selects_the_printer(print_server: Callable[..., RunningPrinter], tmp_path: Any) -> None:
+    box = print_server({
+        "one": printer("PRINTONE", directory=str(tmp_path / "one")),
+        "two": printer("PRINTTWO", directory=str(tmp_path / "two")),
+    })
+    with PrintSCU(box.port, "PRINTTWO") as scu:
+        assert scu.printer_status().dataset.PrinterName == "two"
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\1,1")
+        scu.set_image(film.dataset, 1, gray_item(flat(1)))
+        assert scu.print_film_box(film.uid) == 0
+    job = box.wait_jobs(1)[0]
+    assert job.printer == "two" and job.called_ae == "PRINTTWO"
+    assert len(list((tmp_path / "two").glob("*.ps"))) == 1 and not (tmp_path / "one").exists()
+    scu = PrintSCU(box.port, "NOSUCHPRINTER")
+    assert not scu.established and scu.assoc.is_rejected
+
+
+def test_printer_status_reflects_the_backend(print_server: Callable[..., RunningPrinter]) -> None:
+    from .conftest import free_port
+
+    box = print_server({
+        "ok": printer("OK"),
+        "down": printer("DOWN", backend="socket", host="127.0.0.1", socket_port=free_port()),
+    })
+    with PrintSCU(box.port, "OK") as scu:
+        reply = scu.printer_status()
+        assert (reply.status, reply.dataset.PrinterStatus, reply.dataset.PrinterStatusInfo) == (0, "NORMAL", "NORMAL")
+        only = scu.printer_status([0x21100010])
+        assert list(only.dataset.keys()) == [0x21100010]
+    with PrintSCU(box.port, "DOWN") as scu:
+        reply = scu.printer_status()
+        assert (reply.dataset.PrinterStatus, reply.dataset.PrinterStatusInfo) == ("FAILURE", "PRINTER OFFLINE")
+
+
+def test_verification(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="TESTPRINT")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
