@@ -582,7 +582,7 @@ class PrintAssociation:
         box.plut = plut
         if "ConfigurationInformation" in attrs:
             box.configuration = str(attrs.ConfigurationInformation or "")
-        LOG.debug(
+        LOG.info(
             "%s: position %d %s", context, box.position,
             f"{pixels.columns}x{pixels.rows} {pixels.photometric} {pixels.bits_stored}-bit" if pixels else "erased",
         )
@@ -619,6 +619,8 @@ class PrintAssociation:
         if lut_uid in self.pluts:
             raise PrintError(statuses.DUPLICATE_SOP_INSTANCE, f"Presentation LUT {lut_uid} exists")
         self.pluts[lut_uid] = lut
+        LOG.info("%s: %s", self._context("Presentation LUT", lut_uid),
+                 f"{len(lut.table)}-entry table" if lut.table is not None else lut.shape)
         response = Dataset()
         if lut.shape != "TABLE":
             response.PresentationLUTShape = lut.shape
