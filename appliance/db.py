@@ -65,6 +65,49 @@ MIGRATIONS: list[list[str]] = [
         sha256 TEXT NOT NULL
     )""",
      "CREATE INDEX receptions_uid ON receptions(sop_instance_uid)"],
+    # 2: the forwarding queues, their attempt history, and stable-study holds.
+    ["""
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        instance_id INTEGER NOT NULL REFERENCES instances(id),
+        destination TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        -- held (waiting for its study to be stable) -> pending -> in_flight -> delivered | dead
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        delivered_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        transcoded INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (instance_id, destination)
+    )""",
+     "CREATE INDEX deliveries_due ON deliveries(destination, state, next_attempt_at)",
+     "CREATE INDEX deliveries_instance ON deliveries(instance_id)",
+     """
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+        at REAL NOT NULL,
+        -- delivered | retry | dead | unknown (no response: the peer may or may not have it)
+        outcome TEXT NOT NULL,
+        status INTEGER,
+        error TEXT
+    )""",
+     "CREATE INDEX attempts_delivery ON attempts(delivery_id)",
+     """
+    CREATE TABLE holds (
+        study_instance_uid TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        stable_after REAL NOT NULL,
+        last_arrival REAL NOT NULL,
+        release_at REAL NOT NULL,
+        -- waiting: instances are held until release_at; released: later ones go out as follow-ups
+        state TEXT NOT NULL,
+        released_at REAL,
+        PRIMARY KEY (study_instance_uid, destination)
+    )"""],
 ]
 
 
@@ -93,6 +136,45 @@ class Instance:
 
 
 _INSTANCE_COLUMNS = [f for f in Instance.__dataclass_fields__]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a new instance is to be sent, as the routing decision said."""
+
+    destination: str
+    stable_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Work:
+    """One claimed delivery: the instance to send and its delivery's history."""
+
+    delivery_id: int
+    attempts: int
+    created_at: float
+    instance_id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    transfer_syntax: str
+    path: str
+    decision: str | None
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """One destination's queue, as ``appliance queue`` shows it."""
+
+    name: str
+    pending: int
+    held: int
+    in_flight: int
+    delivered: int
+    dead: int
+    transcoded: int
+    oldest_pending_age: float | None
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -164,8 +246,10 @@ class Database:
         )
         return Instance(**dict(rows[0])) if rows else None
 
-    def store_instance(self, instance: Instance, replaced: Instance | None) -> None:
-        """Index a newly cached file (or its replacement) in one durable commit."""
+    def store_instance(self, instance: Instance, replaced: Instance | None,
+                       deliveries: Sequence[Delivery] = ()) -> None:
+        """Index a newly cached file (or its replacement) and queue its deliveries, in one
+        durable commit."""
         columns = ", ".join(_INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in _INSTANCE_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS if c != "sop_instance_uid")
@@ -178,6 +262,11 @@ class Database:
             )
             if replaced is not None:
                 self._log_reception(conn, instance, "replaced")
+            if deliveries:
+                instance_id = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ?",
+                                           (instance.sop_instance_uid,)).fetchone()[0]
+                for delivery in deliveries:
+                    self._queue(conn, instance_id, instance.study_instance_uid, delivery, instance.received_at)
 
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
         """A repeated C-STORE that did not replace the cached copy (kept-first or rejected)."""
@@ -187,6 +276,33 @@ class Database:
                 "UPDATE instances SET receive_count = receive_count + 1 WHERE sop_instance_uid = ?",
                 (instance.sop_instance_uid,),
             )
+
+    @staticmethod
+    def _queue(conn: sqlite3.Connection, instance_id: int, study: str, delivery: Delivery, now: float) -> None:
+        """Queue one delivery. With ``stable_after`` it is held until its study has been quiet
+        that long; each arrival pushes the study's release time back. Once a study has been
+        released, its late instances go out at once, as follow-ups."""
+        state = "pending"
+        if delivery.stable_after:
+            hold = conn.execute("SELECT state FROM holds WHERE study_instance_uid = ? AND destination = ?",
+                                (study, delivery.destination)).fetchone()
+            if hold is None or hold["state"] == "waiting":
+                state = "held"
+                conn.execute(
+                    "INSERT INTO holds (study_instance_uid, destination, stable_after, last_arrival, release_at, state)"
+                    " VALUES (?, ?, ?, ?, ?, 'waiting') ON CONFLICT (study_instance_uid, destination) DO UPDATE SET"
+                    " stable_after = excluded.stable_after, last_arrival = excluded.last_arrival,"
+                    " release_at = excluded.release_at",
+                    (study, delivery.destination, delivery.stable_after, now, now + delivery.stable_after),
+                )
+        # A replaced instance is sent again: its delivery starts over.
+        conn.execute(
+            "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE SET state = excluded.state,"
+            " attempts = 0, created_at = excluded.created_at, next_attempt_at = excluded.next_attempt_at,"
+            " delivered_at = NULL, last_status = NULL, last_error = NULL, transcoded = 0",
+            (instance_id, delivery.destination, study, state, now, now),
+        )
 
     @staticmethod
     def _log_reception(conn: sqlite3.Connection, instance: Instance, outcome: str) -> None:
@@ -222,6 +338,147 @@ class Database:
         return [StudySummary(**dict(row)) for row in rows]
 
 
+    # ---- forwarding queues ------------------------------------------------------------------
+
+    def requeue_in_flight(self) -> int:
+        """At start-up: deliveries a previous run had in flight have an unknown outcome; send them
+        again (the destination may get a duplicate, which C-STORE tolerates)."""
+        with self.transaction() as conn:
+            return conn.execute("UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'").rowcount
+
+    def release_stable_studies(self, now: float) -> list[tuple[str, str]]:
+        """Release every held study whose quiet period has passed; returns (study, destination)."""
+        with self.transaction() as conn:
+            due = conn.execute(
+                "SELECT study_instance_uid, destination FROM holds WHERE state = 'waiting' AND release_at <= ?", (now,)
+            ).fetchall()
+            for study, destination in due:
+                conn.execute("UPDATE holds SET state = 'released', released_at = ? WHERE study_instance_uid = ?"
+                             " AND destination = ?", (now, study, destination))
+                conn.execute("UPDATE deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'held'"
+                             " AND study_instance_uid = ? AND destination = ?", (now, study, destination))
+        return [(str(s), str(d)) for s, d in due]
+
+    def next_release(self) -> float | None:
+        row = self.query("SELECT min(release_at) FROM holds WHERE state = 'waiting'")[0]
+        return None if row[0] is None else float(row[0])
+
+    def claim(self, destination: str, now: float, limit: int) -> list[Work]:
+        """Take, atomically, the due pending deliveries of the study that has waited longest for
+        this destination, in arrival order, and mark them in flight."""
+        with self.transaction() as conn:
+            first = conn.execute(
+                "SELECT study_instance_uid FROM deliveries WHERE destination = ? AND state = 'pending'"
+                " AND next_attempt_at <= ? ORDER BY id LIMIT 1", (destination, now),
+            ).fetchone()
+            if first is None:
+                return []
+            rows = conn.execute(
+                "SELECT d.id AS delivery_id, d.attempts, d.created_at, i.id AS instance_id, i.sop_instance_uid,"
+                " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision"
+                " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
+                " WHERE d.destination = ? AND d.study_instance_uid = ? AND d.state = 'pending'"
+                " AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?",
+                (destination, first[0], now, limit),
+            ).fetchall()
+            conn.executemany("UPDATE deliveries SET state = 'in_flight' WHERE id = ?",
+                             [(r["delivery_id"],) for r in rows])
+        return [Work(**dict(r)) for r in rows]
+
+    def next_due(self, destination: str) -> float | None:
+        row = self.query("SELECT min(next_attempt_at) FROM deliveries WHERE destination = ? AND state = 'pending'",
+                         (destination,))[0]
+        return None if row[0] is None else float(row[0])
+
+    def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
+               next_attempt_at: float | None = None, transcoded: bool = False) -> None:
+        """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
+        pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``)."""
+        now = time.time()
+        state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
+                " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ?",
+                (state, status, error, next_attempt_at or now, now if state == "delivered" else None,
+                 int(transcoded), work.delivery_id),
+            )
+            conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) VALUES (?, ?, ?, ?, ?)",
+                         (work.delivery_id, now, outcome, status, error))
+
+    def retry_dead(self, destination: str | None) -> int:
+        """Dead letters back to pending (all destinations when ``destination`` is None)."""
+        now = time.time()
+        with self.transaction() as conn:
+            return conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?, next_attempt_at = ?"
+                " WHERE state = 'dead' AND (? IS NULL OR destination = ?)", (now, now, destination, destination),
+            ).rowcount
+
+    def queue_summaries(self, destinations: Sequence[str]) -> list[QueueSummary]:
+        """Every configured destination, and any other that still has deliveries."""
+        now = time.time()
+        counts = {
+            row["destination"]: row for row in self.query(
+                "SELECT destination, sum(state = 'pending') AS pending, sum(state = 'held') AS held,"
+                " sum(state = 'in_flight') AS in_flight, sum(state = 'delivered') AS delivered,"
+                " sum(state = 'dead') AS dead, sum(transcoded) AS transcoded,"
+                " min(CASE WHEN state IN ('pending', 'in_flight') THEN created_at END) AS oldest"
+                " FROM deliveries GROUP BY destination")
+        }
+        errors = {
+            row["destination"]: row["last_error"] for row in self.query(
+                "SELECT destination, last_error FROM deliveries WHERE id IN (SELECT max(d.id) FROM deliveries d"
+                " JOIN attempts a ON a.delivery_id = d.id WHERE a.outcome != 'delivered' GROUP BY d.destination)")
+        }
+        result = []
+        for name in list(destinations) + sorted(set(counts) - set(destinations)):
+            row = counts.get(name)
+            result.append(QueueSummary(
+                name=name, pending=int(row["pending"]) if row else 0, held=int(row["held"]) if row else 0,
+                in_flight=int(row["in_flight"]) if row else 0, delivered=int(row["delivered"]) if row else 0,
+                dead=int(row["dead"]) if row else 0, transcoded=int(row["transcoded"]) if row else 0,
+                oldest_pending_age=(now - row["oldest"]) if row and row["oldest"] is not None else None,
+                last_error=errors.get(name),
+            ))
+        return result
+
+    def holds(self) -> list[sqlite3.Row]:
+        return self.query("SELECT study_instance_uid, destination, release_at, state FROM holds"
+                          " ORDER BY state DESC, release_at")
+
+    def count_unrouted(self) -> int:
+        return int(self.query(
+            "SELECT count(*) FROM instances i WHERE state = 'cached' AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.instance_id = i.id)"
+            " AND (decision IS NULL OR json_extract(decision, '$.status') = 'unrouted')")[0][0])
+
+    # ---- cache retention ----------------------------------------------------------------------
+
+    def evictable(self, delivered_before: float, limit: int = 500) -> list[tuple[int, str]]:
+        """Cached instances whose every delivery is confirmed (or that a rule discarded), done
+        before ``delivered_before``; oldest first. Unrouted and undelivered ones never appear."""
+        rows = self.query(
+            """
+            SELECT i.id, i.path FROM instances i
+            LEFT JOIN deliveries d ON d.instance_id = i.id
+            WHERE i.state = 'cached'
+            GROUP BY i.id
+            HAVING (count(d.id) > 0 AND sum(d.state != 'delivered') = 0 AND max(d.delivered_at) < ?)
+                OR (count(d.id) = 0 AND json_extract(i.decision, '$.status') = 'discarded' AND i.received_at < ?)
+            ORDER BY coalesce(max(d.delivered_at), i.received_at)
+            LIMIT ?
+            """, (delivered_before, delivered_before, limit))
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    def mark_evicted(self, instance_id: int, path: str) -> bool:
+        """True when the row still points at ``path`` (a replacement that arrived meanwhile has
+        a new path and new deliveries, and must stay)."""
+        with self.transaction() as conn:
+            return conn.execute("UPDATE instances SET state = 'evicted' WHERE id = ? AND path = ? AND state = 'cached'",
+                                (instance_id, path)).rowcount == 1
+
+
 def open_database(root: Path) -> Database:
     """The database of the appliance whose data directory is ``root``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -254,6 +511,9 @@ PRINT_JOBS_DDL = [
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error TEXT NOT NULL DEFAULT '',
         ps_path TEXT,
+        -- Size and SHA-256 of the PostScript as rendered: what the printer must receive.
+        ps_size INTEGER NOT NULL DEFAULT 0,
+        ps_sha256 TEXT NOT NULL DEFAULT '',
         preview_path TEXT,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
@@ -284,6 +544,8 @@ class PrintJob:
     attempts: int
     last_error: str
     ps_path: str | None
+    ps_size: int
+    ps_sha256: str
     preview_path: str | None
     created_at: float
     updated_at: float

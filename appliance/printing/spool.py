@@ -10,6 +10,7 @@ nothing or a complete file; rows are committed with synchronous=FULL.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -49,6 +50,20 @@ def durable_file(target: Path) -> Iterator[BinaryIO]:
         Path(temp).unlink(missing_ok=True)
         raise
     fsync_directory(target.parent)
+
+
+class _Hashing:
+    """A write-only file that also hashes what goes through it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.out.write(data)
 
 
 def retry_delay(policy: PrintRetry, attempts: int) -> float:
@@ -96,7 +111,8 @@ class Spool:
         started = time.monotonic()
         try:
             with durable_file(ps_path) as out:
-                result = render_postscript(request, printer, out, title)
+                hashing = _Hashing(out)
+                result = render_postscript(request, printer, hashing, title)  # type: ignore[arg-type]
             self._write_preview(request, printer, preview_path)
         except OSError as exc:
             dbmod.update_print_job(self.db, job_id, state="failed", last_error=f"spool: {exc}")
@@ -104,12 +120,13 @@ class Spool:
             raise PrintError(full, f"print queue full: {exc}") from exc
         dbmod.update_print_job(
             self.db, job_id, state="queued", ps_path=str(ps_path), preview_path=str(preview_path),
-            pages=result.pages, media=result.media, next_attempt_at=0.0,
+            pages=result.pages, media=result.media, next_attempt_at=0.0, ps_size=hashing.size,
+            ps_sha256=hashing.sha256.hexdigest(),
         )
         LOG.info(
             "printer %s: job %d queued from %s (%s, %d page(s), %d copies, %.2f s to render, %d bytes)",
             printer_name, job_id, calling_ae, request.level, result.pages, session.copies,
-            time.monotonic() - started, ps_path.stat().st_size,
+            time.monotonic() - started, hashing.size,
         )
         self.wake.set()
         return job_id
@@ -159,6 +176,8 @@ class Spool:
         try:
             if not path.is_file():
                 raise BackendError(f"spool file {path} is missing")
+            if job.ps_size and path.stat().st_size != job.ps_size:
+                raise BackendError(f"spool file {path} has {path.stat().st_size} bytes, {job.ps_size} were written")
             backend.send(path, job.copies - job.copies_sent, job.priority, job.media, job.title, copy_sent)
         except BackendError as exc:
             self._failed_attempt(job, printer.retry, attempts, str(exc))
