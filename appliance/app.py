@@ -1,7 +1,8 @@
 """``appliance run``: start the services a configuration enables, tell systemd, reload on SIGHUP,
 stop cleanly on SIGTERM or Ctrl-C.
 
-Services: the Storage SCP (receiver) always; the Print SCP when ``print.enabled``. Each is an
+Services: the forwarder and the Storage SCP (receiver) always; the Print SCP when
+``print.enabled``. Each is an
 object with ``start()`` and ``stop()``; this module only wires them to the configuration and to
 the host (``system``).
 """
@@ -15,6 +16,7 @@ from typing import Protocol
 from . import system
 from .config import Config, ConfigError, load
 from .db import Database, open_database
+from .forwarder import Forwarder
 from .receiver import Receiver
 from .store import Store
 
@@ -40,6 +42,7 @@ class Appliance:
         self.store = Store(config.storage.root)
         self.db: Database | None = None
         self.receiver: Receiver | None = None
+        self.forwarder: Forwarder | None = None
         self.services: list[Service] = []
 
     def start(self) -> None:
@@ -48,9 +51,12 @@ class Appliance:
         removed = self.store.recover(self.db.cached_paths())
         if removed:
             log.warning("removed %d unindexed cache file(s): interrupted receives, never acknowledged", removed)
+        self.forwarder = Forwarder(self.config, self.db, self.store)
+        self.db.on_queued.append(self.forwarder.wake)
+        self.forwarder.start()
         self.receiver = Receiver(self.config, self.db, self.store)
         self.receiver.start()
-        self.services = [self.receiver]
+        self.services = [self.forwarder, self.receiver]
         if getattr(self.config.print, "enabled", False):
             from .printing.service import PrintService
 
@@ -81,6 +87,8 @@ class Appliance:
         self.config = new
         if self.receiver is not None:
             self.receiver.config = new
+        if self.forwarder is not None:
+            self.forwarder.apply(new)
         log.info("configuration reloaded from %s", path)
         return True
 

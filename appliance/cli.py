@@ -87,6 +87,40 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from .queue import queue_report
+
+    config = _load_or_exit(args)
+    print(queue_report(config, as_json=args.json))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .db import open_database
+
+    config = _load_or_exit(args)
+    if not args.all and not args.destination:
+        print("name a destination, or --all", file=sys.stderr)
+        return 2
+    count = open_database(config.storage.root).retry_dead(None if args.all else args.destination)
+    where = "all destinations" if args.all else args.destination
+    print(f"{count} dead letter(s) for {where} back in the queue")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .queue import import_files
+
+    config = _load_or_exit(args)
+    if args.to and args.to not in config.destinations:
+        print(f'unknown destination "{args.to}" (destinations: {", ".join(config.destinations) or "none"})',
+              file=sys.stderr)
+        return 2
+    imported, skipped = import_files(config, args.paths, only_to=args.to, calling_ae=args.calling_ae)
+    print(f"imported {imported}, skipped {skipped}")
+    return 0 if skipped == 0 else 1
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -120,6 +154,21 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", parents=[common], help="list cached studies")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("queue", parents=[common], help="forwarding queues: pending, in flight, dead, waiting studies")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("retry", parents=[common], help="put dead letters back in the queue")
+    p.add_argument("destination", nargs="?")
+    p.add_argument("--all", action="store_true", help="every destination")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("send", parents=[common], help="import DICOM files into the cache and route or send them")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories (recursed)")
+    p.add_argument("--to", metavar="DEST", help="send to this destination only, instead of routing")
+    p.add_argument("--calling-ae", default="IMPORT", help="the calling AE title rules see (default: IMPORT)")
+    p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("route-test", parents=[common],
                        help="explain what the routes would do with DICOM files (nothing is sent)")

@@ -18,46 +18,29 @@ network) and rejected with a logged reason.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import rules, statuses
+from . import statuses
 from .config import Config
-from .db import Database, Instance
+from .db import Database
 from .dicomnet import tune_socket
-from .store import Store, digest_and_sync
+from .intake import Intake, Origin
+from .store import Store
 
 log = logging.getLogger(__name__)
 
-# What the receiver reads of each instance when no routes are configured: the index columns.
-# Rules may test any tag, so with routes the whole header (up to the pixels) is read.
-HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "StudyDate",
-               "AccessionNumber", "Modality", "SpecificCharacterSet"]
-
 _ALL_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where an instance came from: the association that sent it."""
-
-    calling_ae: str
-    called_ae: str
-    source_ip: str
 
 
 @dataclass
@@ -74,15 +57,20 @@ class Receiver:
     to new work; the AE title, address and port apply at :meth:`start`."""
 
     def __init__(self, config: Config, db: Database, store: Store) -> None:
-        self.config = config
-        self.db = db
+        self.intake = Intake(config, db, store)
         self.store = store
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
         self._stats: dict[int, _AssociationStats] = {}
-        # A repeated SOP Instance UID on two associations at once must not interleave.
-        self._uid_locks = [threading.Lock() for _ in range(64)]
         self.address: tuple[str, int] = ("", 0)
+
+    @property
+    def config(self) -> Config:
+        return self.intake.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.intake.config = config
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -192,77 +180,28 @@ class Receiver:
 
     def _store(self, event: evt.Event, origin: Origin, sop_uid: str) -> tuple[int, int]:
         """Cache one received instance; returns the status to answer and its size."""
-        config = self.config
-        where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
-        if not self.store.has_room(config.storage.disk.min_free):
-            usage = self.store.usage()
-            log.warning("refused %s: %.0f MB free is below storage.disk.min_free (%s)",
-                        where, usage.free / 1e6, config.storage.disk.min_free)
-            return statuses.OUT_OF_RESOURCES, 0
-        received = Path(event.dataset_path)
-        try:
-            if config.routes:
-                header = pydicom.dcmread(received, stop_before_pixels=True)
-                decision: str | None = rules.decide(config.routes, header, origin).to_json()
-            else:
-                header = pydicom.dcmread(received, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-                decision = None
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
-            log.error("refused %s: cannot read its data set: %s", where, exc)
-            return statuses.CANNOT_UNDERSTAND, 0
-        try:
-            size, sha256 = digest_and_sync(received)
-        except OSError as exc:
-            log.error("refused %s: cannot write it durably: %s", where, exc)
-            return statuses.OUT_OF_RESOURCES, 0
-        instance = Instance(
-            sop_instance_uid=sop_uid,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            study_instance_uid=_text(header, "StudyInstanceUID") or "unknown",
-            series_instance_uid=_text(header, "SeriesInstanceUID") or "unknown",
-            patient_id=_text(header, "PatientID"),
-            patient_name=_text(header, "PatientName"),
-            study_date=_text(header, "StudyDate"),
-            accession_number=_text(header, "AccessionNumber"),
-            modality=_text(header, "Modality"),
-            transfer_syntax=str(event.context.transfer_syntax),
-            calling_ae=origin.calling_ae,
-            called_ae=origin.called_ae,
-            source_ip=origin.source_ip,
-            size=size,
-            sha256=sha256,
-            path="",
-            received_at=time.time(),
-            decision=decision,
+        outcome = self.intake.admit(
+            Path(event.dataset_path), origin, sop_class_uid=str(event.request.AffectedSOPClassUID),
+            sop_instance_uid=sop_uid, transfer_syntax=str(event.context.transfer_syntax),
         )
-        with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
-            return self._admit(received, instance, where), size
+        where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
+        if outcome.kind == "replaced":
+            log.info("%s %s", where, outcome.detail)
+        elif not outcome.acknowledged or outcome.kind == "kept-first":
+            log.log(logging.INFO if outcome.kind == "kept-first" else logging.WARNING, "%s %s: %s",
+                    "kept the first copy of" if outcome.kind == "kept-first" else "refused", where, outcome.detail)
+        return _STATUS_OF[outcome.kind], outcome.size
 
-    def _admit(self, received: Path, instance: Instance, where: str) -> int:
-        existing = self.db.find_instance(instance.sop_instance_uid)
-        policy = self.config.node.on_duplicate
-        if existing is not None and policy != "replace":
-            self.db.record_duplicate(instance, "kept-first" if policy == "keep-first" else "rejected")
-            log.info("%s: already cached; node.on_duplicate is %s", where, policy)
-            return statuses.SUCCESS if policy == "keep-first" else statuses.DUPLICATE_SOP_INSTANCE
-        try:
-            final = self.store.admit(received, instance.study_instance_uid, instance.sop_instance_uid, instance.sha256)
-        except OSError as exc:
-            log.error("refused %s: cannot move it into the cache: %s", where, exc)
-            return statuses.OUT_OF_RESOURCES
-        instance = dataclasses.replace(instance, path=str(final))
-        try:
-            self.db.store_instance(instance, existing)
-        except Exception as exc:  # noqa: BLE001 - any database failure must refuse, and remove the file
-            log.error("refused %s: cannot index it: %s", where, exc)
-            if existing is None or existing.path != str(final):
-                self.store.discard(final)
-            return statuses.OUT_OF_RESOURCES
-        if existing is not None:
-            if existing.path != str(final):
-                self.store.discard(Path(existing.path))
-            log.info("%s replaced the cached copy (node.on_duplicate: replace)", where)
-        return statuses.SUCCESS
+
+_STATUS_OF = {
+    "stored": statuses.SUCCESS,
+    "replaced": statuses.SUCCESS,
+    "kept-first": statuses.SUCCESS,
+    "rejected": statuses.DUPLICATE_SOP_INSTANCE,
+    "no-room": statuses.OUT_OF_RESOURCES,
+    "failed": statuses.OUT_OF_RESOURCES,
+    "unreadable": statuses.CANNOT_UNDERSTAND,
+}
 
 
 def _origin_of(assoc: Association) -> Origin:
@@ -282,8 +221,3 @@ def _in_networks(address: str, networks: tuple[Any, ...]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks if net.version == ip.version)
-
-
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()

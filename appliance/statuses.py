@@ -21,11 +21,18 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no re
 REJECT_BUSY = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
 
-def is_success(status: int) -> bool:
-    return status == SUCCESS
+# A-ASSOCIATE-RJ result: transient rejections are retried, permanent ones are dead letters.
+REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
 
 
-def is_warning(status: int) -> bool:
-    return status in (WARNING_COERCION, WARNING_ELEMENTS_DISCARDED, WARNING_DATASET_MISMATCH) or (
-        0xB000 <= status <= 0xBFFF
-    )
+def store_outcome(status: int) -> str:
+    """What a C-STORE response status from a destination means for its delivery:
+    ``delivered`` (success, and warnings: the PACS has it, maybe coerced), ``retry``
+    (0xA7xx out of resources: try later) or ``dead`` (0xA9xx, 0xCxxx and every other failure:
+    sending the same data again will fail the same way, a person must look)."""
+    if status == SUCCESS or 0xB000 <= status <= 0xBFFF:
+        return "delivered"
+    if 0xA700 <= status <= 0xA7FF:
+        return "retry"
+    return "dead"

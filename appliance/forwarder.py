@@ -1,0 +1,416 @@
+"""Forwarding: Storage SCU workers that empty each destination's queue into its PACS, and the
+scheduler that releases stable studies and evicts delivered instances from the cache.
+
+Each destination has its own workers (``max_associations`` of them), so a destination that is
+down or slow holds up nothing else; intake only ever writes rows. A worker claims the due
+deliveries of one study (in arrival order), sends them on one association — kept open and
+reused while work keeps coming and the needed presentation contexts were proposed — and
+records every attempt. Files are streamed from the cache (pynetdicom's chunked send), unless
+the copy must differ: tag edits from the routing decision, or a destination that does not
+accept the instance's transfer syntax (then it is decompressed to Explicit VR Little Endian).
+
+Outcomes (see ``statuses.store_outcome``): success and warnings are delivered; 0xA7xx,
+refused or lost connections, transient rejections and timeouts are retried with the
+destination's backoff; other failures and permanent rejections are dead letters, which
+``appliance retry`` puts back. A C-STORE with no response is "delivery unknown": it is retried
+on a fresh association, never counted as delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+
+from . import rules, statuses
+from .config import Config, Destination
+from .db import Database, Work
+from .dicomnet import tune_socket
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 200  # deliveries claimed at once (one study); the association outlives the batch
+IDLE_RELEASE = 5.0  # seconds an association stays open without work
+POLL = 0.5  # seconds between looks at the queue when nothing woke a worker
+MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+class AssociationFailed(Exception):
+    """No association: ``permanent`` when the peer rejected us for good (a configuration error)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass
+class _Link:
+    """A worker's open association and what it proposed."""
+
+    assoc: Association
+    destination: str
+    proposed: set[tuple[str, str]]
+    last_used: float
+    opened: float
+    delivered: int = 0
+    failed: int = 0
+
+
+def backoff(retry_policy: object, attempts: int) -> float:
+    """Seconds before attempt ``attempts + 1``: initial × factor^(attempts-1), capped, ± jitter."""
+    initial = retry_policy.initial_delay
+    factor = retry_policy.factor
+    cap = retry_policy.max_delay
+    jitter = retry_policy.jitter
+    delay = min(cap, initial * factor ** max(0, attempts - 1))
+    return max(0.0, delay * random.uniform(1 - jitter, 1 + jitter))
+
+
+class Forwarder:
+    """All destinations' workers, and the scheduler. ``config`` may be replaced on reload:
+    workers read it before each batch, new destinations get workers."""
+
+    def __init__(self, config: Config, db: Database, store: Store) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: dict[tuple[str, int], threading.Thread] = {}
+        self._blocked_until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        # Stream cached files to the socket instead of decoding them (flat memory, no re-encode).
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        requeued = self.db.requeue_in_flight()
+        if requeued:
+            log.warning("%d deliveries were in flight when the appliance stopped; sending them again", requeued)
+        self._spawn("scheduler", 0, self._schedule)
+        self.apply(self.config)
+
+    def apply(self, config: Config) -> None:
+        """Take a (re)loaded configuration: workers for new destinations; the rest adapt."""
+        self.config = config
+        for name, destination in config.destinations.items():
+            for index in range(destination.max_associations):
+                if (name, index) not in self._threads:
+                    self._spawn(name, index, self._work, name, index)
+        self.wake()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads.values():
+            thread.join(max(0.1, deadline - time.monotonic()))
+
+    def wake(self) -> None:
+        """New work may be queued (called after intake commits, retries, releases)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def _spawn(self, name: str, index: int, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"forward-{name}-{index}", daemon=True)  # type: ignore[arg-type]
+        self._threads[(name, index)] = thread
+        thread.start()
+
+    def _sleep(self, seconds: float) -> None:
+        with self._wake:
+            if not self._stop.is_set():
+                self._wake.wait(max(0.01, seconds))
+
+    # ---- scheduler: stable studies and cache retention --------------------------------------
+
+    def _schedule(self) -> None:
+        last_eviction = 0.0
+        while not self._stop.is_set():
+            now = time.time()
+            released = self.db.release_stable_studies(now)
+            for study, destination in released:
+                log.info("study %s is stable: released to %s", study, destination)
+            if released:
+                self.wake()
+            if now - last_eviction >= 10.0:
+                last_eviction = now
+                try:
+                    self.evict(now)
+                except OSError as exc:
+                    log.error("cache eviction failed: %s", exc)
+            next_release = self.db.next_release()
+            self._sleep(min(POLL, max(0.01, next_release - time.time())) if next_release else POLL)
+
+    def evict(self, now: float) -> int:
+        """Remove delivered instances past ``retention.keep_delivered_for``; above the high
+        watermark, delivered ones oldest first whatever their age. Never anything undelivered."""
+        removed = 0
+        keep_for = self.config.retention.keep_delivered_for
+        for instance_id, path in self.db.evictable(now - keep_for):
+            if self.db.mark_evicted(instance_id, path):
+                self.store.discard(Path(path))
+                removed += 1
+        evict_above = self.config.storage.disk.evict_above
+        while True:
+            usage = self.store.usage()
+            if usage.used <= evict_above.of(usage.total):
+                break
+            batch = self.db.evictable(now, limit=50)
+            if not batch:
+                log.warning("disk usage %.0f%% is above storage.disk.evict_above (%s) and nothing delivered"
+                            " is left to evict", 100 * usage.used / usage.total, evict_above)
+                break
+            for instance_id, path in batch:
+                if self.db.mark_evicted(instance_id, path):
+                    self.store.discard(Path(path))
+                    removed += 1
+        if removed:
+            log.info("evicted %d delivered instance(s) from the cache", removed)
+        return removed
+
+    # ---- workers --------------------------------------------------------------------------------
+
+    def _work(self, name: str, index: int) -> None:
+        link: _Link | None = None
+        try:
+            while not self._stop.is_set():
+                destination = self.config.destinations.get(name)
+                if destination is None or index >= destination.max_associations:
+                    log.info("destination %s worker %d stops: no longer configured", name, index)
+                    return
+                now = time.time()
+                blocked = self._blocked_until.get(name, 0.0)
+                if now < blocked:
+                    link = self._close(link)
+                    self._sleep(blocked - now)
+                    continue
+                batch = self.db.claim(name, now, BATCH)
+                if not batch:
+                    if link is not None and now - link.last_used > IDLE_RELEASE:
+                        link = self._close(link)
+                    due = self.db.next_due(name)
+                    self._sleep(min(POLL, due - now) if due else POLL)
+                    continue
+                link = self._send_batch(name, destination, batch, link)
+        finally:
+            self._close(link)
+
+    @staticmethod
+    def _close(link: _Link | None) -> None:
+        if link is None:
+            return None
+        if link.assoc.is_established:
+            link.assoc.release()
+        log.info("association to %s closed after %.1f s: %d delivered, %d not", link.destination,
+                 time.time() - link.opened, link.delivered, link.failed)
+        return None
+
+    def _send_batch(self, name: str, destination: Destination, batch: list[Work], link: _Link | None) -> _Link | None:
+        started = time.monotonic()
+        wanted = self._contexts_for(batch)
+        if link is not None and (not link.assoc.is_established or not wanted <= link.proposed):
+            link = self._close(link)
+        if link is None:
+            try:
+                link = self._associate(destination, wanted)
+            except AssociationFailed as exc:
+                self._destination_failed(name, destination, batch, str(exc), permanent=exc.permanent)
+                return None
+        counts = {"delivered": 0, "retry": 0, "dead": 0, "unknown": 0}
+        for position, work in enumerate(batch):
+            if self._stop.is_set():
+                self.db.unclaim(batch[position:])
+                break
+            outcome = self._send_one(name, destination, link, work)
+            counts[outcome] += 1
+            if outcome == "delivered":
+                link.delivered += 1
+            else:
+                link.failed += 1
+            if outcome in ("retry", "unknown") or not link.assoc.is_established:
+                # The peer is refusing or the link is gone: the rest waits for the backoff.
+                rest = batch[position + 1:]
+                if rest:
+                    self.db.unclaim(rest)
+                link = self._close(link)
+                if outcome in ("retry", "unknown"):
+                    self._failures[name] = self._failures.get(name, 0) + 1
+                    self._blocked_until[name] = time.time() + backoff(destination.retry, self._failures[name])
+                break
+        else:
+            self._failures[name] = 0
+        if link is not None:
+            link.last_used = time.time()
+        log.debug("%s: %d delivered, %d to retry, %d dead, %d unknown of study %s in %.2f s", name,
+                  counts["delivered"], counts["retry"], counts["dead"], counts["unknown"],
+                  batch[0].study_instance_uid, time.monotonic() - started)
+        return link
+
+    def _destination_failed(self, name: str, destination: Destination, batch: Sequence[Work], error: str,
+                            permanent: bool) -> None:
+        if permanent:
+            log.error("%s rejected us permanently (%s): %d instance(s) to the dead letters", name, error, len(batch))
+            for work in batch:
+                self.db.finish(work, "dead", None, error)
+            return
+        failures = self._failures[name] = self._failures.get(name, 0) + 1
+        delay = backoff(destination.retry, failures)
+        self._blocked_until[name] = time.time() + delay
+        log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
+                    name, error, delay, len(batch))
+        for work in batch:
+            self._retry_or_give_up(destination, work, "retry", None, error, self._blocked_until[name])
+
+    def _retry_or_give_up(self, destination: Destination, work: Work, outcome: str, status: int | None,
+                          error: str, next_attempt_at: float) -> str:
+        policy = destination.retry
+        attempts = work.attempts + 1
+        expired = time.time() - work.created_at >= policy.give_up_after
+        if (policy.max_attempts and attempts >= policy.max_attempts) or expired:
+            reason = f"gave up after {attempts} attempts: {error}"
+            log.error("dead letter %s for %s: %s", work.sop_instance_uid, destination.ae_title, reason)
+            self.db.finish(work, "dead", status, reason)
+            return "dead"
+        self.db.finish(work, outcome, status, error, next_attempt_at)
+        return outcome
+
+    # ---- one association, one instance -----------------------------------------------------
+
+    def _contexts_for(self, batch: Sequence[Work]) -> set[tuple[str, str]]:
+        """For each SOP class: the instances' own transfer syntaxes first, then the uncompressed
+        ones to fall back on — one context per syntax, so the acceptor's choice is ours."""
+        wanted: set[tuple[str, str]] = set()
+        for work in batch:
+            wanted.add((work.sop_class_uid, work.transfer_syntax))
+            for syntax in _UNCOMPRESSED:
+                wanted.add((work.sop_class_uid, str(syntax)))
+        return wanted
+
+    def _associate(self, destination: Destination, wanted: set[tuple[str, str]]) -> _Link:
+        calling = destination.calling_ae or self.config.node.ae_title
+        ae = AE(ae_title=calling)
+        ae.connection_timeout = destination.timeouts.connect
+        ae.acse_timeout = destination.timeouts.acse
+        ae.dimse_timeout = destination.timeouts.dimse
+        ae.network_timeout = destination.timeouts.network
+        contexts: list[PresentationContext] = []
+        # Own syntaxes first (sorted so compressed ones keep their place), capped at the limit.
+        for sop_class, syntax in sorted(wanted, key=lambda c: (c[0], c[1] in _UNCOMPRESSED, c[1]))[:MAX_CONTEXTS]:
+            contexts.append(build_context(sop_class, [syntax]))
+        tls_args = None
+        if destination.tls is not None:
+            tls_args = (_ssl_context(destination), destination.host)
+        assoc = ae.associate(destination.host, destination.port, contexts=contexts, ae_title=destination.ae_title,
+                             tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            result = getattr(rj, "result", None)
+            detail = f"association rejected (result {result}, source {getattr(rj, 'result_source', '?')}," \
+                     f" reason {getattr(rj, 'diagnostic', '?')})"
+            raise AssociationFailed(detail, permanent=result == statuses.REJECTED_PERMANENT)
+        if not assoc.is_established:
+            raise AssociationFailed(f"no association with {destination.ae_title}@{destination.host}:"
+                                    f"{destination.port} (refused, timed out or aborted)")
+        proposed = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts}
+        now = time.time()
+        return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now)
+
+    def _send_one(self, name: str, destination: Destination, link: _Link, work: Work) -> str:
+        """Send one instance; record the attempt; return its outcome."""
+        accepted = [cx for cx in link.assoc.accepted_contexts if cx.abstract_syntax == work.sop_class_uid]
+        syntaxes = [str(cx.transfer_syntax[0]) for cx in accepted]
+        edits = _edits_for(work, name)
+        transcoded = False
+        try:
+            if work.transfer_syntax in syntaxes and not edits:
+                payload: Path | Dataset = Path(work.path)
+            elif work.transfer_syntax in syntaxes:
+                payload = pydicom.dcmread(work.path)
+                rules.apply_edits(payload, edits)
+            elif any(s in syntaxes for s in map(str, _UNCOMPRESSED)):
+                payload = pydicom.dcmread(work.path)
+                if payload.file_meta.TransferSyntaxUID.is_compressed:
+                    payload.decompress()  # to Explicit VR Little Endian (pylibjpeg/pyjpegls decoders)
+                    transcoded = True
+                rules.apply_edits(payload, edits)
+            else:
+                error = (f"{destination.ae_title} accepted no presentation context for SOP class {work.sop_class_uid}"
+                         f" ({UID(work.sop_class_uid).name}) with transfer syntax {work.transfer_syntax} or an"
+                         " uncompressed one")
+                log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
+                self.db.finish(work, "dead", None, error)
+                return "dead"
+        except FileNotFoundError as exc:
+            error = f"cached file is missing: {exc}"
+            log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
+            self.db.finish(work, "dead", None, error)
+            return "dead"
+        except Exception as exc:  # noqa: BLE001 - a decoder or an edit that fails is that instance's problem
+            error = f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}"
+            log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
+            self.db.finish(work, "dead", None, error)
+            return "dead"
+        try:
+            response = link.assoc.send_c_store(payload)
+        except (OSError, RuntimeError, ValueError, AttributeError) as exc:
+            return self._retry_or_give_up(destination, work, "unknown", None, f"send failed: {exc}",
+                                          time.time() + backoff(destination.retry, work.attempts + 1))
+        if "Status" not in response:
+            # No response: aborted, timed out or the connection broke. The PACS may or may not have
+            # it; send it again on a fresh association.
+            if link.assoc.is_established:
+                link.assoc.abort()
+            return self._retry_or_give_up(destination, work, "unknown", None,
+                                          "no C-STORE response (abort, timeout or connection lost)",
+                                          time.time() + backoff(destination.retry, work.attempts + 1))
+        status = int(response.Status)
+        outcome = statuses.store_outcome(status)
+        comment = str(response.get("ErrorComment", "") or "")
+        if outcome == "delivered":
+            self.db.finish(work, "delivered", status, None, transcoded=transcoded)
+            return "delivered"
+        error = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
+        if outcome == "dead":
+            log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
+            self.db.finish(work, "dead", status, error)
+            return "dead"
+        return self._retry_or_give_up(destination, work, "retry", status, error,
+                                      time.time() + backoff(destination.retry, work.attempts + 1))
+
+
+def _edits_for(work: Work, destination: str) -> tuple[rules.TagEdit, ...]:
+    if not work.decision:
+        return ()
+    try:
+        return rules.Decision.from_json(work.decision).edits_for(destination)
+    except KeyError:  # sent here by `appliance send --to` or a retry: no edits
+        return ()
+
+
+def _ssl_context(destination: Destination) -> ssl.SSLContext:
+    tls = destination.tls
+    assert tls is not None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert:
+        context.load_cert_chain(tls.cert, tls.key)
+    return context

@@ -1,0 +1,147 @@
+"""Taking one received file into the appliance: read its header, route it, make it durable in
+the cache, index it and queue its deliveries — in that order, with one commit at the end.
+
+Both ways in use this: the Storage SCP (a file pynetdicom streamed into ``incoming/``) and
+``appliance send`` (a file copied there from disk). The caller answers its sender only from
+the :class:`Outcome`: ``stored`` means the file and its row are durable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from . import rules
+from .config import Config
+from .db import Database, Delivery, Instance
+from .store import Store, digest_and_sync
+
+log = logging.getLogger(__name__)
+
+# What is read of each instance when no routes are configured: the index columns. Rules may
+# test any tag, so with routes the whole header (up to the pixels) is read.
+HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "StudyDate",
+               "AccessionNumber", "Modality", "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID"]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from: the association that sent it (or the CLI import)."""
+
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a received file. ``kind``: stored | replaced | kept-first | rejected |
+    no-room | unreadable | failed."""
+
+    kind: str
+    size: int = 0
+    detail: str = ""
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.kind in ("stored", "replaced", "kept-first")
+
+
+class Intake:
+    """Admits files into one appliance's cache and database."""
+
+    def __init__(self, config: Config, db: Database, store: Store) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        # The same SOP Instance UID arriving on two associations at once must not interleave.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+
+    def admit(self, received: Path, origin: Origin, sop_class_uid: str | None = None,
+              sop_instance_uid: str | None = None, transfer_syntax: str | None = None,
+              only_to: str | None = None) -> Outcome:
+        """Cache ``received`` (a complete file in ``store.incoming``); on any outcome but a
+        stored one the file is left for the caller (pynetdicom or the CLI) to remove.
+        ``only_to`` sends it to one destination instead of routing it."""
+        config = self.config
+        if not self.store.has_room(config.storage.disk.min_free):
+            free = self.store.usage().free
+            return Outcome("no-room", detail=f"{free / 1e6:.0f} MB free is below storage.disk.min_free "
+                                             f"({config.storage.disk.min_free})")
+        try:
+            routed = bool(config.routes) and only_to is None
+            header = pydicom.dcmread(received, stop_before_pixels=True,
+                                     specific_tags=None if routed else HEADER_TAGS)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
+            return Outcome("unreadable", detail=f"cannot read its data set: {exc}")
+        sop_uid = sop_instance_uid or _text(header, "SOPInstanceUID") or _meta(header, "MediaStorageSOPInstanceUID")
+        sop_class = sop_class_uid or _text(header, "SOPClassUID") or _meta(header, "MediaStorageSOPClassUID")
+        syntax = transfer_syntax or _meta(header, "TransferSyntaxUID")
+        if not sop_uid or not sop_class or not syntax:
+            return Outcome("unreadable", detail="no SOP Instance UID, SOP Class UID or transfer syntax")
+        if only_to is not None:
+            decision = rules.Decision(deliveries=(rules.Delivery(only_to),))
+        elif config.routes:
+            decision = rules.decide(config.routes, header, origin)
+        else:
+            decision = None
+        try:
+            size, sha256 = digest_and_sync(received)
+        except OSError as exc:
+            return Outcome("failed", detail=f"cannot write it durably: {exc}")
+        instance = Instance(
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+            study_instance_uid=_text(header, "StudyInstanceUID") or "unknown",
+            series_instance_uid=_text(header, "SeriesInstanceUID") or "unknown",
+            patient_id=_text(header, "PatientID"), patient_name=_text(header, "PatientName"),
+            study_date=_text(header, "StudyDate"), accession_number=_text(header, "AccessionNumber"),
+            modality=_text(header, "Modality"), transfer_syntax=syntax,
+            calling_ae=origin.calling_ae, called_ae=origin.called_ae, source_ip=origin.source_ip,
+            size=size, sha256=sha256, path="", received_at=time.time(),
+            decision=decision.to_json() if decision is not None else None,
+        )
+        deliveries = [Delivery(d.destination, d.stable_after) for d in (decision.deliveries if decision else ())]
+        with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
+            return self._cache(received, instance, deliveries)
+
+    def _cache(self, received: Path, instance: Instance, deliveries: list[Delivery]) -> Outcome:
+        existing = self.db.find_instance(instance.sop_instance_uid)
+        policy = self.config.node.on_duplicate
+        if existing is not None and policy != "replace":
+            outcome = "kept-first" if policy == "keep-first" else "rejected"
+            self.db.record_duplicate(instance, outcome)
+            return Outcome(outcome, instance.size, f"already cached; node.on_duplicate is {policy}")
+        try:
+            final = self.store.admit(received, instance.study_instance_uid, instance.sop_instance_uid, instance.sha256)
+        except OSError as exc:
+            return Outcome("failed", detail=f"cannot move it into the cache: {exc}")
+        instance = dataclasses.replace(instance, path=str(final))
+        try:
+            self.db.store_instance(instance, existing, deliveries)
+        except Exception as exc:  # noqa: BLE001 - any database failure must refuse, and remove the file
+            if existing is None or existing.path != str(final):
+                self.store.discard(final)
+            return Outcome("failed", detail=f"cannot index it: {exc}")
+        if existing is not None:
+            if existing.path != str(final):
+                self.store.discard(Path(existing.path))
+            return Outcome("replaced", instance.size, "replaced the cached copy (node.on_duplicate: replace)")
+        return Outcome("stored", instance.size)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _meta(ds: pydicom.Dataset, keyword: str) -> str:
+    meta = getattr(ds, "file_meta", None)
+    value = meta.get(keyword) if meta is not None else None
+    return "" if value is None else str(value).strip()
