@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import N_ACTION, N_CREATE, N_DELETE, N_GET, N_SET
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -67,7 +68,7 @@ class PrintSCP:
         for uid in (model.GRAYSCALE_META, model.COLOR_META, model.PRESENTATION_LUT, model.ANNOTATION_BOX,
                     VERIFICATION):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
-        handlers: list[tuple[Any, Callable[..., Any]]] = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_N_GET, self._on_n_get),
             (evt.EVT_N_CREATE, self._on_n_create),
@@ -79,8 +80,10 @@ class PrintSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self.server = ae.start_server((self.config.bind_address, self.port), block=False, evt_handlers=handlers)
-        self.port = self.server.server_address[1]
+        server = ae.start_server((self.config.bind_address, self.port), block=False, evt_handlers=handlers)
+        assert server is not None  # non-blocking start returns the server
+        self.server = server
+        self.port = int(server.server_address[1])
         LOG.info("print SCP listening on %s:%d for %s", self.config.bind_address, self.port, ", ".join(titles))
 
     def stop(self) -> None:
@@ -91,7 +94,8 @@ class PrintSCP:
     # ---- association state ----
 
     def _on_requested(self, event: Event) -> None:
-        called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        primitive = event.assoc.requestor.primitive
+        called = str(primitive.called_ae_title if primitive is not None else "").strip()
         found = self.config.printer_for(called)
         if found is not None:
             # Accepting checks the called AE title against ours: make ours the one called.
@@ -137,7 +141,7 @@ class PrintSCP:
     # ---- DIMSE-N ----
 
     def _on_n_get(self, event: Event) -> tuple[int, Dataset | None]:
-        request = event.request
+        request = cast(N_GET, event.request)
 
         def get(state: PrintAssociation) -> tuple[int, Dataset | None]:
             if request.RequestedSOPClassUID != model.PRINTER:
@@ -171,7 +175,7 @@ class PrintSCP:
         return self._guard(event, "N-GET", get)  # type: ignore[no-any-return]
 
     def _on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
-        request = event.request
+        request = cast(N_CREATE, event.request)
         sop_class = str(request.AffectedSOPClassUID)
         uid = str(request.AffectedSOPInstanceUID) if request.AffectedSOPInstanceUID else None
         attrs = event.attribute_list or Dataset()
@@ -189,7 +193,7 @@ class PrintSCP:
         return self._guard(event, f"N-CREATE {sop_class}", create)  # type: ignore[no-any-return]
 
     def _on_n_set(self, event: Event) -> tuple[int, Dataset | None]:
-        request = event.request
+        request = cast(N_SET, event.request)
         sop_class = str(request.RequestedSOPClassUID)
         uid = str(request.RequestedSOPInstanceUID)
         attrs = event.modification_list or Dataset()
@@ -208,7 +212,7 @@ class PrintSCP:
         return self._guard(event, f"N-SET {sop_class} {uid}", set_)  # type: ignore[no-any-return]
 
     def _on_n_action(self, event: Event) -> tuple[int, Dataset | None]:
-        request = event.request
+        request = cast(N_ACTION, event.request)
         sop_class = str(request.RequestedSOPClassUID)
         uid = str(request.RequestedSOPInstanceUID)
 
@@ -232,7 +236,7 @@ class PrintSCP:
         return self._guard(event, f"N-ACTION {sop_class} {uid}", action)  # type: ignore[no-any-return]
 
     def _on_n_delete(self, event: Event) -> int:
-        request = event.request
+        request = cast(N_DELETE, event.request)
         sop_class = str(request.RequestedSOPClassUID)
         uid = str(request.RequestedSOPInstanceUID)
 

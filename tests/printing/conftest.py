@@ -62,7 +62,8 @@ class RunningPrinter:
             if len(jobs) >= count:
                 return sorted(jobs, key=lambda j: j.id)
             time.sleep(0.05)
-        raise AssertionError(f"expected {count} {state} job(s), have: {[(j.id, j.state, j.last_error) for j in self.jobs()]}")
+        have = [(j.id, j.state, j.last_error) for j in self.jobs()]
+        raise AssertionError(f"expected {count} {state} job(s), have: {have}")
 
     def printed_files(self, suffix: str = ".ps") -> list[Path]:
         return sorted(self.out.glob(f"*{suffix}"))

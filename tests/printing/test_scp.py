@@ -54,12 +54,11 @@ def cell_centre(kind: str, counts: tuple[int, ...], position: int, width: int = 
                 height: int = FILM_H) -> tuple[int, int]:
     """(row, column) in page pixels of the middle of an image box, from the display format alone:
     ROW numbers left to right then down, COL top to bottom then right."""
-    index = position - 1
-    for line, n in enumerate(counts):
-        if index < n:
-            break
-        index -= n
-    lines = len(counts)
+    index, line = position - 1, 0
+    while index >= counts[line]:
+        index -= counts[line]
+        line += 1
+    n, lines = counts[line], len(counts)
     if kind == "ROW":
         return int((line + 0.5) / lines * height), int((index + 0.5) / n * width)
     return int((index + 0.5) / n * height), int((line + 0.5) / lines * width)
