@@ -81,6 +81,13 @@ def _is_film_size(text: str) -> bool:
 
 
 FilmSize = Annotated[str, Check(_is_film_size, 'a Film Size ID such as "14INX17IN", "24CMX30CM", "A4"')]
+def _film_size_keys(mapping: Mapping[str, str]) -> bool:
+    return all(_is_film_size(key) for key in mapping)
+
+
+# Type aliases are built here, at import: an annotation is evaluated later with the class as its
+# globals, where a lambda could not see this module's functions.
+PaperMap = Annotated[Mapping[str, Paper], Check(_film_size_keys, "Film Size IDs as keys")]
 CalibrationLut = Annotated[
     tuple[int, ...],
     Check(lambda t: len(t) == 256 and all(0 <= v <= 255 for v in t), "a list of 256 values 0-255"),
@@ -116,9 +123,7 @@ class PrinterConfig:
     directory: str | None = None
     pdf: bool = False
     # Film Size ID -> paper; film sizes not listed go on default_paper.
-    paper: Annotated[
-        Mapping[str, Paper], Check(lambda m: all(_is_film_size(k) for k in m), "Film Size IDs as keys")
-    ] = field(default_factory=lambda: MappingProxyType({}))
+    paper: PaperMap = field(default_factory=lambda: MappingProxyType({}))
     default_paper: Paper = "A4"
     # fit: scale each film to fill the printable area; true-size: 1:1 unless it does not fit.
     scaling: Literal["fit", "true-size"] = "fit"
