@@ -121,6 +121,14 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if skipped == 0 else 1
 
 
+def cmd_print_jobs(args: argparse.Namespace) -> int:
+    from .printing.jobs import format_jobs, list_jobs
+
+    config = _load_or_exit(args)
+    print(format_jobs(list_jobs(config.storage.root, limit=args.limit)))
+    return 0
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -177,6 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--called-ae", help="as if sent to this AE title")
     p.add_argument("--source-ip", help="as if sent from this address")
     p.set_defaults(func=cmd_route_test)
+
+    p = sub.add_parser("print-jobs", parents=[common], help="print jobs: queued, printed, failed, with previews")
+    p.add_argument("--limit", type=int, default=50, help="newest N jobs (default: 50)")
+    p.set_defaults(func=cmd_print_jobs)
     return parser
 
 

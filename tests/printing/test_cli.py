@@ -1,0 +1,44 @@
+"""``appliance print-jobs`` shows what the print queue holds, as an operator reads it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.cli import main
+from appliance.printing.settings import PrintRetry
+
+from .conftest import RunningPrinter, free_port, printer, wait_for
+from .scu import PrintSCU, gray_item
+
+
+def test_print_jobs_lists_printed_and_waiting_jobs(
+    print_server: Callable[..., RunningPrinter], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    box = print_server({
+        "film": printer("FILM"),
+        "offline": printer("OFFLINE", backend="socket", host="127.0.0.1", socket_port=free_port(),
+                           status_timeout=0.3, retry=PrintRetry(initial_delay=60.0)),
+    }, root=root)
+    for called in ("FILM", "OFFLINE"):
+        with PrintSCU(box.port, called, calling_ae="CT_SCANNER") as scu:
+            scu.create_session()
+            film = scu.create_film_box(r"STANDARD\1,1")
+            scu.set_image(film.dataset, 1, gray_item(np.full((8, 8), 9, np.uint8)))
+            assert scu.print_film_box(film.uid) == 0
+    box.wait_jobs(1)
+    wait_for(lambda: any(j.state == "queued" and j.attempts == 1 for j in box.jobs()), what="a failed attempt")
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"storage:\n  path: {root}\n")
+    assert main(["print-jobs", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["JOB", "STATE", "PRINTER"]
+    printed = next(line for line in lines if " printed " in line)
+    assert "film" in printed and "CT_SCANNER" in printed and ".png" in printed
+    assert any(" queued " in line and "offline" in line for line in lines)
+    assert "last error:" in out and "1 printed, 1 queued" in out
