@@ -42,5 +42,5 @@ def tune_socket(event: evt.Event) -> None:
     if raw is None:
         return
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if type(raw) is socket.socket:  # not for TLS sockets, whose pending() logic pynetdicom handles
+    if type(raw) is socket.socket and assoc_socket is not None:  # TLS sockets keep pynetdicom's pending() logic
         assoc_socket.recv = types.MethodType(_recv_exactly, assoc_socket)  # type: ignore[method-assign]

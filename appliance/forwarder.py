@@ -35,7 +35,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from . import rules, statuses
-from .config import Config, Destination
+from .config import Config, Destination, Retry
 from .db import Database, Work
 from .dicomnet import tune_socket
 from .store import Store
@@ -71,14 +71,11 @@ class _Link:
     failed: int = 0
 
 
-def backoff(retry_policy: object, attempts: int) -> float:
-    """Seconds before attempt ``attempts + 1``: initial × factor^(attempts-1), capped, ± jitter."""
-    initial = retry_policy.initial_delay
-    factor = retry_policy.factor
-    cap = retry_policy.max_delay
-    jitter = retry_policy.jitter
-    delay = min(cap, initial * factor ** max(0, attempts - 1))
-    return max(0.0, delay * random.uniform(1 - jitter, 1 + jitter))
+def backoff(policy: Retry, attempts: int) -> float:
+    """Seconds before attempt ``attempts + 1``: initial × factor^(attempts-1), capped, ± jitter
+    (so that boxes coming back after one outage do not all call at the same moment)."""
+    delay = min(policy.max_delay, policy.initial_delay * policy.factor ** max(0, attempts - 1))
+    return max(0.0, delay * random.uniform(1 - policy.jitter, 1 + policy.jitter))
 
 
 class Forwarder:

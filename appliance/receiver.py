@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -91,7 +91,7 @@ class Receiver:
         ae.acse_timeout = node.timeouts.acse
         ae.dimse_timeout = node.timeouts.dimse
         ae.network_timeout = node.timeouts.network
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -100,9 +100,10 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server((node.bind_address, node.port), block=False, evt_handlers=handlers)
-        self._ae = ae
-        self.address = self._server.server_address[:2]
+        server = ae.start_server((node.bind_address, node.port), block=False, evt_handlers=handlers)
+        assert server is not None  # block=False returns the running server
+        self._server, self._ae = server, ae
+        self.address = cast(tuple[str, int], server.server_address[:2])
         log.info("Storage SCP %s listening on %s:%d", node.ae_title, *self.address)
 
     def stop(self, drain_seconds: float = 10.0) -> None:
@@ -167,7 +168,7 @@ class Receiver:
 
     def _on_store(self, event: evt.Event) -> int:
         origin = _origin_of(event.assoc)
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_uid = str(cast(Any, event.request).AffectedSOPInstanceUID)
         stats = self._stats.get(id(event.assoc))
         status, size = self._store(event, origin, sop_uid)
         if stats is not None:

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable
 
 try:
-    from systemd import daemon as _daemon
-    from systemd import journal as _journal
+    from systemd import daemon as _daemon  # type: ignore[attr-defined]
+    from systemd import journal as _journal  # type: ignore[attr-defined]
 except ImportError:  # a development machine without libsystemd: terminal logging, no notify
     _daemon = None
     _journal = None
@@ -66,7 +66,7 @@ class Signals:
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
 
-    def wait(self, timeout: float, on_reload: Callable[[], None]) -> bool:
+    def wait(self, timeout: float, on_reload: Callable[[], object]) -> bool:
         """Sleep up to ``timeout``; handle a reload; True when asked to stop."""
         self.stop.wait(timeout)
         if self.reload.is_set():

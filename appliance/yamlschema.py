@@ -127,7 +127,7 @@ def join(path: str, key: str) -> str:
 def mapping_items(node: MappingNode, path: str, ctx: Context) -> list[tuple[str, Node, Node]]:
     """(key text, key node, value node) for each entry; reports non-string and repeated keys."""
     seen: dict[str, Node] = {}
-    items = []
+    items: list[tuple[str, Node, Node]] = []
     for key_node, value_node in node.value:
         if not isinstance(key_node, ScalarNode) or key_node.tag.endswith(":null"):
             ctx.error(key_node, path, "keys must be plain names")
