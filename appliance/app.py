@@ -60,7 +60,7 @@ class Appliance:
         if getattr(self.config.print, "enabled", False):
             from .printing.service import PrintService
 
-            printer = PrintService(self.config.print, self.config.storage.root)
+            printer = PrintService(self.config.print, self.config.storage.root, db=self.db)
             printer.start()
             self.services.append(printer)
 

@@ -141,11 +141,13 @@ class Forwarder:
         last_eviction = 0.0
         while not self._stop.is_set():
             now = time.time()
-            released = self.db.release_stable_studies(now)
-            for study, destination in released:
-                log.info("study %s is stable: released to %s", study, destination)
-            if released:
-                self.wake()
+            next_release = self.db.next_release()
+            if next_release is not None and next_release <= now:
+                released = self.db.release_stable_studies(now)
+                for study, destination in released:
+                    log.info("study %s is stable: released to %s", study, destination)
+                if released:
+                    self.wake()
             if now - last_eviction >= 10.0:
                 last_eviction = now
                 try:
@@ -198,12 +200,13 @@ class Forwarder:
                     link = self._close(link)
                     self._sleep(blocked - now)
                     continue
-                batch = self.db.claim(name, now, BATCH)
+                # Look before claiming: an idle worker should not take the write lock every poll.
+                due = self.db.next_due(name)
+                batch = self.db.claim(name, now, BATCH) if due is not None and due <= now else []
                 if not batch:
                     if link is not None and now - link.last_used > IDLE_RELEASE:
                         link = self._close(link)
-                    due = self.db.next_due(name)
-                    self._sleep(min(POLL, due - now) if due else POLL)
+                    self._sleep(min(POLL, due - now) if due is not None and due > now else POLL)
                     continue
                 link = self._send_batch(name, destination, batch, link)
         finally:
