@@ -125,6 +125,14 @@ def cmd_print_jobs(args: argparse.Namespace) -> int:
     from .printing.jobs import format_jobs, list_jobs
 
     config = _load_or_exit(args)
+    if args.retry is not None:
+        from .printing.jobs import retry_job
+
+        if not retry_job(config.storage.root, args.retry):
+            print(f"job {args.retry} cannot be retried (unknown, printed, or its PostScript is gone)", file=sys.stderr)
+            return 1
+        print(f"job {args.retry} queued again")
+        return 0
     print(format_jobs(list_jobs(config.storage.root, limit=args.limit)))
     return 0
 
@@ -188,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("print-jobs", parents=[common], help="print jobs: queued, printed, failed, with previews")
     p.add_argument("--limit", type=int, default=50, help="newest N jobs (default: 50)")
+    p.add_argument("--retry", type=int, metavar="JOB", help="send a failed or waiting job again now")
     p.set_defaults(func=cmd_print_jobs)
     return parser
 

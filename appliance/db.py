@@ -620,6 +620,11 @@ def claim_print_job(db: Database, printers: Sequence[str], now: float) -> PrintJ
     return PrintJob(**{**dict(row), "state": "sending"})
 
 
+def get_print_job(db: Database, job_id: int) -> PrintJob | None:
+    rows = db.query(f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs WHERE id = ?", (job_id,))
+    return PrintJob(**dict(rows[0])) if rows else None
+
+
 def print_jobs_in_state(db: Database, state: str) -> list[PrintJob]:
     rows = db.query(f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs WHERE state = ? ORDER BY id", (state,))
     return [PrintJob(**dict(row)) for row in rows]

@@ -18,6 +18,19 @@ def list_jobs(root: Path, limit: int = 100) -> list[PrintJob]:
         db.close()
 
 
+def retry_job(root: Path, job_id: int) -> bool:
+    """Put a failed (or waiting) job back in its printer's queue for an immediate attempt; the
+    running service picks it up within seconds."""
+    from .spool import requeue
+
+    db = open_database(Path(root))
+    try:
+        ensure_print_schema(db)
+        return requeue(db, job_id)
+    finally:
+        db.close()
+
+
 def _when(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
 

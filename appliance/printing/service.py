@@ -30,7 +30,7 @@ class PrintService:
         self.backends = {name: make_backend(printer) for name, printer in config.printers.items()}
         self.states = {name: CachedState(backend) for name, backend in self.backends.items()}
         self.spool: Spool | None = None
-        self.worker: SpoolWorker | None = None
+        self.workers: list[SpoolWorker] = []
         self.scp: PrintSCP | None = None
 
     @property
@@ -49,8 +49,9 @@ class PrintService:
             self.db = open_database(self.root)
         self.spool = Spool(self.db, self.root / "print", self.config.printers, self.backends)
         self.spool.recover()
-        self.worker = SpoolWorker(self.spool, self.config.keep_printed_for)
-        self.worker.start()
+        self.workers = [SpoolWorker(self.spool, name, self.config.keep_printed_for) for name in self.backends]
+        for worker in self.workers:
+            worker.start()
         self.scp = PrintSCP(self.config, self._submit, self.printer_state, port=self._port)
         self.scp.start()
 
@@ -58,9 +59,9 @@ class PrintService:
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
         if self._own_db and self.db is not None:
             self.db.close()
             self.db = None

@@ -88,7 +88,9 @@ class Spool:
         self.previews_dir = root / "previews"
         self.printers = printers
         self.backends = backends
-        self.wake = threading.Event()
+        # One event per printer: each printer has its own worker, so a printer that hangs
+        # never holds up another's jobs.
+        self.wake = {name: threading.Event() for name in backends}
         dbmod.ensure_print_schema(db)
 
     # ---- submit (N-ACTION) ----
@@ -128,7 +130,7 @@ class Spool:
             printer_name, job_id, calling_ae, request.level, result.pages, session.copies,
             time.monotonic() - started, hashing.size,
         )
-        self.wake.set()
+        self.wake[printer_name].set()
         return job_id
 
     @staticmethod
@@ -153,9 +155,9 @@ class Spool:
 
     # ---- deliver (worker) ----
 
-    def deliver_due(self, now: float | None = None) -> bool:
-        """Send one due job, if any; True if a job was tried."""
-        job = dbmod.claim_print_job(self.db, list(self.backends), time.time() if now is None else now)
+    def deliver_due(self, printer: str, now: float | None = None) -> bool:
+        """Send one due job of this printer, if any; True if a job was tried."""
+        job = dbmod.claim_print_job(self.db, [printer], time.time() if now is None else now)
         if job is None:
             return False
         self._deliver(job)
@@ -203,14 +205,17 @@ class Spool:
         dbmod.update_print_job(self.db, job.id, state="queued", attempts=attempts, last_error=error,
                                next_attempt_at=now + delay)
 
-    def seconds_until_due(self) -> float | None:
-        due = dbmod.next_print_job_due(self.db, list(self.backends))
+    def seconds_until_due(self, printer: str) -> float | None:
+        due = dbmod.next_print_job_due(self.db, [printer])
         return None if due is None else max(0.0, due - time.time())
 
-    def retry_now(self, job_id: int) -> None:
-        """Make a queued or failed job due at once (the CLI/status page 'retry' action)."""
-        dbmod.update_print_job(self.db, job_id, state="queued", next_attempt_at=0.0)
-        self.wake.set()
+    def retry_now(self, job_id: int) -> bool:
+        """Make a waiting or failed job due at once (the CLI/status page 'retry' action)."""
+        ok = requeue(self.db, job_id)
+        job = dbmod.get_print_job(self.db, job_id)
+        if ok and job is not None and job.printer in self.wake:
+            self.wake[job.printer].set()
+        return ok
 
     def prune(self, keep_for: float) -> None:
         """Forget previews of jobs finished more than ``keep_for`` seconds ago."""
@@ -220,17 +225,28 @@ class Spool:
             dbmod.update_print_job(self.db, job.id, preview_path=None)
 
 
-class SpoolWorker:
-    """One thread that drains the queue; woken by new jobs, otherwise sleeps until the next
-    retry is due (at most ``poll`` seconds)."""
+def requeue(db: Database, job_id: int) -> bool:
+    """Queue a queued or failed job for an immediate attempt (its attempts counted afresh); False
+    if it cannot be (printed, or its PostScript is gone)."""
+    job = dbmod.get_print_job(db, job_id)
+    if job is None or job.state not in ("queued", "failed") or not job.ps_path or not Path(job.ps_path).is_file():
+        return False
+    dbmod.update_print_job(db, job_id, state="queued", next_attempt_at=0.0, attempts=0)
+    return True
 
-    def __init__(self, spool: Spool, keep_printed_for: float, poll: float = 5.0,
+
+class SpoolWorker:
+    """One thread per printer that drains its queue; woken by new jobs, otherwise sleeps until
+    the next retry is due (at most ``poll`` seconds)."""
+
+    def __init__(self, spool: Spool, printer: str, keep_printed_for: float, poll: float = 5.0,
                  on_error: Callable[[Exception], None] | None = None) -> None:
         self.spool = spool
+        self.printer = printer
         self.keep_printed_for = keep_printed_for
         self.poll = poll
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="print-spool", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"print-spool-{printer}", daemon=True)
         self._on_error = on_error
 
     def start(self) -> None:
@@ -238,23 +254,24 @@ class SpoolWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self.spool.wake.set()
+        self.spool.wake[self.printer].set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         last_prune = 0.0
         while not self._stop.is_set():
             try:
-                while not self._stop.is_set() and self.spool.deliver_due():
+                while not self._stop.is_set() and self.spool.deliver_due(self.printer):
                     pass
                 if time.monotonic() - last_prune > 3600:
                     self.spool.prune(self.keep_printed_for)
                     last_prune = time.monotonic()
-                wait = self.spool.seconds_until_due()
+                wait = self.spool.seconds_until_due(self.printer)
             except Exception as exc:  # the worker must survive a bad row or a full disk
                 LOG.exception("print spool worker: %s", exc)
                 if self._on_error:
                     self._on_error(exc)
                 wait = self.poll
-            self.spool.wake.wait(self.poll if wait is None else min(wait, self.poll))
-            self.spool.wake.clear()
+            wake = self.spool.wake[self.printer]
+            wake.wait(self.poll if wait is None else min(wait, self.poll))
+            wake.clear()

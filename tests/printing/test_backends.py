@@ -284,3 +284,24 @@ def test_cups_raw_socket_queue_passes_postscript_unchanged(
     wait_for(lambda: len(appsocket.jobs) == 1, timeout=30, what="CUPS to send to the AppSocket printer")
     assert hashlib.sha256(appsocket.jobs[0]).hexdigest() == job.ps_sha256
     time.sleep(0)  # keep the fixture order explicit: cups stops before the fake printer
+
+
+def test_a_hung_printer_does_not_hold_up_another(print_server: Callable[..., RunningPrinter]) -> None:
+    # A printer that accepts connections but never reads or answers.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    try:
+        box = print_server({
+            "hung": printer("HUNG", backend="socket", host="127.0.0.1", socket_port=hung.getsockname()[1]),
+            "film": printer("FILM"),
+        })
+        print_one(box, "HUNG")
+        wait_for(lambda: box.jobs()[0].state == "sending", what="the hung printer's job to be sending")
+        print_one(box, "FILM")
+        started = time.monotonic()
+        printed = box.wait_jobs(1, timeout=3)[0]
+        assert printed.printer == "film" and time.monotonic() - started < 3
+        assert {j.printer: j.state for j in box.jobs()}["hung"] == "sending"
+    finally:
+        hung.close()

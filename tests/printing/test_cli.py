@@ -42,3 +42,31 @@ def test_print_jobs_lists_printed_and_waiting_jobs(
     assert "film" in printed and "CT_SCANNER" in printed and ".png" in printed
     assert any(" queued " in line and "offline" in line for line in lines)
     assert "last error:" in out and "1 printed, 1 queued" in out
+
+
+def test_print_jobs_retry_sends_a_failed_job_again(
+    print_server: Callable[..., RunningPrinter], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_backends import FakeAppSocketPrinter
+
+    root = tmp_path / "data"
+    laser = FakeAppSocketPrinter(free_port())
+    box = print_server({"laser": printer("LASER", backend="socket", host="127.0.0.1", socket_port=laser.port,
+                                         status_timeout=0.3, retry=PrintRetry(max_attempts=1))}, root=root)
+    with PrintSCU(box.port, "LASER") as scu:
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\1,1")
+        scu.set_image(film.dataset, 1, gray_item(np.full((8, 8), 9, np.uint8)))
+        assert scu.print_film_box(film.uid) == 0
+    failed = box.wait_jobs(1, state="failed")[0]
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"storage:\n  path: {root}\n")
+    laser.start()
+    try:
+        assert main(["print-jobs", "--config", str(config), "--retry", str(failed.id)]) == 0
+        assert "queued again" in capsys.readouterr().out
+        box.wait_jobs(1, state="printed")
+        wait_for(lambda: len(laser.jobs) == 1, what="the job at the printer")
+        assert main(["print-jobs", "--config", str(config), "--retry", str(failed.id)]) == 1
+    finally:
+        laser.stop()
