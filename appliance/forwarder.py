@@ -109,7 +109,8 @@ class Forwarder:
         self.config = config
         for name, destination in config.destinations.items():
             for index in range(destination.max_associations):
-                if (name, index) not in self._threads:
+                worker = self._threads.get((name, index))
+                if worker is None or not worker.is_alive():  # new, or removed earlier and now back
                     self._spawn(name, index, self._work, name, index)
         self.wake()
 
