@@ -18,11 +18,18 @@ import types
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.transport import AssociationSocket
+
+
+# A PDU length comes from the peer: never allocate more than this up front on its word alone.
+_PREALLOCATE_LIMIT = 16 * 2**20
 
 
 def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with the same contract (blocking; short only when the peer
     closed), reading straight into one preallocated buffer."""
+    if nr_bytes > _PREALLOCATE_LIMIT:  # let the buffer grow only as data really arrives
+        return bytearray(AssociationSocket.recv(self, nr_bytes))
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)
     received = 0
