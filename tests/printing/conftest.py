@@ -85,6 +85,8 @@ def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
         }
         settings = PrintConfig(enabled=True, bind_address="127.0.0.1", port=free_port(),
                                printers=MappingProxyType(printers), **config)
+        directories = [Path(str(p.directory)) for p in printers.values() if p.backend == "directory"]
+        out = directories[0] if directories else out
         data = root or tmp_path / "data"
         service = PrintService(settings, data, port=0)
         service.start()
@@ -94,6 +96,11 @@ def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
     yield start
     for service in started:
         service.stop()
+    # Every PostScript any test printed must be valid for a real interpreter, not just the pages
+    # a test looked at.
+    for ps in sorted(tmp_path.rglob("*.ps")):
+        if ps.read_bytes().startswith(b"%!PS"):
+            assert ghostscript(ps, dpi=9), ps
 
 
 def ghostscript(ps: Path, dpi: int = 72, device: str = "pnggray") -> list[np.ndarray]:

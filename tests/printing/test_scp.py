@@ -5,6 +5,7 @@ printed film is rendered with Ghostscript and checked where a person would look.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -428,3 +429,17 @@ def test_verification(print_server: Callable[..., RunningPrinter]) -> None:
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
     assoc.release()
+
+
+def test_min_and_max_density(print_server: Callable[..., RunningPrinter], tmp_path: Path) -> None:
+    # Max Density 1.0 OD: black pixels print at 10^-1 reflectance; paper stays white for white pixels.
+    box = print_server()
+    page = print_film(box, r"STANDARD\2,1", [gray_item(flat(0)), gray_item(flat(255))], MaxDensity=100)
+    y, x = cell_centre("ROW", (2,), 1)
+    assert abs(int(page[y, x]) - round(255 * 0.1)) <= 1
+    y, x = cell_centre("ROW", (2,), 2)
+    assert page[y, x] == 255
+    # A printer configured to honour Min Density (paper_white: false) prints white pixels grey.
+    grey = print_server({"film": printer(paper_white=False, directory=str(tmp_path / "grey"))}, root=tmp_path / "grey")
+    page = print_film(grey, r"STANDARD\1,1", [gray_item(flat(255))], MinDensity=50)
+    assert abs(int(page[FILM_H // 2, FILM_W // 2]) - round(255 * 10**-0.5)) <= 1
