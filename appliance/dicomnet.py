@@ -20,7 +20,6 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket
 
-
 # A PDU length comes from the peer: never allocate more than this up front on its word alone.
 _PREALLOCATE_LIMIT = 16 * 2**20
 
