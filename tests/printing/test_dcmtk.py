@@ -129,15 +129,18 @@ def test_2x3_grayscale_8_bit(print_server: Callable[..., RunningPrinter], images
         assert (value < 40) if position % 2 == 0 else (value > 200), (position, value)
 
 
+# (dcmpsprt --lin-od still sends IDENTITY to a printer and renders LIN OD into the bitmap.)
+@pytest.mark.parametrize(("option", "shape"), [("--identity", "IDENTITY")])
 def test_12_bit_with_presentation_lut(print_server: Callable[..., RunningPrinter], images: dict[str, Path],
-                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+                                      tmp_path: Path, caplog: pytest.LogCaptureFixture, option: str,
+                                      shape: str) -> None:
     caplog.set_level(logging.INFO, logger="appliance.printing")
     box = print_server()
     dcmtk = Dcmtk(tmp_path / "dcmtk", box.port, "TESTPRINT", twelve_bit=True, plut=True)
-    done = dcmtk.print_images([images["ramp12"]], (1, 1), "--identity")
+    done = dcmtk.print_images([images["ramp12"]], (1, 1), option)
     assert done.returncode == 0, done.stdout + done.stderr
     said = caplog.text
-    assert "Presentation LUT" in said and "IDENTITY" in said
+    assert "Presentation LUT" in said and shape in said
     assert "MONOCHROME2 12-bit" in said
     box.wait_jobs(1)
     page = ghostscript(box.printed_files()[0])[0]
