@@ -649,6 +649,6 @@ def next_print_job_due(db: Database, printers: Sequence[str]) -> float | None:
 def printed_jobs_before(db: Database, before: float) -> list[PrintJob]:
     rows = db.query(
         f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs WHERE state IN ('printed', 'failed') AND updated_at < ?"
-        " AND preview_path IS NOT NULL", (before,),
+        " AND (preview_path IS NOT NULL OR ps_path IS NOT NULL)", (before,),
     )
     return [PrintJob(**dict(row)) for row in rows]

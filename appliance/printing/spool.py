@@ -218,11 +218,13 @@ class Spool:
         return ok
 
     def prune(self, keep_for: float) -> None:
-        """Forget previews of jobs finished more than ``keep_for`` seconds ago."""
+        """Remove the files of jobs finished more than ``keep_for`` seconds ago (a failed job's
+        PostScript is kept until then for a retry); the rows stay as history."""
         for job in dbmod.printed_jobs_before(self.db, time.time() - keep_for):
-            if job.preview_path:
-                Path(job.preview_path).unlink(missing_ok=True)
-            dbmod.update_print_job(self.db, job.id, preview_path=None)
+            for path in (job.preview_path, job.ps_path):
+                if path:
+                    Path(path).unlink(missing_ok=True)
+            dbmod.update_print_job(self.db, job.id, preview_path=None, ps_path=None)
 
 
 def requeue(db: Database, job_id: int) -> bool:

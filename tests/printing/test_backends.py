@@ -305,3 +305,17 @@ def test_a_hung_printer_does_not_hold_up_another(print_server: Callable[..., Run
         assert {j.printer: j.state for j in box.jobs()}["hung"] == "sending"
     finally:
         hung.close()
+
+
+def test_prune_removes_old_files_but_keeps_history(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    print_one(box, "TESTPRINT")
+    job = box.wait_jobs(1)[0]
+    assert job.preview_path and Path(job.preview_path).is_file()
+    spool = box.service.spool
+    assert spool is not None
+    spool.prune(keep_for=3600)  # young: kept
+    assert Path(job.preview_path).is_file()
+    spool.prune(keep_for=-1)
+    assert not Path(job.preview_path).exists()
+    assert [(j.id, j.state, j.preview_path) for j in box.jobs()] == [(job.id, "printed", None)]

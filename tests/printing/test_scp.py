@@ -178,6 +178,22 @@ def test_presentation_lut_table_maps_pixels(print_server: Callable[..., RunningP
         assert abs(int(page[y, x]) - 215) <= 1
 
 
+def test_presentation_lut_lin_od(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT", plut=True) as scu:
+        lin_od = scu.create_plut("LIN OD")
+        assert lin_od.status == 0
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\1,1", plut_uid=lin_od.uid, MaxDensity=300)
+        assert scu.set_image(film.dataset, 1, gray_item(flat(128))).status == 0
+        assert scu.print_film_box(str(film.uid)) == 0
+    box.wait_jobs(1)
+    page = ghostscript(box.printed_files()[0])[0]
+    # P-values linear in optical density: half way is 1.5 OD, 10^-1.5 of the light.
+    density = 300 - 128 / 255 * 300
+    assert abs(int(page[FILM_H // 2, FILM_W // 2]) - round(255 * 10 ** (-density / 100))) <= 1
+
+
 @pytest.mark.parametrize("magnification", ["REPLICATE", "BILINEAR", "CUBIC"])
 def test_magnification_types(print_server: Callable[..., RunningPrinter], magnification: str) -> None:
     # At 300 dpi the 8x8 checkerboard is magnified in numpy: replicated pixels stay pure black and
