@@ -26,44 +26,16 @@ Example::
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Literal
 
-from ..yamlschema import Check, Parse
+from ..valuetypes import AETitle, BindAddress, Duration, Port
+from ..yamlschema import Check
 
-# ---- value types (kept here: config.py imports this module, so it cannot be imported back) ----
+# ---- value types of this section (the shared ones come from valuetypes) ----
 
-
-def _is_ae_title(value: str) -> bool:
-    return 0 < len(value.strip()) <= 16 and len(value) <= 16 and all(" " <= ch <= "~" and ch != "\\" for ch in value)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _parse_duration(text: str) -> float:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*", text)
-    if not match:
-        raise ValueError(text)
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-
-
-AETitle = Annotated[str, Check(_is_ae_title, "an AE title (1-16 printable ASCII characters, no backslash)")]
-Port = Annotated[int, Check(lambda p: 1 <= p <= 65535, "an integer 1-65535")]
-BindAddress = Annotated[str, Check(_is_ip, "an IP address to listen on")]
-Duration = Annotated[float, Parse(_parse_duration, 'a duration such as "30s", "10m"')]
 # Densities are in hundredths of optical density, as DICOM sends them (150 = 1.5 OD).
 DensityValue = Annotated[int, Check(lambda d: 0 <= d <= 400, "a density 0-400 (hundredths of OD)")]
 DensityWord = Annotated[str, Check(lambda s: s in ("BLACK", "WHITE") or (s.isdigit() and int(s) <= 400),
