@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Space
+from .durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ class DiskUsage:
 def _name_for(uid: str) -> str:
     """A UID as a file name; anything not a plain UID is hashed so it cannot escape the cache."""
     return uid if _SAFE_UID.fullmatch(uid) and ".." not in uid else "x" + hashlib.sha1(uid.encode()).hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def digest_and_sync(path: Path) -> tuple[int, str]:

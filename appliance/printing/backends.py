@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from ..durable import durable_copy, place
 from .settings import PrinterConfig
 
 LOG = logging.getLogger(__name__)
@@ -53,30 +53,6 @@ class Backend(Protocol):
              copy_sent: Callable[[], None]) -> None: ...
 
     def state(self) -> PrinterState: ...
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def durable_copy(source: Path, target: Path) -> None:
-    """Copy so that ``target`` either does not exist or is complete, even after a power cut."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)
 
 
 # ---- CUPS --------------------------------------------------------------------------------------
@@ -235,8 +211,7 @@ class DirectoryBackend:
             raise BackendError(f"ps2pdf exit {done.returncode}: {done.stderr.strip()}")
         with temp.open("rb") as written:
             os.fsync(written.fileno())
-        os.replace(temp, target)
-        fsync_directory(target.parent)
+        place(temp, target)
 
     def state(self) -> PrinterState:
         directory = self.directory

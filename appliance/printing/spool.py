@@ -12,44 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import re
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 from .. import db as dbmod
 from ..db import Database, PrintJob
+from ..durable import durable_file
 from . import statuses
-from .backends import Backend, BackendError, fsync_directory
+from .backends import Backend, BackendError
 from .errors import PrintError
 from .model import PrintRequest
 from .render import render_postscript, render_preview
 from .settings import PrinterConfig, PrintRetry
 
 LOG = logging.getLogger(__name__)
-
-
-@contextmanager
-def durable_file(target: Path) -> Iterator[BinaryIO]:
-    """Write ``target`` so it is either absent or complete after a crash."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)
 
 
 class _Hashing:
