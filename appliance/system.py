@@ -37,7 +37,28 @@ def setup_logging(level: str = "info") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # pynetdicom narrates every PDU at INFO; its warnings and errors are what matter here.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+    for log_handler in root.handlers:
+        log_handler.addFilter(_drop_pynetdicom_logging_bug)
+
+
+def _drop_pynetdicom_logging_bug(record: logging.LogRecord) -> bool:
+    """pynetdicom 3.0.4's own message-logging handler (bound to EVT_DIMSE_RECV) raises on an
+    N-GET with an empty attribute list, which DCMTK's print client always sends, and the
+    traceback is logged as an ERROR on every such request. We bind nothing to EVT_DIMSE_RECV,
+    so an exception there is never ours: drop it rather than alarm whoever reads the journal."""
+    if not record.name.startswith("pynetdicom"):
+        return True
+    if "EVT_DIMSE_RECV" in str(record.msg):
+        return False
+    if record.exc_info and record.exc_info[2] is not None:
+        frame = record.exc_info[2]
+        while frame.tb_next is not None:
+            frame = frame.tb_next
+        if frame.tb_frame.f_code.co_name.startswith("_recv_") and "_handlers" in frame.tb_frame.f_code.co_filename:
+            return False
+    return True
 
 
 def notify(state: str) -> None:
