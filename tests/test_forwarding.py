@@ -1,0 +1,609 @@
+"""Forwarding, proven against real peers: DCMTK's storescu as the modality, the appliance as a
+separate process, and as destinations Orthanc (checked over its REST API), DCMTK's storescp and a
+recording pynetdicom SCP that answers the statuses a test asks for.
+
+What a user relies on: every acknowledged instance reaches every destination its rules name —
+with the rule's tag edits, in a transfer syntax the destination accepts — through PACS outages
+and appliance crashes, without a slow or dead destination holding up intake or the others; and
+the queue, the dead letters and the cache are visible and manageable from the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+from .corpus import Series, write_series
+from .pacs import (
+    Blackhole,
+    Orthanc,
+    RecordingSCP,
+    StoreSCP,
+    as_status,
+    attempts,
+    closed_port,
+    deliveries,
+    destination,
+    queue,
+    queue_of,
+    sop_uid,
+    wait_until,
+)
+from .peers import DCMTK_ENV, ApplianceProcess, StoreResult, parse_storescu, require_tool, storescu
+
+# storescu proposes one compressed family per run; these flags add the one a file needs.
+_STORESCU_FLAGS = {
+    "1.2.840.10008.1.2.5": ["-xr"],  # RLE Lossless
+    "1.2.840.10008.1.2.4.80": ["-xt"],  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90": ["-xv"],  # JPEG 2000 Lossless
+}
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    """Peers entered here are stopped at the end of the test, whatever happened."""
+    with ExitStack() as peers:
+        yield peers
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, stack: ExitStack) -> Orthanc:
+    return stack.enter_context(Orthanc(tmp_path / "orthanc"))
+
+
+def send(box: ApplianceProcess, files: list[Path]) -> StoreResult:
+    """Send files to the appliance with storescu (one run per transfer syntax family) and
+    require that every one was acknowledged with success."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(syntax, []).append(path)
+    total = StoreResult(0, "")
+    for syntax, group in groups.items():
+        result = storescu(box.port, group, extra=_STORESCU_FLAGS.get(syntax, []))
+        assert result.returncode == 0 and not result.failed and len(result.succeeded) == len(group), result.output
+        total.succeeded += result.succeeded
+        total.output += result.output
+    return total
+
+
+def cache_rows(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
+    """The cache index (``instances``) by SOP Instance UID, read-only."""
+    conn = sqlite3.connect(f"file:{box.data / 'appliance.db'}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["sop_instance_uid"]: r for r in conn.execute("SELECT * FROM instances")}
+    finally:
+        conn.close()
+
+
+def edit_config(box: ApplianceProcess, **sections: Any) -> None:
+    """Rewrite sections of the appliance's configuration file (for a reload)."""
+    config = yaml.safe_load(box.config_path.read_text())
+    config.update(sections)
+    box.write_config(config)
+
+
+def uids(paths: list[Path]) -> set[str]:
+    return {sop_uid(p) for p in paths}
+
+
+def dataset_without(path_or_ds: Path | pydicom.Dataset, *keywords: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(path_or_ds) if isinstance(path_or_ds, Path) else path_or_ds
+    for keyword in keywords:
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+# ---- 1. a corpus routed by modality, with tag edits -------------------------------------------------
+
+def test_corpus_routed_by_modality_arrives_complete_with_tag_edits(appliance_factory, corpus, orthanc, stack,
+                                                                    tmp_path) -> None:
+    """CT and MR go to Orthanc with InstitutionName rewritten; everything goes to a storescp
+    untouched. Each destination ends up with exactly its instances, in their own transfer
+    syntax, pixel data intact; the cached originals are unchanged."""
+    archive = stack.enter_context(StoreSCP(tmp_path / "archive"))
+    box = appliance_factory({
+        "destinations": {"central": destination(orthanc.ae_title, orthanc.dicom_port),
+                         "archive": destination(archive.ae_title, archive.port)},
+        "routes": [
+            {"name": "ct-mr-central", "when": {"Modality": ["CT", "MR"]}, "send_to": ["central"],
+             "set": {"InstitutionName": "Routed By Edge"}, "continue": True},
+            {"name": "all-archive", "send_to": ["archive"]},
+        ],
+    })
+    files = [p for paths in corpus.values() for p in paths]
+    send(box, files)
+    originals = {sop_uid(p): p for p in files}
+    to_central = {u for u, p in originals.items()
+                  if pydicom.dcmread(p, stop_before_pixels=True).Modality in ("CT", "MR")}
+    assert 0 < len(to_central) < len(originals)
+
+    wait_until(lambda: orthanc.count() >= len(to_central) and len(archive.receptions()) >= len(originals), 120,
+               lambda: f"Orthanc has {orthanc.count()}/{len(to_central)}, storescp "
+                       f"{len(archive.receptions())}/{len(originals)}; queue: {queue(box)}")
+
+    assert orthanc.sop_instance_uids() == to_central
+    for uid in to_central:
+        original = pydicom.dcmread(originals[uid])
+        assert orthanc.tags(uid)["InstitutionName"] == "Routed By Edge"
+        assert orthanc.transfer_syntax(uid) == original.file_meta.TransferSyntaxUID  # no needless transcoding
+        stored = orthanc.dataset(uid)
+        assert stored.PixelData == original.PixelData
+        assert dataset_without(stored, "InstitutionName") == dataset_without(original, "InstitutionName")
+
+    received = archive.datasets()
+    assert set(received) == set(originals)
+    for uid, stored in received.items():
+        original = pydicom.dcmread(originals[uid])
+        assert stored.InstitutionName == "Test Clinic"  # the edit belongs to the central rule only
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert stored == original
+
+    index = cache_rows(box)
+    for uid, path in originals.items():
+        cached = Path(index[uid]["path"])
+        assert hashlib.sha256(cached.read_bytes()).hexdigest() == index[uid]["sha256"]
+        assert pydicom.dcmread(cached) == pydicom.dcmread(path)  # the cached original is untouched
+
+    state = {d["name"]: d for d in queue(box)["destinations"]}
+    assert state["central"]["delivered"] == len(to_central)
+    assert state["archive"]["delivered"] == len(originals)
+    for entry in state.values():
+        assert (entry["pending"], entry["in_flight"], entry["dead"], entry["transcoded"]) == (0, 0, 0, 0), entry
+
+
+# ---- 2. the PACS goes down mid-stream and comes back --------------------------------------------------
+
+def test_orthanc_down_mid_stream_everything_delivered_after_recovery(appliance_factory, orthanc, tmp_path) -> None:
+    """Orthanc stops while the appliance forwards; intake goes on; when Orthanc is back every
+    instance reaches it, each delivered once, without restarting the appliance."""
+    box = appliance_factory({
+        "destinations": {"central": destination(orthanc.ae_title, orthanc.dicom_port)},
+        "routes": [{"send_to": ["central"]}],
+    })
+    before = write_series(tmp_path / "before", "outage", 1, 1, Series("CT", 150, 256, 256))
+    during = write_series(tmp_path / "during", "outage", 1, 2, Series("CT", 40, 256, 256))
+    pid = box.process.pid if box.process else None
+
+    send(box, before)
+    wait_until(lambda: orthanc.count() >= 10, 30, "nothing reached Orthanc")
+    orthanc.stop()
+    send(box, during)  # intake does not depend on the destination
+
+    def failed_attempts() -> int:
+        return sum(1 for rows in attempts(box, "central").values() for a in rows if a["outcome"] != "delivered")
+
+    wait_until(lambda: failed_attempts() >= 3, 30, "no failed attempts recorded while Orthanc was down")
+    central = queue_of(box, "central")
+    assert central["pending"] + central["in_flight"] > 0 and central["last_error"], central
+    time.sleep(2)  # a few more retries against a PACS that is down
+    orthanc.start()
+
+    expected = uids(before) | uids(during)
+    wait_until(lambda: orthanc.count() >= len(expected), 60,
+               lambda: f"Orthanc has {orthanc.count()}/{len(expected)}; queue: {queue_of(box, 'central')}")
+    assert orthanc.sop_instance_uids() == expected
+    assert box.process is not None and box.process.poll() is None and box.process.pid == pid
+
+    central = queue_of(box, "central")
+    assert (central["delivered"], central["pending"], central["in_flight"], central["dead"]) == (len(expected), 0, 0, 0)
+    history = attempts(box, "central")
+    for uid in expected:
+        outcomes = [a["outcome"] for a in history[uid]]
+        assert outcomes.count("delivered") == 1 and outcomes[-1] == "delivered", (uid, outcomes)
+
+
+# ---- 3. the appliance killed while forwarding -------------------------------------------------------
+
+def test_sigkill_during_forwarding_every_acknowledged_instance_delivered(appliance_factory, orthanc, stack,
+                                                                        tmp_path) -> None:
+    """Kill -9 the appliance at random moments while it receives and forwards, five times,
+    restarting it each time: in the end every acknowledged instance is in Orthanc, and a storescp
+    that keeps every reception shows at most one duplicate per kill."""
+    require_tool("storescu")
+    counter = stack.enter_context(StoreSCP(tmp_path / "counter", ae_title="COUNTER", unique=True))
+    box = appliance_factory({
+        "destinations": {"central": destination(orthanc.ae_title, orthanc.dicom_port),
+                         "counter": destination(counter.ae_title, counter.port)},
+        "routes": [{"send_to": ["central", "counter"]}],
+    })
+    rng = random.Random(2024)
+    acknowledged: set[str] = set()
+    kills = mid_forwarding = 0
+    for round_no in range(5):
+        files = write_series(tmp_path / f"round{round_no}", "forward-crash", round_no + 1, 1,
+                             Series("CT", 250, 256, 256))
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-nh", "-aet", "MODALITY", "-aec", box.ae_title, "127.0.0.1", str(box.port),
+             *map(str, files)],
+            env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        time.sleep(rng.uniform(0.3, 2.0))
+        in_orthanc = orthanc.count()
+        box.kill()
+        kills += 1
+        out, _ = sender.communicate(timeout=60)
+        acknowledged |= uids(parse_storescu(sender.returncode, out).succeeded)
+        if in_orthanc < len(cache_rows(box)):
+            mid_forwarding += 1
+        box.start()
+    assert acknowledged
+    assert mid_forwarding >= 3, f"only {mid_forwarding} of {kills} kills came while instances were still queued"
+
+    wait_until(lambda: acknowledged <= orthanc.sop_instance_uids(), 120,
+               lambda: f"missing in Orthanc: {len(acknowledged - orthanc.sop_instance_uids())}; "
+                       f"queue: {queue(box)}")
+    wait_until(lambda: acknowledged <= set(counter.receptions()), 60,
+               lambda: f"missing at storescp: {len(acknowledged - set(counter.receptions()))}")
+    wait_until(lambda: all(d["pending"] == d["in_flight"] == 0 for d in queue(box)["destinations"]), 30,
+               lambda: f"queues not drained: {queue(box)}")
+    received = counter.receptions()
+    duplicates = sum(received.values()) - len(received)
+    print(f"{kills} kills ({mid_forwarding} mid-forwarding), {len(acknowledged)} acknowledged, "
+          f"{duplicates} duplicate C-STOREs at storescp")
+    assert duplicates <= kills, f"{duplicates} duplicate C-STOREs after {kills} kills: " \
+        f"{[u for u, n in received.items() if n > 1]}"
+    assert all(d["dead"] == 0 for d in queue(box)["destinations"])
+
+
+# ---- 4. transcoding for a destination that accepts only Explicit VR Little Endian ---------------------
+
+def test_compressed_instances_are_decompressed_for_an_explicit_only_destination(appliance_factory, corpus,
+                                                                                stack) -> None:
+    """RLE, JPEG-LS and JPEG 2000 lossless instances reach an SCP that accepts only Explicit VR
+    Little Endian, decompressed with the original pixel values, and are recorded as transcoded;
+    an uncompressed instance goes as it is."""
+    scp = stack.enter_context(RecordingSCP("EXPLICIT", transfer_syntaxes=[ExplicitVRLittleEndian]))
+    box = appliance_factory({
+        "destinations": {"explicit": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["explicit"]}],
+    })
+    compressed = corpus["rle"] + corpus["jpegls"] + corpus["j2k"]
+    plain = corpus["ct"][5]
+    send(box, [*compressed, plain])
+
+    wait_until(lambda: len(scp.stored()) >= len(compressed) + 1, 60,
+               lambda: f"received {len(scp.stored())}; queue: {queue_of(box, 'explicit')}")
+    received = {r.sop_instance_uid: r for r in scp.stored()}
+    assert set(received) == uids([*compressed, plain]), "the destination got other SOP Instance UIDs than were sent"
+    sources = {p.name: p for p in corpus["ct"] + corpus["us"]}
+    for path in compressed:
+        uid = sop_uid(path)
+        reception = received[uid]
+        assert reception.transfer_syntax == ExplicitVRLittleEndian
+        assert reception.dataset is not None
+        source = pydicom.dcmread(sources[path.name])  # the uncompressed image it was made from
+        np.testing.assert_array_equal(reception.dataset.pixel_array, source.pixel_array, err_msg=path.name)
+    assert received[sop_uid(plain)].dataset == pydicom.dcmread(plain)
+
+    state = queue_of(box, "explicit")
+    assert state["transcoded"] == len(compressed) and state["delivered"] == len(compressed) + 1, state
+    rows = deliveries(box, "explicit")
+    assert {u for u, r in rows.items() if r["transcoded"]} == uids(compressed)
+
+
+def test_instance_that_cannot_be_transcoded_is_a_dead_letter_with_the_reason(appliance_factory, corpus,
+                                                                            stack) -> None:
+    """A destination that accepts CT only as JPEG Baseline cannot take an uncompressed CT (the
+    appliance only decompresses): the instance is a dead letter, with a reason, at once."""
+    scp = stack.enter_context(RecordingSCP("JPEGONLY", transfer_syntaxes=[JPEGBaseline8Bit]))
+    box = appliance_factory({
+        "destinations": {"jpegonly": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["jpegonly"]}],
+    })
+    send(box, [corpus["ct"][0]])
+    state = wait_until(lambda: (q := queue_of(box, "jpegonly"))["dead"] == 1 and q, 30,
+                       lambda: f"not a dead letter: {queue_of(box, 'jpegonly')}")
+    assert state["delivered"] == 0 and state["pending"] == 0
+    row = deliveries(box, "jpegonly")[sop_uid(corpus["ct"][0])]
+    assert row["state"] == "dead" and row["last_error"], dict(row)
+    assert scp.receptions() == []
+
+
+# ---- 5. statuses: delivered, retried, dead letters; `appliance retry` --------------------------------------
+
+def test_statuses_decide_delivered_retry_or_dead_letter_and_retry_requeues(appliance_factory, stack,
+                                                                           tmp_path) -> None:
+    """Warnings count as delivered; 0xA700 is retried until it succeeds; 0xA900 and 0xC000 are
+    dead letters at once, with the status recorded; ``appliance retry`` re-queues them and they
+    are delivered once the destination accepts them."""
+    files = write_series(tmp_path / "ct", "statuses", 1, 1, Series("CT", 7, 64, 64))
+    ids = [sop_uid(p) for p in files]
+    planned = {ids[0]: 0x0000, ids[1]: 0xB000, ids[2]: 0xB007, ids[3]: 0xB006, ids[4]: 0xA700,
+               ids[5]: 0xA900, ids[6]: 0xC000}
+    scp = stack.enter_context(RecordingSCP("STATUSES"))
+    accept_all = False
+
+    def respond(uid: str, nth: int) -> int:
+        if accept_all:
+            return 0x0000
+        if planned[uid] == 0xA700 and nth > 2:
+            return 0x0000  # out of resources twice, then fine
+        return planned[uid]
+
+    scp.respond = respond
+    box = appliance_factory({
+        "destinations": {"statuses": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["statuses"]}],
+    })
+    send(box, files)
+
+    wait_until(lambda: deliveries(box, "statuses")[ids[4]]["state"] == "delivered", 30,
+               lambda: f"0xA700 instance not delivered: {dict(deliveries(box, 'statuses')[ids[4]])}")
+    time.sleep(2.5)  # longer than the backoff: a dead letter must not be retried by itself
+    rows = deliveries(box, "statuses")
+    history = attempts(box, "statuses")
+    for uid in ids[:4]:
+        assert rows[uid]["state"] == "delivered" and rows[uid]["attempts"] == 1, dict(rows[uid])
+        assert as_status(history[uid][-1]["status"]) == planned[uid]
+    assert [as_status(a["status"]) for a in history[ids[4]]] == [0xA700, 0xA700, 0x0000]
+    assert [a["outcome"] for a in history[ids[4]]][-1] == "delivered"
+    for uid in ids[5:]:
+        assert rows[uid]["state"] == "dead" and rows[uid]["attempts"] == 1, dict(rows[uid])
+        assert as_status(rows[uid]["last_status"]) == planned[uid]
+        assert [as_status(a["status"]) for a in history[uid]] == [planned[uid]]
+    assert scp.stored_uids() == {u: 1 for u in ids[:5]}
+    state = queue_of(box, "statuses")
+    assert (state["delivered"], state["dead"], state["pending"]) == (5, 2, 0), state
+
+    retried = box.cli("retry", "statuses")
+    assert re.search(r"\b2\b", retried.stdout), retried.stdout
+    wait_until(lambda: queue_of(box, "statuses")["dead"] == 2 and len(scp.receptions()) >= 5 + 2 + 2 + 2, 30,
+               lambda: f"re-queued dead letters not attempted again: {queue_of(box, 'statuses')}")
+
+    accept_all = True
+    retried = box.cli("retry", "--all")
+    assert re.search(r"\b2\b", retried.stdout), retried.stdout
+    wait_until(lambda: queue_of(box, "statuses")["delivered"] == 7, 30,
+               lambda: f"not delivered after `retry --all`: {queue_of(box, 'statuses')}")
+    assert scp.stored_uids() == {u: 1 for u in ids}
+    assert queue_of(box, "statuses")["dead"] == 0
+
+
+def test_no_response_is_delivery_unknown_and_retried_never_success(appliance_factory, stack, tmp_path) -> None:
+    """A storescp that aborts after each C-STORE request gives no status: the appliance must not
+    count that as delivered; it retries on a new association, and delivers once a working
+    storescp is on that port."""
+    files = write_series(tmp_path / "ct", "no-response", 1, 1, Series("CT", 3, 64, 64))
+    aborting = StoreSCP(tmp_path / "aborting", ae_title="ABORTS", flags=["--abort-after"]).start()
+    stack.callback(aborting.stop)
+    box = appliance_factory({
+        "destinations": {"flaky": destination("ABORTS", aborting.port, timeouts={"dimse": "3s"})},
+        "routes": [{"send_to": ["flaky"]}],
+    })
+    send(box, files)
+    ids = uids(files)
+
+    def failed_attempts() -> list[sqlite3.Row]:
+        return [a for rows in attempts(box, "flaky").values() for a in rows]
+
+    wait_until(lambda: len(failed_attempts()) >= 3, 40, "no attempts recorded")
+    history = failed_attempts()
+    assert {a["outcome"] for a in history} == {"unknown"}, [dict(a) for a in history]
+    assert all(a["status"] is None for a in history)
+    assert all(r["state"] != "delivered" for r in deliveries(box, "flaky").values())
+    assert queue_of(box, "flaky")["delivered"] == 0
+
+    aborting.stop()
+    working = stack.enter_context(StoreSCP(tmp_path / "working", ae_title="ABORTS", port=aborting.port))
+    wait_until(lambda: set(working.receptions()) >= ids, 30, lambda: f"not delivered: {queue_of(box, 'flaky')}")
+    wait_until(lambda: queue_of(box, "flaky")["delivered"] == len(ids), 10, lambda: str(queue_of(box, "flaky")))
+
+
+# ---- association use: reuse, grouping by study, parallel limit ----------------------------------------
+
+def test_backlog_goes_out_on_reused_associations_by_study_in_arrival_order(appliance_factory, tmp_path) -> None:
+    """With the destination down, two studies queue up (the first in two parts, the second in
+    between); when it comes up they go out on a few associations carrying many C-STOREs, each
+    study's instances together and in the order they arrived."""
+    study_a = write_series(tmp_path / "a", "grouping", 1, 1, Series("CT", 15, 64, 64))
+    study_b = write_series(tmp_path / "b", "grouping", 2, 1, Series("CT", 10, 64, 64), patient="PAT002")
+    scp = RecordingSCP("GROUPS")  # not started yet: connections are refused
+    box = appliance_factory({
+        "destinations": {"groups": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["groups"]}],
+    })
+    arrival = study_a[:10] + study_b + study_a[10:]
+    for part in (study_a[:10], study_b, study_a[10:]):
+        send(box, part)
+    wait_until(lambda: queue_of(box, "groups")["last_error"], 20, "no failed attempt while the SCP was down")
+    with scp:
+        wait_until(lambda: len(scp.stored()) >= len(arrival), 30, lambda: f"queue: {queue_of(box, 'groups')}")
+        received = scp.stored()
+    assert len(received) == len(arrival)
+    associations = {r.association for r in received}
+    assert len(associations) <= 3, f"{len(associations)} associations for {len(arrival)} instances"
+
+    order = {sop_uid(p): i for i, p in enumerate(arrival)}
+    study_of = {**{sop_uid(p): "A" for p in study_a}, **{sop_uid(p): "B" for p in study_b}}
+    for association in associations:
+        sequence = [r.sop_instance_uid for r in received if r.association == association]
+        studies = [study_of[u] for u in sequence]
+        runs = [s for i, s in enumerate(studies) if i == 0 or s != studies[i - 1]]
+        assert len(runs) == len(set(runs)), f"association {association} interleaves studies: {studies}"
+        for study in set(studies):
+            in_study = [order[u] for u in sequence if study_of[u] == study]
+            assert in_study == sorted(in_study), f"study {study} out of arrival order"
+
+
+def test_parallel_associations_up_to_the_destinations_limit(appliance_factory, tmp_path) -> None:
+    """``max_associations: 2`` with three studies queued: two associations work at once, never three."""
+    scp = RecordingSCP("PARALLEL", delay=0.05, keep_datasets=False)
+    box = appliance_factory({
+        "destinations": {"parallel": destination(scp.ae_title, scp.port, max_associations=2)},
+        "routes": [{"send_to": ["parallel"]}],
+    })
+    files = [p for study in (1, 2, 3)
+             for p in write_series(tmp_path / str(study), "parallel", study, 1, Series("CT", 12, 64, 64))]
+    send(box, files)
+    wait_until(lambda: queue_of(box, "parallel")["last_error"], 20, "no failed attempt while the SCP was down")
+    with scp:
+        wait_until(lambda: len(scp.stored()) >= len(files), 30, lambda: f"queue: {queue_of(box, 'parallel')}")
+    assert scp.max_concurrent == 2
+
+
+# ---- 8. one bad destination does not hold up the others ----------------------------------------------
+
+def test_down_or_hung_destination_does_not_block_intake_or_other_destinations(appliance_factory, stack,
+                                                                             tmp_path) -> None:
+    """Routed to three destinations — one fine, one refusing connections, one that accepts TCP
+    and never answers — intake acknowledges everything and the good destination receives it all
+    promptly; the other two keep it pending with their last error visible."""
+    good = stack.enter_context(RecordingSCP("GOOD", keep_datasets=False))
+    hung = stack.enter_context(Blackhole())
+    box = appliance_factory({
+        "destinations": {
+            "good": destination(good.ae_title, good.port),
+            "down": destination("DOWN", closed_port()),
+            "hung": destination("HUNG", hung.port, timeouts={"acse": "20s", "network": "20s", "dimse": "20s"}),
+        },
+        "routes": [{"send_to": ["hung", "down", "good"]}],
+    })
+    files = write_series(tmp_path / "ct", "blocking", 1, 1, Series("CT", 30, 128, 128))
+    send(box, files)
+    sent_at = time.monotonic()
+    wait_until(lambda: len(good.stored()) >= len(files), 15, lambda: f"good has {len(good.stored())}")
+    assert time.monotonic() - sent_at < 10, "the good destination waited on the hung one"
+    assert set(good.stored_uids()) == uids(files)
+
+    down = wait_until(lambda: (q := queue_of(box, "down"))["last_error"] and q, 20, "no error recorded for 'down'")
+    assert down["pending"] + down["in_flight"] == len(files) and down["delivered"] == 0
+    assert down["oldest_pending_age"] is not None and down["oldest_pending_age"] > 0
+    hung_state = queue_of(box, "hung")
+    assert hung_state["pending"] + hung_state["in_flight"] == len(files) and hung_state["delivered"] == 0
+
+    table = box.cli("queue").stdout
+    for name in ("good", "down", "hung"):
+        assert name in table, table
+
+
+# ---- `appliance send` ----------------------------------------------------------------------------
+
+def test_cli_send_imports_files_and_delivers_them(appliance_factory, stack, tmp_path) -> None:
+    """``appliance send DIR --to archive`` imports a directory tree into the running appliance's
+    cache and delivers it to that destination only; ``appliance send FILE`` follows the rules."""
+    central = stack.enter_context(RecordingSCP("CENTRAL", keep_datasets=False))
+    archive = stack.enter_context(RecordingSCP("ARCHIVE", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"central": destination(central.ae_title, central.port),
+                         "archive": destination(archive.ae_title, archive.port)},
+        "routes": [{"send_to": ["central"]}],
+    })
+    tree = tmp_path / "import"
+    files = (write_series(tree / "one", "cli-send", 1, 1, Series("CT", 5, 64, 64))
+             + write_series(tree / "two" / "deeper", "cli-send", 1, 2, Series("CT", 3, 64, 64)))
+    result = box.cli("send", str(tree), "--to", "archive")
+    assert f"imported {len(files)}, skipped 0" in result.stdout, result.stdout + result.stderr
+
+    wait_until(lambda: len(archive.stored()) >= len(files), 30, lambda: f"queue: {queue(box)}")
+    assert set(archive.stored_uids()) == uids(files)
+    assert set(cache_rows(box)) == uids(files)
+    time.sleep(1)
+    assert central.stored() == []  # --to overrides the rules
+    assert {r["destination"] for r in deliveries(box).values()} == {"archive"}
+
+    extra = write_series(tmp_path / "extra", "cli-send", 2, 1, Series("MR", 1, 64, 64))
+    result = box.cli("send", str(extra[0]))
+    assert "imported 1, skipped 0" in result.stdout, result.stdout + result.stderr
+    wait_until(lambda: central.stored_uids() == {sop_uid(extra[0]): 1}, 30, lambda: f"queue: {queue(box)}")
+
+
+# ---- cache lifecycle ---------------------------------------------------------------------------------
+
+def test_delivered_instances_are_evicted_after_retention_undelivered_never(appliance_factory, stack,
+                                                                          tmp_path) -> None:
+    """With ``keep_delivered_for: 1s``, instances delivered everywhere leave the cache a second
+    after delivery (``appliance ls`` shows them evicted); instances whose destination is down stay."""
+    good = stack.enter_context(RecordingSCP("GOOD", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"good": destination(good.ae_title, good.port),
+                         "down": destination("DOWN", closed_port())},
+        "routes": [{"when": {"Modality": "CT"}, "send_to": ["good"]},
+                   {"when": {"Modality": "MR"}, "send_to": ["good", "down"]}],
+        "retention": {"keep_delivered_for": "1s"},
+    })
+    ct = write_series(tmp_path / "ct", "evict", 1, 1, Series("CT", 3, 64, 64))
+    mr = write_series(tmp_path / "mr", "evict", 2, 1, Series("MR", 2, 64, 64), patient="PAT002")
+    send(box, ct + mr)
+    wait_until(lambda: len(good.stored()) >= len(ct) + len(mr), 20, lambda: f"queue: {queue(box)}")
+    index = cache_rows(box)
+    ct_files = {sop_uid(p): Path(index[sop_uid(p)]["path"]) for p in ct}
+    mr_files = [Path(index[sop_uid(p)]["path"]) for p in mr]
+
+    gone_at: dict[str, float] = {}
+
+    def all_gone() -> bool:
+        for uid, path in ct_files.items():
+            if uid not in gone_at and not path.exists():
+                gone_at[uid] = time.time()
+        return len(gone_at) == len(ct_files)
+
+    wait_until(all_gone, 30, lambda: f"still cached: {[p for p in ct_files.values() if p.exists()]}", interval=0.05)
+    delivered = deliveries(box, "good")
+    for uid in ct_files:
+        assert gone_at[uid] >= delivered[uid]["delivered_at"] + 1 - 0.1, "evicted before the retention window"
+    time.sleep(2)
+    assert all(p.exists() for p in mr_files), "an undelivered instance was evicted"
+
+    index = cache_rows(box)
+    assert {index[u]["state"] for u in ct_files} == {"evicted"}
+    assert {index[sop_uid(p)]["state"] for p in mr} == {"cached"}
+    listing = box.cli("ls").stdout
+    ct_study = pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
+    mr_study = pydicom.dcmread(mr[0], stop_before_pixels=True).StudyInstanceUID
+    lines = {line.split()[-1]: line for line in listing.splitlines() if line.strip()}
+    assert "evicted" in lines[ct_study] and "cached" in lines[mr_study], listing
+
+
+# ---- reload on SIGHUP -----------------------------------------------------------------------------
+
+def test_sighup_reload_applies_to_new_work_keeps_associations_and_ignores_invalid_config(appliance_factory, stack,
+                                                                                        tmp_path) -> None:
+    """A valid new configuration sent with SIGHUP while an association is busy routes new
+    instances by the new rules, and the busy association finishes its work undisturbed; an invalid
+    one is logged and changes nothing."""
+    first = stack.enter_context(RecordingSCP("FIRST", delay=0.1, keep_datasets=False))
+    second = stack.enter_context(RecordingSCP("SECOND", keep_datasets=False))
+    destinations = {"first": destination(first.ae_title, first.port),
+                    "second": destination(second.ae_title, second.port)}
+    box = appliance_factory({"destinations": destinations, "routes": [{"send_to": ["first"]}]})
+    batch1 = write_series(tmp_path / "b1", "reload", 1, 1, Series("CT", 20, 64, 64))
+    batch2 = write_series(tmp_path / "b2", "reload", 1, 2, Series("CT", 5, 64, 64))
+    batch3 = write_series(tmp_path / "b3", "reload", 1, 3, Series("CT", 5, 64, 64))
+
+    send(box, batch1)
+    wait_until(lambda: len(first.stored()) >= 3, 20, "forwarding to 'first' did not start")
+    edit_config(box, routes=[{"send_to": ["second"]}])
+    box.reload()
+    time.sleep(1)
+    send(box, batch2)
+    wait_until(lambda: len(first.stored()) >= len(batch1) and len(second.stored()) >= len(batch2), 30,
+               lambda: f"queue: {queue(box)}")
+    assert first.aborts == 0
+    assert all(len(rows) == 1 for rows in attempts(box, "first").values()), "a C-STORE in flight was interrupted"
+    assert set(first.stored_uids()) == uids(batch1) and set(second.stored_uids()) == uids(batch2)
+
+    edit_config(box, routes=[{"send_to": ["nowhere"]}])
+    box.reload()
+    time.sleep(1)
+    assert box.process is not None and box.process.poll() is None
+    assert "nowhere" in box.log()  # the refusal names the problem
+    send(box, batch3)
+    wait_until(lambda: len(second.stored()) >= len(batch2) + len(batch3), 30, lambda: f"queue: {queue(box)}")
+    assert set(first.stored_uids()) == uids(batch1)
