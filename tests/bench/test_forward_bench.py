@@ -1,0 +1,225 @@
+"""Forward benchmark: how long 500 CT take from a modality to the central PACS through the
+appliance, next to sending straight to the PACS and to routing through a second Orthanc.
+
+Run with ``make bench`` (or ``.venv/bin/python -m pytest -m bench -s tests/bench/test_forward_bench.py``).
+Every path ends at a fresh Orthanc (empty storage, ``TCP_NODELAY=1``) on 127.0.0.1; DCMTK
+``storescu`` sends the 500 CT (512×512×16 bit, 0.53 MB each) on one association. The clock
+starts when storescu is started and stops when Orthanc's ``/statistics`` counts 500 instances.
+
+* **direct**: storescu straight into Orthanc;
+* **appliance**: storescu into the appliance, which forwards to Orthanc (``max_associations: 1``);
+  also its intake time (storescu's exit) and its peak RSS (``VmHWM``) during the run;
+* **orthanc-router**: storescu into a second Orthanc whose Lua ``OnStoredInstance`` calls
+  ``SendToModality`` for every instance it receives.
+
+Targets (reported, never asserted): appliance ≤ 1.15 × direct, and ≤ 0.8 × orthanc-router.
+Rounds are interleaved, the order rotated each round, medians reported (``BENCH_ROUNDS``,
+default 3). ``os.sync()`` runs between runs. What is asserted: every instance arrived.
+Results: stdout, ``bench-results/forward.json`` and ``forward.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..corpus import Series, write_series
+from ..pacs import Orthanc, destination, wait_until
+from ..peers import REPO, ApplianceProcess, storescu
+
+pytestmark = pytest.mark.bench
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CT_COUNT = 500
+RESULTS_DIR = REPO / "bench-results"
+TARGET_DIRECT, TARGET_ROUTER = 1.15, 0.8
+
+ROUTER_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if origin["RequestOrigin"] == "DicomProtocol" then
+    SendToModality(instanceId, "central")
+  end
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("forward-bench")
+
+
+@pytest.fixture(scope="module")
+def ct_files(workspace: Path) -> list[Path]:
+    return write_series(workspace / "ct", "forward-bench", 1, 1, Series("CT", CT_COUNT, 512, 512))
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _deliver(sender_port: int, aec: str, files: list[Path], central: Orthanc) -> dict[str, float]:
+    """storescu the files; the time until storescu exits and until Orthanc holds them all."""
+    start = time.monotonic()
+    result = storescu(sender_port, files, aec=aec)
+    sent = time.monotonic() - start
+    assert result.returncode == 0 and len(result.succeeded) == len(files), result.output[-2000:]
+    wait_until(lambda: central.count() >= len(files), 300,
+               lambda: f"Orthanc holds {central.count()} of {len(files)}", interval=0.02)
+    return {"sent_s": sent, "arrived_s": time.monotonic() - start}
+
+
+def run_direct(workdir: Path, files: list[Path]) -> dict[str, float]:
+    with Orthanc(workdir / "central") as central:
+        return _deliver(central.dicom_port, central.ae_title, files, central)
+
+
+def run_appliance(workdir: Path, files: list[Path]) -> dict[str, float]:
+    with Orthanc(workdir / "central") as central:
+        box = ApplianceProcess(workdir / "box", {
+            "destinations": {"central": destination(central.ae_title, central.dicom_port)},
+            "routes": [{"send_to": ["central"]}],
+        }).start()
+        try:
+            assert box.process is not None
+            pid = box.process.pid
+            cpu_before = _cpu_seconds(pid)
+            times = _deliver(box.port, box.ae_title, files, central)
+            times["rss_peak_mb"] = _kib(pid, "VmHWM") / 1024
+            times["cpu_s"] = _cpu_seconds(pid) - cpu_before
+            children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+            times["child_processes"] = len(children)
+            return times
+        finally:
+            box.stop()
+
+
+def run_orthanc_router(workdir: Path, files: list[Path]) -> dict[str, float]:
+    with Orthanc(workdir / "central") as central:
+        modalities = {"central": {"AET": central.ae_title, "Port": central.dicom_port}}
+        with Orthanc(workdir / "router", ae_title="ROUTER", modalities=modalities, lua=ROUTER_LUA) as router:
+            return _deliver(router.dicom_port, router.ae_title, files, central)
+
+
+SCENARIOS: dict[str, Callable[[Path, list[Path]], dict[str, float]]] = {
+    "direct": run_direct,
+    "appliance": run_appliance,
+    "orthanc-router": run_orthanc_router,
+}
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).splitlines()[0].strip()
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "?"
+
+
+@pytest.fixture(scope="module")
+def results() -> Iterator[dict[str, list[dict[str, float]]]]:
+    """Runs per scenario; written out at the end of the module even if a run failed."""
+    collected: dict[str, list[dict[str, float]]] = {name: [] for name in SCENARIOS}
+    started = time.time()
+    load_before = os.getloadavg()[0]
+    yield collected
+    write_report(collected, started, load_before)
+
+
+def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_before: float) -> None:
+    arrived = {name: _median([r["arrived_s"] for r in rs]) for name, rs in runs.items()}
+    appliance = runs["appliance"]
+    summary: dict[str, Any] = {
+        "instances": CT_COUNT,
+        "rounds": ROUNDS,
+        "median_arrived_s": arrived,
+        "inst_per_s": {name: CT_COUNT / t if t == t and t else float("nan") for name, t in arrived.items()},
+        "ratio_appliance_to_direct": arrived["appliance"] / arrived["direct"] if arrived["direct"] else None,
+        "ratio_appliance_to_orthanc_router": (arrived["appliance"] / arrived["orthanc-router"]
+                                              if arrived["orthanc-router"] else None),
+        "appliance_intake_s": _median([r["sent_s"] for r in appliance]),
+        "appliance_rss_peak_mb": max((r["rss_peak_mb"] for r in appliance), default=float("nan")),
+        "appliance_cpu_s": _median([r["cpu_s"] for r in appliance]),
+        "targets": {"appliance_to_direct": TARGET_DIRECT, "appliance_to_orthanc_router": TARGET_ROUTER},
+        "runs": runs,
+        "machine": {
+            "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "orthanc": _version(["Orthanc", "--version"]), "dcmtk": _version(["storescu", "--version"]),
+            "commit": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+            "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+        },
+        "duration_s": time.time() - started,
+    }
+
+    def fmt(value: Any, digits: int = 2) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    rows = [
+        ["direct (storescu → Orthanc)", fmt(arrived["direct"]), fmt(summary["inst_per_s"]["direct"], 1), "1.00", "-"],
+        ["appliance (storescu → appliance → Orthanc)", fmt(arrived["appliance"]),
+         fmt(summary["inst_per_s"]["appliance"], 1), fmt(summary["ratio_appliance_to_direct"]),
+         f"≤ {TARGET_DIRECT}"],
+        ["Orthanc as router (storescu → Orthanc + Lua → Orthanc)", fmt(arrived["orthanc-router"]),
+         fmt(summary["inst_per_s"]["orthanc-router"], 1),
+         fmt(arrived["orthanc-router"] / arrived["direct"] if arrived["direct"] else float("nan")),
+         f"appliance/router = {fmt(summary['ratio_appliance_to_orthanc_router'])} (≤ {TARGET_ROUTER})"],
+    ]
+    m = summary["machine"]
+    lines = [
+        "## Forward benchmark",
+        "",
+        "Reproduce: `make bench` or `.venv/bin/python -m pytest -m bench -s tests/bench/test_forward_bench.py`.",
+        "",
+        f"{CT_COUNT} CT (512×512×16 bit) on one storescu association; time from starting storescu until "
+        f"Orthanc's /statistics counts all {CT_COUNT}; medians of {ROUNDS} interleaved rounds. "
+        f"Machine: {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}, {m['orthanc']}, {m['dcmtk']}; "
+        f"commit {m['commit']}; load average {fmt(m['load_average_before'])} before, "
+        f"{fmt(m['load_average_after'])} after.",
+        "",
+        "| path | seconds to all in Orthanc | inst/s | × direct | target |",
+        "|---|---|---|---|---|",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        f"- Appliance intake (storescu exit): {fmt(summary['appliance_intake_s'])} s; appliance CPU "
+        f"{fmt(summary['appliance_cpu_s'])} s; peak RSS (VmHWM) {fmt(summary['appliance_rss_peak_mb'], 1)} MB.",
+        "- Per run (s): " + "; ".join(f"{name} " + " / ".join(fmt(r["arrived_s"]) for r in rs)
+                                      for name, rs in runs.items()),
+        "",
+    ]
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "forward.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS_DIR / "forward.md").write_text("\n".join(lines))
+    print("\n" + "\n".join(lines), flush=True)
+    print(f"written: {RESULTS_DIR / 'forward.json'}, {RESULTS_DIR / 'forward.md'}", flush=True)
+
+
+def test_forward_500_ct(workspace: Path, ct_files: list[Path], results: dict[str, list[dict[str, float]]]) -> None:
+    """Every path delivers all 500 instances in every round; the times go to the report."""
+    names = list(SCENARIOS)
+    for round_no in range(ROUNDS):
+        order = names[round_no % len(names):] + names[:round_no % len(names)]
+        for name in order:
+            os.sync()
+            run = SCENARIOS[name](workspace / f"{name}-{round_no}", ct_files)
+            results[name].append(run)
+            print(f"round {round_no + 1} {name}: {run}", flush=True)
