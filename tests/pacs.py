@@ -320,13 +320,15 @@ class RecordingSCP:
       * ``status``: what to answer (``0xA900``, ``0xA700``, ``0xB000``...); or ``respond``, a
         function ``(sop_instance_uid, nth_time_seen) -> status`` that overrides it;
       * ``delay``: seconds to wait before answering each C-STORE;
-      * ``transfer_syntaxes`` (at construction): the only syntaxes it accepts.
+      * ``transfer_syntaxes`` (at construction): the only syntaxes it accepts;
+      * ``max_associations`` (at construction): more at once are rejected (transient, local limit).
     """
 
     def __init__(self, ae_title: str = "RECORDER", transfer_syntaxes: Iterable[str] = ALL_TRANSFER_SYNTAXES,
                  sop_classes: Iterable[str] = CORPUS_SOP_CLASSES, status: int = 0x0000, delay: float = 0.0,
-                 keep_datasets: bool = True, port: int | None = None) -> None:
+                 keep_datasets: bool = True, port: int | None = None, max_associations: int = 20) -> None:
         self.ae_title = ae_title
+        self.max_associations = max_associations
         self.port = port or free_port()
         self.transfer_syntaxes = list(transfer_syntaxes)
         self.sop_classes = list(sop_classes)
@@ -347,7 +349,7 @@ class RecordingSCP:
     def start(self) -> RecordingSCP:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0
-        ae.maximum_associations = 20
+        ae.maximum_associations = self.max_associations  # beyond it: rejected (transient)
         ae.network_timeout = 30
         for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class, self.transfer_syntaxes)

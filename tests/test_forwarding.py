@@ -26,6 +26,8 @@ import pydicom
 import pytest
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .corpus import Series, write_series
 from .pacs import (
@@ -404,6 +406,52 @@ def test_no_response_is_delivery_unknown_and_retried_never_success(appliance_fac
     working = stack.enter_context(StoreSCP(tmp_path / "working", ae_title="ABORTS", port=aborting.port))
     wait_until(lambda: set(working.receptions()) >= ids, 30, lambda: f"not delivered: {queue_of(box, 'flaky')}")
     wait_until(lambda: queue_of(box, "flaky")["delivered"] == len(ids), 10, lambda: str(queue_of(box, "flaky")))
+
+
+def test_association_rejected_permanently_is_dead_transiently_is_retried(appliance_factory, stack,
+                                                                        tmp_path) -> None:
+    """A storescp that refuses every association (A-ASSOCIATE-RJ, rejected permanent) makes dead
+    letters at once, re-queued by ``appliance retry`` once a working storescp listens there; an
+    SCP at its association limit (rejected transient) is retried until it has room."""
+    files = write_series(tmp_path / "ct", "rejections", 1, 1, Series("CT", 3, 64, 64))
+    ids = uids(files)
+    refusing = StoreSCP(tmp_path / "refusing", ae_title="REFUSES", flags=["--refuse"]).start()
+    stack.callback(refusing.stop)
+    busy = stack.enter_context(RecordingSCP("BUSY", max_associations=1, keep_datasets=False))
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(Verification)
+    held = holder.associate("127.0.0.1", busy.port, ae_title=busy.ae_title)
+    assert held.is_established
+    stack.callback(lambda: held.release() if held.is_established else None)
+    box = appliance_factory({
+        "destinations": {"refusing": destination("REFUSES", refusing.port),
+                         "busy": destination(busy.ae_title, busy.port)},
+        "routes": [{"send_to": ["refusing", "busy"]}],
+    })
+    send(box, files)
+
+    wait_until(lambda: queue_of(box, "refusing")["dead"] == len(ids), 20,
+               lambda: f"not dead letters: {queue_of(box, 'refusing')}")
+    for rows in attempts(box, "refusing").values():
+        # The first rejection is final (earlier attempts may have met storescp between two associations).
+        rejections = [i for i, a in enumerate(rows) if "reject" in (a["error"] or "")]
+        assert rejections and rejections[0] == len(rows) - 1 and rows[-1]["outcome"] == "dead", \
+            [dict(a) for a in rows]
+    wait_until(lambda: sum(len(r) for r in attempts(box, "busy").values()) >= 2 * len(ids), 20,
+               lambda: f"a busy destination was not retried: {queue_of(box, 'busy')}")
+    assert {a["outcome"] for rows in attempts(box, "busy").values() for a in rows} == {"retry"}
+    state = queue_of(box, "busy")
+    assert state["dead"] == 0 and state["pending"] + state["in_flight"] == len(ids) and state["last_error"], state
+
+    held.release()
+    wait_until(lambda: set(busy.stored_uids()) == ids, 20, lambda: f"not delivered: {queue_of(box, 'busy')}")
+    refusing.stop()
+    working = stack.enter_context(StoreSCP(tmp_path / "working", ae_title="REFUSES", port=refusing.port))
+    time.sleep(1.5)
+    assert working.receptions() == {}, "a dead letter was retried without `appliance retry`"
+    assert re.search(r"\b3\b", box.cli("retry", "refusing").stdout)
+    wait_until(lambda: set(working.receptions()) == ids, 20, lambda: f"not delivered: {queue_of(box, 'refusing')}")
+    assert queue_of(box, "refusing")["dead"] == 0
 
 
 # ---- association use: reuse, grouping by study, parallel limit ----------------------------------------
