@@ -9,8 +9,13 @@ starts when storescu is started and stops when Orthanc's ``/statistics`` counts 
 * **direct**: storescu straight into Orthanc;
 * **appliance**: storescu into the appliance, which forwards to Orthanc (``max_associations: 1``);
   also its intake time (storescu's exit) and its peak RSS (``VmHWM``) during the run;
+* **appliance-intake-only** (a reference): storescu into the appliance with no routes, until
+  storescu exits — what receiving alone costs;
 * **orthanc-router**: storescu into a second Orthanc whose Lua ``OnStoredInstance`` calls
   ``SendToModality`` for every instance it receives.
+* **large instance**: one ~503 MB multi-frame instance (``data.write_large_instance``) through
+  the appliance to a DCMTK storescp: the appliance's peak RSS, which should stay far below the
+  instance's size (chunked receive into the cache, chunked send from it).
 
 Targets (reported, never asserted): appliance ≤ 1.15 × direct, and ≤ 0.8 × orthanc-router.
 Rounds are interleaved, the order rotated each round, medians reported (``BENCH_ROUNDS``,
@@ -33,8 +38,9 @@ from typing import Any
 import pytest
 
 from ..corpus import Series, write_series
-from ..pacs import Orthanc, destination, wait_until
+from ..pacs import Orthanc, StoreSCP, destination, queue_of, wait_until
 from ..peers import REPO, ApplianceProcess, storescu
+from .data import write_large_instance
 
 pytestmark = pytest.mark.bench
 
@@ -110,6 +116,19 @@ def run_appliance(workdir: Path, files: list[Path]) -> dict[str, float]:
             box.stop()
 
 
+def run_intake_only(workdir: Path, files: list[Path]) -> dict[str, float]:
+    """The appliance with no routes: what receiving alone costs, for reading the appliance row."""
+    box = ApplianceProcess(workdir / "box", {}).start()
+    try:
+        start = time.monotonic()
+        result = storescu(box.port, files, aec=box.ae_title)
+        sent = time.monotonic() - start
+        assert result.returncode == 0 and len(result.succeeded) == len(files), result.output[-2000:]
+        return {"sent_s": sent, "arrived_s": sent}
+    finally:
+        box.stop()
+
+
 def run_orthanc_router(workdir: Path, files: list[Path]) -> dict[str, float]:
     with Orthanc(workdir / "central") as central:
         modalities = {"central": {"AET": central.ae_title, "Port": central.dicom_port}}
@@ -121,6 +140,7 @@ SCENARIOS: dict[str, Callable[[Path, list[Path]], dict[str, float]]] = {
     "direct": run_direct,
     "appliance": run_appliance,
     "orthanc-router": run_orthanc_router,
+    "appliance-intake-only": run_intake_only,
 }
 
 
@@ -140,6 +160,7 @@ def _version(argv: list[str]) -> str:
 def results() -> Iterator[dict[str, list[dict[str, float]]]]:
     """Runs per scenario; written out at the end of the module even if a run failed."""
     collected: dict[str, list[dict[str, float]]] = {name: [] for name in SCENARIOS}
+    collected["large-instance"] = []
     started = time.time()
     load_before = os.getloadavg()[0]
     yield collected
@@ -147,7 +168,8 @@ def results() -> Iterator[dict[str, list[dict[str, float]]]]:
 
 
 def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_before: float) -> None:
-    arrived = {name: _median([r["arrived_s"] for r in rs]) for name, rs in runs.items()}
+    arrived = {name: _median([r["arrived_s"] for r in runs[name]]) for name in SCENARIOS}
+    large = runs.get("large-instance") or []
     appliance = runs["appliance"]
     summary: dict[str, Any] = {
         "instances": CT_COUNT,
@@ -183,6 +205,9 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
          fmt(summary["inst_per_s"]["orthanc-router"], 1),
          fmt(arrived["orthanc-router"] / arrived["direct"] if arrived["direct"] else float("nan")),
          f"appliance/router = {fmt(summary['ratio_appliance_to_orthanc_router'])} (≤ {TARGET_ROUTER})"],
+        ["reference: appliance intake only (no routes; storescu exit)", fmt(arrived["appliance-intake-only"]),
+         fmt(summary["inst_per_s"]["appliance-intake-only"], 1),
+         fmt(arrived["appliance-intake-only"] / arrived["direct"] if arrived["direct"] else float("nan")), "-"],
     ]
     m = summary["machine"]
     lines = [
@@ -202,8 +227,10 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
         "",
         f"- Appliance intake (storescu exit): {fmt(summary['appliance_intake_s'])} s; appliance CPU "
         f"{fmt(summary['appliance_cpu_s'])} s; peak RSS (VmHWM) {fmt(summary['appliance_rss_peak_mb'], 1)} MB.",
-        "- Per run (s): " + "; ".join(f"{name} " + " / ".join(fmt(r["arrived_s"]) for r in rs)
-                                      for name, rs in runs.items()),
+        "- Per run (s): " + "; ".join(f"{name} " + " / ".join(fmt(r["arrived_s"]) for r in runs[name])
+                                      for name in SCENARIOS),
+        *[f"- One {fmt(r['size_mb'], 0)} MB instance through the appliance to storescp: {fmt(r['arrived_s'])} s, "
+          f"appliance peak RSS (VmHWM) {fmt(r['rss_peak_mb'], 1)} MB." for r in large],
         "",
     ]
     RESULTS_DIR.mkdir(exist_ok=True)
@@ -223,3 +250,30 @@ def test_forward_500_ct(workspace: Path, ct_files: list[Path], results: dict[str
             run = SCENARIOS[name](workspace / f"{name}-{round_no}", ct_files)
             results[name].append(run)
             print(f"round {round_no + 1} {name}: {run}", flush=True)
+
+
+def test_forward_large_instance_memory(workspace: Path, results: dict[str, list[dict[str, float]]]) -> None:
+    """A ~503 MB instance is received and forwarded whole; the appliance's peak RSS is reported."""
+    large = write_large_instance(workspace / "large" / "large.dcm")
+    os.sync()
+    with StoreSCP(workspace / "large-scp", ae_title="LARGE") as scp:
+        box = ApplianceProcess(workspace / "large-box", {
+            "destinations": {"large": destination(scp.ae_title, scp.port,
+                                                  timeouts={"dimse": "120s", "network": "120s"})},
+            "routes": [{"send_to": ["large"]}],
+        }).start()
+        try:
+            assert box.process is not None
+            start = time.monotonic()
+            result = storescu(box.port, [large])
+            assert result.returncode == 0 and len(result.succeeded) == 1, result.output[-2000:]
+            wait_until(lambda: queue_of(box, "large")["delivered"] == 1, 300,
+                       lambda: f"not delivered: {queue_of(box, 'large')}", interval=0.2)
+            run = {"size_mb": large.stat().st_size / 1e6, "arrived_s": time.monotonic() - start,
+                   "rss_peak_mb": _kib(box.process.pid, "VmHWM") / 1024}
+        finally:
+            box.stop()
+        received = scp.files()
+        assert len(received) == 1 and received[0].stat().st_size >= large.stat().st_size - 1024
+    results["large-instance"].append(run)
+    print(f"large instance: {run}", flush=True)
