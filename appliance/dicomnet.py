@@ -9,15 +9,20 @@ socket, never pynetdicom's classes:
 * a receive that fills one buffer with ``recv_into`` instead of pynetdicom's loop of 4 KiB
   ``recv()`` calls and bytearray appends: on this CPU-bound path it is worth ~15 % of
   receive throughput for CT-sized instances with large PDUs.
+
+:func:`throttle_sends` (also on EVT_CONN_OPEN, for our SCUs) bounds how many PDUs wait to be
+sent, so streaming a large file to a slow peer keeps memory flat.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 import types
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
 # A PDU length comes from the peer: never allocate more than this up front on its word alone.
@@ -39,6 +44,27 @@ def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
             return buffer[:received]
         received += count
     return buffer
+
+
+# P-DATA primitives an association may have waiting to be sent. pynetdicom's chunked send
+# reads the file into PDUs as fast as it can and queues them without limit, so a 500 MB
+# instance to a slow peer would sit in memory; this bounds it to a few PDUs.
+_SEND_QUEUE_LIMIT = 8
+
+
+def _send_pdu_when_room(self: Any, primitive: Any) -> None:
+    """``DULServiceProvider.send_pdu`` that waits while the send queue is full, as long as the
+    DUL thread is alive to drain it (a dead link must not block the sender forever)."""
+    queue = self.to_provider_queue
+    while queue.qsize() >= _SEND_QUEUE_LIMIT and self.is_alive() and not self._kill_thread:
+        time.sleep(0.0005)
+    DULServiceProvider.send_pdu(self, primitive)
+
+
+def throttle_sends(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for our SCUs: bound the memory of a large C-STORE (see above)."""
+    dul = event.assoc.dul
+    dul.send_pdu = types.MethodType(_send_pdu_when_room, dul)  # type: ignore[method-assign]
 
 
 def tune_socket(event: evt.Event) -> None:

@@ -27,17 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from . import rules, statuses
+from . import outgoing, rules, statuses
 from .config import Config, Destination, Retry
 from .db import Database, Work
-from .dicomnet import tune_socket
+from .dicomnet import throttle_sends, tune_socket
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -267,7 +266,7 @@ class Forwarder:
     def _destination_failed(self, name: str, destination: Destination, batch: Sequence[Work], error: str,
                             permanent: bool) -> None:
         if permanent:
-            log.error("%s rejected us permanently (%s): %d instance(s) to the dead letters", name, error, len(batch))
+            log.error("%s refused for good (%s): %d instance(s) to the dead letters", name, error, len(batch))
             for work in batch:
                 self.db.finish(work, "dead", None, error)
             return
@@ -319,13 +318,20 @@ class Forwarder:
         if destination.tls is not None:
             tls_args = (_ssl_context(destination), destination.host)
         assoc = ae.associate(destination.host, destination.port, contexts=contexts, ae_title=destination.ae_title,
-                             tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
+                             tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket), (evt.EVT_CONN_OPEN, throttle_sends)])
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
             result = getattr(rj, "result", None)
             detail = f"association rejected (result {result}, source {getattr(rj, 'result_source', '?')}," \
                      f" reason {getattr(rj, 'diagnostic', '?')})"
             raise AssociationFailed(detail, permanent=result == statuses.REJECTED_PERMANENT)
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # pynetdicom aborts when the peer accepts none of our contexts: no retry will change that.
+            classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+            raise AssociationFailed(f"{destination.ae_title} accepted no presentation context for "
+                                    f"{', '.join(UID(c).name for c in classes)} in the instance's own or an"
+                                    " uncompressed transfer syntax", permanent=True)
         if not assoc.is_established:
             raise AssociationFailed(f"no association with {destination.ae_title}@{destination.host}:"
                                     f"{destination.port} (refused, timed out or aborted)")
@@ -339,18 +345,14 @@ class Forwarder:
         syntaxes = [str(cx.transfer_syntax[0]) for cx in accepted]
         edits = _edits_for(work, name)
         transcoded = False
+        temporary: Path | None = None
         try:
             if work.transfer_syntax in syntaxes and not edits:
                 payload: Path | Dataset = Path(work.path)
             elif work.transfer_syntax in syntaxes:
-                payload = pydicom.dcmread(work.path)
-                rules.apply_edits(payload, edits)
+                payload = temporary = outgoing.edited_copy(Path(work.path), edits, self.store.outgoing)
             elif any(s in syntaxes for s in map(str, _UNCOMPRESSED)):
-                payload = pydicom.dcmread(work.path)
-                if payload.file_meta.TransferSyntaxUID.is_compressed:
-                    payload.decompress()  # to Explicit VR Little Endian (pylibjpeg/pyjpegls decoders)
-                    transcoded = True
-                rules.apply_edits(payload, edits)
+                payload, transcoded = outgoing.decoded(Path(work.path), edits)
             else:
                 error = (f"{destination.ae_title} accepted no presentation context for SOP class {work.sop_class_uid}"
                          f" ({UID(work.sop_class_uid).name}) with transfer syntax {work.transfer_syntax} or an"
@@ -373,6 +375,9 @@ class Forwarder:
         except (OSError, RuntimeError, ValueError, AttributeError) as exc:
             return self._retry_or_give_up(destination, work, "unknown", None, f"send failed: {exc}",
                                           time.time() + backoff(destination.retry, work.attempts + 1))
+        finally:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
         if "Status" not in response:
             # No response: aborted, timed out or the connection broke. The PACS may or may not have
             # it; send it again on a fresh association.

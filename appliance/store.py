@@ -3,6 +3,7 @@
 Layout under the data directory::
 
     incoming/                      files being received (pynetdicom streams each C-STORE here)
+    outgoing/                      edited copies being sent (removed after the send)
     cache/<StudyUID>/<SOPUID>.<sha256[:12]>.dcm
 
 A file enters the cache durably: its data is fsync'd, it is renamed into its study directory
@@ -69,11 +70,16 @@ class Store:
         self.root = root
         self.incoming = root / "incoming"
         self.cache = root / "cache"
+        # Edited copies on their way to a destination (see outgoing.py).
+        self.outgoing = root / "outgoing"
 
     def prepare(self) -> None:
-        """Create the tree and empty ``incoming/``: what is there was never acknowledged."""
-        for path in (self.root, self.incoming, self.cache):
+        """Create the tree; empty ``incoming/`` (what is there was never acknowledged) and
+        ``outgoing/`` (copies made for sends that a stop interrupted)."""
+        for path in (self.root, self.incoming, self.cache, self.outgoing):
             path.mkdir(parents=True, exist_ok=True)
+        for stale in self.outgoing.iterdir():
+            stale.unlink()
         leftovers = list(self.incoming.iterdir())
         for entry in leftovers:
             if entry.is_dir():
