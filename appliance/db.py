@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,8 +198,6 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
-        # Called after a commit that queued work, so this process's forwarder need not poll.
-        self.on_queued: list[Callable[[], None]] = []
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -269,12 +267,6 @@ class Database:
                                            (instance.sop_instance_uid,)).fetchone()[0]
                 for delivery in deliveries:
                     self._queue(conn, instance_id, instance.study_instance_uid, delivery, instance.received_at)
-        if deliveries:
-            self._queued()
-
-    def _queued(self) -> None:
-        for listener in self.on_queued:
-            listener()
 
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
         """A repeated C-STORE that did not replace the cached copy (kept-first or rejected)."""
@@ -428,7 +420,6 @@ class Database:
                 "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?, next_attempt_at = ?"
                 " WHERE state = 'dead' AND (? IS NULL OR destination = ?)", (now, now, destination, destination),
             ).rowcount
-        self._queued()
         return int(count)
 
     def queue_summaries(self, destinations: Sequence[str]) -> list[QueueSummary]:

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 200  # deliveries claimed at once (one study); the association outlives the batch
 IDLE_RELEASE = 5.0  # seconds an association stays open without work
-POLL = 0.5  # seconds between looks at the queue when nothing woke a worker
+# Seconds between looks at the queue. Intake runs in another process and writes only to the
+# database, so this is how new work is found; an indexed read, cheap enough at this rate.
+POLL = 0.1
 MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -121,7 +123,7 @@ class Forwarder:
             thread.join(max(0.1, deadline - time.monotonic()))
 
     def wake(self) -> None:
-        """New work may be queued (called after intake commits, retries, releases)."""
+        """New work may be queued (after a release of stable studies, a reload, a stop)."""
         with self._wake:
             self._wake.notify_all()
 
