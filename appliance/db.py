@@ -163,19 +163,6 @@ class Work:
 
 
 @dataclass(frozen=True)
-class Attempt:
-    """The outcome of one try at a delivery (see ``Database.record``)."""
-
-    work: Work
-    outcome: str  # delivered | retry | dead | unknown
-    status: int | None
-    error: str | None
-    next_attempt_at: float | None
-    transcoded: bool
-    at: float
-
-
-@dataclass(frozen=True)
 class QueueSummary:
     """One destination's queue, as ``appliance queue`` shows it."""
 
@@ -376,12 +363,10 @@ class Database:
         row = self.query("SELECT min(release_at) FROM holds WHERE state = 'waiting'")[0]
         return None if row[0] is None else float(row[0])
 
-    def claim(self, destination: str, now: float, limit: int, record: Sequence[Attempt] = ()) -> list[Work]:
+    def claim(self, destination: str, now: float, limit: int) -> list[Work]:
         """Take, atomically, the due pending deliveries of the study that has waited longest for
-        this destination, in arrival order, and mark them in flight; in the same commit, record
-        the ``record`` attempts of the previous batch."""
+        this destination, in arrival order, and mark them in flight."""
         with self.transaction() as conn:
-            self._record(conn, record)
             first = conn.execute(
                 "SELECT study_instance_uid FROM deliveries WHERE destination = ? AND state = 'pending'"
                 " AND next_attempt_at <= ? ORDER BY id LIMIT 1", (destination, now),
@@ -415,26 +400,17 @@ class Database:
                next_attempt_at: float | None = None, transcoded: bool = False) -> None:
         """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
         pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``)."""
-        self.record([Attempt(work, outcome, status, error, next_attempt_at, transcoded, time.time())])
-
-    def record(self, attempts: Sequence[Attempt]) -> None:
-        """Record attempts in one transaction (the forwarder batches its successes: a mark lost
-        to a crash only means the instance is sent again, which C-STORE tolerates)."""
+        now = time.time()
+        state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
         with self.transaction() as conn:
-            self._record(conn, attempts)
-
-    @staticmethod
-    def _record(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> None:
-        for a in attempts:
-            state = {"delivered": "delivered", "dead": "dead"}.get(a.outcome, "pending")
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
                 " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ?",
-                (state, a.status, a.error, a.next_attempt_at or a.at, a.at if state == "delivered" else None,
-                 int(a.transcoded), a.work.delivery_id),
+                (state, status, error, next_attempt_at or now, now if state == "delivered" else None,
+                 int(transcoded), work.delivery_id),
             )
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) VALUES (?, ?, ?, ?, ?)",
-                         (a.work.delivery_id, a.at, a.outcome, a.status, a.error))
+                         (work.delivery_id, now, outcome, status, error))
 
     def retry_dead(self, destination: str | None) -> int:
         """Dead letters back to pending (all destinations when ``destination`` is None)."""

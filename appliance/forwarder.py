@@ -35,7 +35,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from . import outgoing, rules, statuses
 from .config import Config, Destination, Retry
-from .db import Attempt, Database, Work
+from .db import Database, Work
 from .dicomnet import throttle_sends, tune_socket
 from .store import Store
 
@@ -46,8 +46,6 @@ IDLE_RELEASE = 5.0  # seconds an association stays open without work
 # Seconds between looks at the queue. Intake runs in another process and writes only to the
 # database, so this is how new work is found; an indexed read, cheap enough at this rate.
 POLL = 0.1
-RECORD_EVERY = 100  # successes recorded at least this often ...
-RECORD_WITHIN = 1.0  # ... and within this many seconds
 MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -192,9 +190,6 @@ class Forwarder:
 
     def _work(self, name: str, index: int) -> None:
         link: _Link | None = None
-        # Successes not yet recorded. They are written with the next claim (one commit) or
-        # before the worker idles: a mark lost to a crash only means the instance is sent again.
-        delivered: list[Attempt] = []
         try:
             while not self._stop.is_set():
                 destination = self.config.destinations.get(name)
@@ -205,30 +200,19 @@ class Forwarder:
                 blocked = self._blocked_until.get(name, 0.0)
                 if now < blocked:
                     link = self._close(link)
-                    self._flush(delivered)
                     self._sleep(blocked - now)
                     continue
                 # Look before claiming: an idle worker should not take the write lock every poll.
                 due = self.db.next_due(name)
-                batch: list[Work] = []
-                if due is not None and due <= now:
-                    batch = self.db.claim(name, now, BATCH, record=delivered)
-                    delivered.clear()  # recorded by that same commit
+                batch = self.db.claim(name, now, BATCH) if due is not None and due <= now else []
                 if not batch:
-                    self._flush(delivered)
                     if link is not None and now - link.last_used > IDLE_RELEASE:
                         link = self._close(link)
                     self._sleep(min(POLL, due - now) if due is not None and due > now else POLL)
                     continue
-                link = self._send_batch(name, destination, batch, link, delivered)
+                link = self._send_batch(name, destination, batch, link)
         finally:
-            self._flush(delivered)
             self._close(link)
-
-    def _flush(self, delivered: list[Attempt]) -> None:
-        if delivered:
-            self.db.record(delivered)
-            delivered.clear()
 
     @staticmethod
     def _close(link: _Link | None) -> None:
@@ -240,8 +224,7 @@ class Forwarder:
                  time.time() - link.opened, link.delivered, link.failed)
         return None
 
-    def _send_batch(self, name: str, destination: Destination, batch: list[Work], link: _Link | None,
-                    delivered: list[Attempt]) -> _Link | None:
+    def _send_batch(self, name: str, destination: Destination, batch: list[Work], link: _Link | None) -> _Link | None:
         started = time.monotonic()
         wanted = self._contexts_for(batch)
         if link is not None and (not link.assoc.is_established or not wanted <= link.proposed):
@@ -253,34 +236,28 @@ class Forwarder:
                 self._destination_failed(name, destination, batch, str(exc), permanent=exc.permanent)
                 return None
         counts = {"delivered": 0, "retry": 0, "dead": 0, "unknown": 0}
-        try:
-            for position, work in enumerate(batch):
-                if self._stop.is_set():
-                    self.db.unclaim(batch[position:])
-                    break
-                outcome = self._send_one(name, destination, link, work, delivered)
-                if len(delivered) >= RECORD_EVERY or (delivered and time.time() - delivered[0].at > RECORD_WITHIN):
-                    self._flush(delivered)
-                counts[outcome] += 1
-                if outcome == "delivered":
-                    link.delivered += 1
-                else:
-                    link.failed += 1
-                if outcome in ("retry", "unknown") or not link.assoc.is_established:
-                    # The peer is refusing or the link is gone: the rest waits for the backoff.
-                    rest = batch[position + 1:]
-                    if rest:
-                        self.db.unclaim(rest)
-                    link = self._close(link)
-                    if outcome in ("retry", "unknown"):
-                        self._failures[name] = self._failures.get(name, 0) + 1
-                        self._blocked_until[name] = time.time() + backoff(destination.retry, self._failures[name])
-                    break
+        for position, work in enumerate(batch):
+            if self._stop.is_set():
+                self.db.unclaim(batch[position:])
+                break
+            outcome = self._send_one(name, destination, link, work)
+            counts[outcome] += 1
+            if outcome == "delivered":
+                link.delivered += 1
             else:
-                self._failures[name] = 0
-        finally:
-            if counts["delivered"] < len(batch):  # something went wrong: keep the record exact now
-                self._flush(delivered)
+                link.failed += 1
+            if outcome in ("retry", "unknown") or not link.assoc.is_established:
+                # The peer is refusing or the link is gone: the rest waits for the backoff.
+                rest = batch[position + 1:]
+                if rest:
+                    self.db.unclaim(rest)
+                link = self._close(link)
+                if outcome in ("retry", "unknown"):
+                    self._failures[name] = self._failures.get(name, 0) + 1
+                    self._blocked_until[name] = time.time() + backoff(destination.retry, self._failures[name])
+                break
+        else:
+            self._failures[name] = 0
         if link is not None:
             link.last_used = time.time()
         log.debug("%s: %d delivered, %d to retry, %d dead, %d unknown of study %s in %.2f s", name,
@@ -364,10 +341,8 @@ class Forwarder:
         now = time.time()
         return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now)
 
-    def _send_one(self, name: str, destination: Destination, link: _Link, work: Work,
-                  delivered: list[Attempt]) -> str:
-        """Send one instance; record the attempt (a success is appended to ``delivered``, for
-        the caller to record); return its outcome."""
+    def _send_one(self, name: str, destination: Destination, link: _Link, work: Work) -> str:
+        """Send one instance; record the attempt; return its outcome."""
         accepted = [cx for cx in link.assoc.accepted_contexts if cx.abstract_syntax == work.sop_class_uid]
         syntaxes = [str(cx.transfer_syntax[0]) for cx in accepted]
         edits = _edits_for(work, name)
@@ -417,7 +392,7 @@ class Forwarder:
         outcome = statuses.store_outcome(status)
         comment = str(response.get("ErrorComment", "") or "")
         if outcome == "delivered":
-            delivered.append(Attempt(work, "delivered", status, None, None, transcoded, time.time()))
+            self.db.finish(work, "delivered", status, None, transcoded=transcoded)
             return "delivered"
         error = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
         if outcome == "dead":
