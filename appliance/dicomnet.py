@@ -46,18 +46,21 @@ def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
     return buffer
 
 
-# P-DATA primitives an association may have waiting to be sent. pynetdicom's chunked send
-# reads the file into PDUs as fast as it can and queues them without limit, so a 500 MB
-# instance to a slow peer would sit in memory; this bounds it to a few PDUs.
-_SEND_QUEUE_LIMIT = 8
+# Bytes of PDUs an association may have waiting to be sent. pynetdicom's chunked send reads
+# the file into PDUs as fast as it can and queues them without limit, so a 500 MB instance to
+# a slow peer would sit in memory. A CT slice fits well under the bound, so the common case
+# never waits.
+_SEND_QUEUE_BYTES = 4 * 2**20
 
 
 def _send_pdu_when_room(self: Any, primitive: Any) -> None:
     """``DULServiceProvider.send_pdu`` that waits while the send queue is full, as long as the
     DUL thread is alive to drain it (a dead link must not block the sender forever)."""
     queue = self.to_provider_queue
-    while queue.qsize() >= _SEND_QUEUE_LIMIT and self.is_alive() and not self._kill_thread:
-        time.sleep(0.0005)
+    peer_pdu = self.assoc.acceptor.maximum_length or _SEND_QUEUE_BYTES  # 0: the peer set no limit
+    limit = max(4, _SEND_QUEUE_BYTES // max(peer_pdu, 4096))
+    while queue.qsize() >= limit and self.is_alive() and not self._kill_thread:
+        time.sleep(0.002)
     DULServiceProvider.send_pdu(self, primitive)
 
 
