@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,3 +31,15 @@ def appliance_factory(tmp_path: Path) -> Iterator[Callable[..., ApplianceProcess
     yield make
     for box in made:
         box.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 MB filesystem of its own (tmpfs), so "full" is real and nobody else's."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs and needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -205,18 +205,6 @@ def test_source_network_allow_list(appliance_factory) -> None:
 
 # ---- a full disk ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 64 MB filesystem of its own (tmpfs), so "full" is real and nobody else's."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.fail("this test mounts a tmpfs and needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, small_disk) -> None:
     box = appliance_factory({"storage": {"path": str(small_disk / "data"), "disk": {"min_free": "40MB"}}})
     datasets = [make_instance("disk", 1, 1, n, Series("CT", 3, 512, 512)) for n in (1, 2, 3)]

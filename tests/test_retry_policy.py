@@ -1,0 +1,98 @@
+"""The destination's retry policy gives up: after ``max_attempts`` attempts, or once a queued
+instance is older than ``give_up_after`` — then it is a dead letter with the reason, and
+``appliance retry`` brings it back. And the cache's high watermark evicts only what is
+delivered."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+from .corpus import Series, write_series
+from .pacs import RecordingSCP, as_status, attempts, closed_port, deliveries, destination, sop_uid, wait_until
+from .peers import storescu
+
+
+def test_max_attempts_then_dead_letter_then_retry(appliance_factory, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        scp = stack.enter_context(RecordingSCP("BUSYPACS", status=0xA700))  # out of resources, always
+        box = appliance_factory({
+            "destinations": {"busy": destination(scp.ae_title, scp.port, retry={
+                "initial_delay": "0.2s", "max_delay": "0.5s", "max_attempts": 3})},
+            "routes": [{"send_to": ["busy"]}],
+        })
+        files = write_series(tmp_path / "ct", "giveup", 1, 1, Series("CT", 1, 64, 64))
+        assert not storescu(box.port, files).failed
+        uid = sop_uid(files[0])
+
+        wait_until(lambda: deliveries(box, "busy")[uid]["state"] == "dead", 30,
+                   lambda: f"never given up: {dict(deliveries(box, 'busy')[uid])}")
+        row = deliveries(box, "busy")[uid]
+        assert row["attempts"] == 3
+        assert "gave up after 3 attempts" in row["last_error"] and "0xA700" in row["last_error"]
+        assert [as_status(a["status"]) for a in attempts(box, "busy")[uid]] == [0xA700] * 3
+
+        scp.status = 0x0000
+        assert "1 dead letter(s)" in box.cli("retry", "busy").stdout
+        wait_until(lambda: deliveries(box, "busy")[uid]["state"] == "delivered", 30,
+                   lambda: f"not delivered after retry: {dict(deliveries(box, 'busy')[uid])}")
+
+
+def test_give_up_after_a_duration(appliance_factory, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        scp = stack.enter_context(RecordingSCP("SLOWPACS", status=0xA700))
+        box = appliance_factory({
+            "destinations": {"slow": destination(scp.ae_title, scp.port, retry={
+                "initial_delay": "0.3s", "max_delay": "0.5s", "give_up_after": "2s"})},
+            "routes": [{"send_to": ["slow"]}],
+        })
+        files = write_series(tmp_path / "ct", "duration", 1, 1, Series("CT", 1, 64, 64))
+        assert not storescu(box.port, files).failed
+        uid = sop_uid(files[0])
+
+        wait_until(lambda: deliveries(box, "slow")[uid]["state"] == "dead", 30,
+                   lambda: f"never given up: {dict(deliveries(box, 'slow')[uid])}")
+        row = deliveries(box, "slow")[uid]
+        assert row["attempts"] >= 2, "it must have been retried before the duration ran out"
+        assert "gave up after" in row["last_error"]
+        history = attempts(box, "slow")[uid]
+        assert history[-1]["at"] - row["created_at"] >= 2.0
+
+
+def test_above_high_watermark_delivered_are_evicted_oldest_first_undelivered_never(
+        appliance_factory, small_disk: Path, tmp_path: Path) -> None:
+    """On a real 64 MB filesystem: above ``evict_above`` the delivered instances go, oldest
+    first, long before ``keep_delivered_for``; the ones whose destination is down all stay."""
+    import sqlite3
+
+    with ExitStack() as stack:
+        scp = stack.enter_context(RecordingSCP("PACS"))
+        box = appliance_factory({
+            "storage": {"path": str(small_disk / "data"), "disk": {"min_free": "0%", "evict_above": "25%"}},
+            "destinations": {"pacs": destination(scp.ae_title, scp.port),
+                             "down": destination("DOWN", closed_port())},
+            "routes": [{"when": {"SeriesNumber": 1}, "send_to": ["pacs"]},
+                       {"when": {"SeriesNumber": 2}, "send_to": ["down"]}],
+            "retention": {"keep_delivered_for": "1d"},
+        })
+        delivered = write_series(tmp_path / "s1", "evict", 1, 1, Series("CT", 20, 512, 512))
+        waiting = write_series(tmp_path / "s2", "evict", 1, 2, Series("CT", 10, 512, 512))
+        assert not storescu(box.port, delivered + waiting).failed
+        wait_until(lambda: len(scp.stored_uids()) == 20, 30, lambda: f"delivered {len(scp.stored_uids())}")
+        (small_disk / "ballast").write_bytes(b"\0" * 10_000_000)  # now above 25 % of 64 MB
+
+        def states() -> dict[str, str]:
+            with sqlite3.connect(small_disk / "data" / "appliance.db") as conn:
+                return dict(conn.execute("SELECT sop_instance_uid, state FROM instances").fetchall())
+
+        wait_until(lambda: list(states().values()).count("evicted") >= 10, 40,
+                   lambda: f"not evicted: {states()}")
+        now = states()
+        assert all(now[sop_uid(p)] == "cached" for p in waiting), "an undelivered instance was evicted"
+        evicted = [sop_uid(p) for p in delivered if now[sop_uid(p)] == "evicted"]
+        kept = [sop_uid(p) for p in delivered if now[sop_uid(p)] == "cached"]
+        order = [sop_uid(p) for p in delivered]
+        # oldest delivered first: everything evicted was delivered before everything kept
+        assert not kept or max(map(order.index, evicted)) < min(map(order.index, kept))
+        files = {p.name for p in (small_disk / "data" / "cache").rglob("*.dcm")}
+        assert len(files) == len(now) - len(evicted)
