@@ -1,0 +1,68 @@
+"""`appliance run` is a small process tree: the receiver, and a forwarder child it supervises.
+A child that dies is restarted and its work goes on; a kill -9 of the parent (a power cut of
+the software) leaves no orphan behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from .corpus import Series, write_series
+from .pacs import RecordingSCP, destination, wait_until
+from .peers import free_port, storescu
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def forwarder_pid(pid: int) -> int | None:
+    for child in children(pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+            return child
+    return None
+
+
+def test_dead_forwarder_is_restarted_and_forwards(appliance_factory, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        scp = stack.enter_context(RecordingSCP("PACS"))
+        box = appliance_factory({"destinations": {"pacs": destination(scp.ae_title, scp.port)},
+                                 "routes": [{"send_to": ["pacs"]}]})
+        assert box.process is not None
+        first = forwarder_pid(box.process.pid)
+        assert first is not None, "the forwarder runs in a child process"
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
+                   lambda: "the forwarder was not restarted")
+        assert "forwarder (pid" in box.log() and "died" in box.log()
+
+        files = write_series(tmp_path / "ct", "restart", 1, 1, Series("CT", 3, 64, 64))
+        assert not storescu(box.port, files).failed
+        wait_until(lambda: len(scp.stored_uids()) == 3, 20, lambda: f"delivered {scp.stored_uids()}")
+
+
+def test_kill_9_of_the_parent_leaves_no_orphan(appliance_factory, tmp_path: Path) -> None:
+    box = appliance_factory({"print": {"enabled": True, "bind_address": "127.0.0.1", "port": free_port(),
+                                       "printers": {"archive": {"ae_title": "ARCHIVE", "backend": "directory",
+                                                                "directory": str(tmp_path / "films")}}}})
+    assert box.process is not None
+    wait_until(lambda: len(children(box.process.pid)) >= 2, 20,  # type: ignore[union-attr]
+               lambda: f"expected the forwarder and print children: {children(box.process.pid)}")  # type: ignore[union-attr]
+    tree = children(box.process.pid)
+    box.kill()
+
+    def alive() -> list[int]:
+        # a zombie is dead, only not yet reaped by init
+        return [c for c in tree if Path(f"/proc/{c}").exists()
+                and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive() == [], f"children outlived the parent: {alive()}"
