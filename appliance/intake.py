@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from . import rules
 from .config import Config
 from .db import Database, Delivery, Instance
+from .rules import Origin
 from .store import Store, digest_and_sync
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,6 @@ log = logging.getLogger(__name__)
 # test any tag, so with routes the whole header (up to the pixels) is read.
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "StudyDate",
                "AccessionNumber", "Modality", "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID"]
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where an instance came from: the association that sent it (or the CLI import)."""
-
-    calling_ae: str
-    called_ae: str
-    source_ip: str
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .config import Config
 from .db import open_database
-from .intake import Intake, Origin
+from .intake import Intake
+from .rules import Origin
 from .store import Store
 
 

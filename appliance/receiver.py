@@ -35,7 +35,8 @@ from . import statuses
 from .config import Config
 from .db import Database
 from .dicomnet import tune_socket
-from .intake import Intake, Origin
+from .intake import Intake
+from .rules import Origin
 from .store import Store
 
 log = logging.getLogger(__name__)
