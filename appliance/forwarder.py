@@ -278,18 +278,24 @@ class Forwarder:
         log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
                     name, error, delay, len(batch))
         for work in batch:
-            self._retry_or_give_up(destination, work, "retry", None, error, self._blocked_until[name])
+            self._retry_or_give_up(name, destination, work, "retry", None, error, self._blocked_until[name])
 
-    def _retry_or_give_up(self, destination: Destination, work: Work, outcome: str, status: int | None,
-                          error: str, next_attempt_at: float) -> str:
+    def _dead(self, name: str, work: Work, status: int | None, error: str) -> str:
+        log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
+        self.db.finish(work, "dead", status, error)
+        return "dead"
+
+    def _retry_or_give_up(self, name: str, destination: Destination, work: Work, outcome: str, status: int | None,
+                          error: str, next_attempt_at: float | None = None) -> str:
+        """Back to the queue after the backoff (or at ``next_attempt_at``), unless the retry
+        policy gives up: then a dead letter."""
         policy = destination.retry
         attempts = work.attempts + 1
         expired = time.time() - work.created_at >= policy.give_up_after
         if (policy.max_attempts and attempts >= policy.max_attempts) or expired:
-            reason = f"gave up after {attempts} attempts: {error}"
-            log.error("dead letter %s for %s: %s", work.sop_instance_uid, destination.ae_title, reason)
-            self.db.finish(work, "dead", status, reason)
-            return "dead"
+            return self._dead(name, work, status, f"gave up after {attempts} attempts: {error}")
+        if next_attempt_at is None:
+            next_attempt_at = time.time() + backoff(policy, attempts)
         self.db.finish(work, outcome, status, error, next_attempt_at)
         return outcome
 
@@ -359,24 +365,16 @@ class Forwarder:
                 error = (f"{destination.ae_title} accepted no presentation context for SOP class {work.sop_class_uid}"
                          f" ({UID(work.sop_class_uid).name}) with transfer syntax {work.transfer_syntax} or an"
                          " uncompressed one")
-                log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
-                self.db.finish(work, "dead", None, error)
-                return "dead"
+                return self._dead(name, work, None, error)
         except FileNotFoundError as exc:
-            error = f"cached file is missing: {exc}"
-            log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
-            self.db.finish(work, "dead", None, error)
-            return "dead"
+            return self._dead(name, work, None, f"cached file is missing: {exc}")
         except Exception as exc:  # noqa: BLE001 - a decoder or an edit that fails is that instance's problem
-            error = f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}"
-            log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
-            self.db.finish(work, "dead", None, error)
-            return "dead"
+            return self._dead(name, work, None,
+                              f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}")
         try:
             response = link.assoc.send_c_store(payload)
         except (OSError, RuntimeError, ValueError, AttributeError) as exc:
-            return self._retry_or_give_up(destination, work, "unknown", None, f"send failed: {exc}",
-                                          time.time() + backoff(destination.retry, work.attempts + 1))
+            return self._retry_or_give_up(name, destination, work, "unknown", None, f"send failed: {exc}")
         finally:
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
@@ -385,9 +383,8 @@ class Forwarder:
             # it; send it again on a fresh association.
             if link.assoc.is_established:
                 link.assoc.abort()
-            return self._retry_or_give_up(destination, work, "unknown", None,
-                                          "no C-STORE response (abort, timeout or connection lost)",
-                                          time.time() + backoff(destination.retry, work.attempts + 1))
+            return self._retry_or_give_up(name, destination, work, "unknown", None,
+                                          "no C-STORE response (abort, timeout or connection lost)")
         status = int(response.Status)
         outcome = statuses.store_outcome(status)
         comment = str(response.get("ErrorComment", "") or "")
@@ -396,11 +393,8 @@ class Forwarder:
             return "delivered"
         error = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
         if outcome == "dead":
-            log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
-            self.db.finish(work, "dead", status, error)
-            return "dead"
-        return self._retry_or_give_up(destination, work, "retry", status, error,
-                                      time.time() + backoff(destination.retry, work.attempts + 1))
+            return self._dead(name, work, status, error)
+        return self._retry_or_give_up(name, destination, work, "retry", status, error)
 
 
 def _edits_for(work: Work, destination: str) -> tuple[rules.TagEdit, ...]:
