@@ -234,11 +234,6 @@ class Database:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
 
-    def integrity_check(self) -> str:
-        return str(self.query("PRAGMA integrity_check")[0][0])
-
-    # ---- the cache index ------------------------------------------------------------------
-
     def find_instance(self, sop_instance_uid: str) -> Instance | None:
         rows = self.query(
             f"SELECT {', '.join(_INSTANCE_COLUMNS)} FROM instances WHERE sop_instance_uid = ? AND state = 'cached'",
@@ -313,17 +308,8 @@ class Database:
              instance.size, instance.sha256),
         )
 
-    def receptions(self, sop_instance_uid: str) -> list[sqlite3.Row]:
-        return self.query(
-            "SELECT at, outcome, calling_ae, source_ip, size, sha256 FROM receptions"
-            " WHERE sop_instance_uid = ? ORDER BY id", (sop_instance_uid,)
-        )
-
     def cached_paths(self) -> set[str]:
         return {row[0] for row in self.query("SELECT path FROM instances WHERE state = 'cached'")}
-
-    def count_instances(self) -> int:
-        return int(self.query("SELECT count(*) FROM instances WHERE state = 'cached'")[0][0])
 
     def studies(self) -> list[StudySummary]:
         rows = self.query(
