@@ -1,4 +1,6 @@
-"""Socket tuning for pynetdicom associations, in both directions (our SCPs and our SCUs).
+"""pynetdicom as every part of the appliance uses it: :func:`application_entity` makes the AE
+(with pynetdicom's loops made event-driven, see ``reactor.py``), and the handlers below tune
+each association's socket, in both directions (our SCPs and our SCUs).
 
 Bound as an ``EVT_CONN_OPEN`` handler, :func:`tune_socket` changes only the one association's
 socket, never pynetdicom's classes:
@@ -21,9 +23,18 @@ import time
 import types
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
+
+from . import reactor
+
+
+def application_entity(ae_title: str) -> AE:
+    """A pynetdicom AE, in a process whose association loops wait on events (``reactor.py``)."""
+    reactor.install()
+    return AE(ae_title=ae_title)
+
 
 # A PDU length comes from the peer: never allocate more than this up front on its word alone.
 _PREALLOCATE_LIMIT = 16 * 2**20

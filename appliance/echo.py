@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .dicomnet import tune_socket
+from .dicomnet import application_entity, tune_socket
 
 
 def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout: float = 10.0) -> tuple[bool, str]:
     """Returns (success, a one-line account for the user)."""
-    ae = AE(ae_title=calling_ae)
+    ae = application_entity(calling_ae)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])

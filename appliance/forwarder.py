@@ -29,14 +29,14 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from . import outgoing, rules, statuses
 from .config import Config, Destination, Retry
 from .db import Database, Work
-from .dicomnet import throttle_sends, tune_socket
+from .dicomnet import application_entity, throttle_sends, tune_socket
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ class Forwarder:
 
     def _associate(self, destination: Destination, wanted: set[tuple[str, str]]) -> _Link:
         calling = destination.calling_ae or self.config.node.ae_title
-        ae = AE(ae_title=calling)
+        ae = application_entity(calling)
         ae.connection_timeout = destination.timeouts.connect
         ae.acse_timeout = destination.timeouts.acse
         ae.dimse_timeout = destination.timeouts.dimse

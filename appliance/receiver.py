@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import statuses
 from .config import Config
 from .db import Database
-from .dicomnet import tune_socket
+from .dicomnet import application_entity, tune_socket
 from .intake import Intake
 from .rules import Origin
 from .store import Store
@@ -83,7 +83,7 @@ class Receiver:
         # cache's filesystem, so admitting a file is a rename.
         tempfile.tempdir = str(self.store.incoming)
 
-        ae = AE(ae_title=node.ae_title)
+        ae = application_entity(node.ae_title)
         ae.add_supported_context(Verification, _ALL_UNCOMPRESSED)
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu

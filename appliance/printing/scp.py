@@ -18,13 +18,14 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import N_ACTION, N_CREATE, N_DELETE, N_GET, N_SET
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .. import __version__
+from ..dicomnet import application_entity
 from . import model, statuses
 from .backends import PrinterState
 from .errors import PrintError
@@ -58,7 +59,7 @@ class PrintSCP:
         titles = [p.ae_title.strip() for p in self.config.printers.values()]
         if not titles:
             raise ValueError("print SCP: no printers configured")
-        ae = AE(ae_title=titles[0])
+        ae = application_entity(titles[0])
         # The called AE title picks the printer (see _on_requested); others are rejected.
         ae.require_called_aet = True
         if self.config.allowed_calling_aes:
