@@ -22,7 +22,7 @@ from . import rules
 from .config import Config
 from .db import Database, Delivery, Instance
 from .rules import Origin
-from .store import Store, digest_and_sync
+from .store import Store, digest
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ class Intake:
         else:
             decision = None
         try:
-            size, sha256 = digest_and_sync(received)
+            size, sha256 = digest(received)
         except OSError as exc:
-            return Outcome("failed", detail=f"cannot write it durably: {exc}")
+            return Outcome("failed", detail=f"cannot read it back: {exc}")
         instance = Instance(
             sop_instance_uid=sop_uid, sop_class_uid=sop_class,
             study_instance_uid=_text(header, "StudyInstanceUID") or "unknown",
@@ -113,7 +113,7 @@ class Intake:
         try:
             final = self.store.admit(received, instance.study_instance_uid, instance.sop_instance_uid, instance.sha256)
         except OSError as exc:
-            return Outcome("failed", detail=f"cannot move it into the cache: {exc}")
+            return Outcome("failed", detail=f"cannot write it durably into the cache: {exc}")
         instance = dataclasses.replace(instance, path=str(final))
         try:
             self.db.store_instance(instance, existing, deliveries)

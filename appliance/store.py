@@ -48,8 +48,8 @@ def _name_for(uid: str) -> str:
     return uid if _SAFE_UID.fullmatch(uid) and ".." not in uid else "x" + hashlib.sha1(uid.encode()).hexdigest()
 
 
-def digest_and_sync(path: Path) -> tuple[int, str]:
-    """Size and SHA-256 of a file, and its data forced to disk (one pass over the page cache)."""
+def digest(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file."""
     sha = hashlib.sha256()
     size = 0
     fd = os.open(path, os.O_RDONLY)
@@ -57,7 +57,6 @@ def digest_and_sync(path: Path) -> tuple[int, str]:
         while chunk := os.read(fd, _CHUNK):
             sha.update(chunk)
             size += len(chunk)
-        os.fsync(fd)
     finally:
         os.close(fd)
     return size, sha.hexdigest()
@@ -91,14 +90,31 @@ class Store:
         fsync_dir(self.incoming)
 
     def admit(self, received: Path, study_uid: str, sop_uid: str, sha256: str) -> Path:
-        """Move a received (already fsync'd) file into the cache durably; returns its path."""
+        """Move a received file into the cache and make it durable (data and name); returns its path.
+
+        The rename comes before the file's fsync on purpose: nothing points at the new name
+        until the caller commits its row, after this returns, so the order of the two is free
+        — and on a journalling filesystem (ext4) the file's fsync then commits the rename with
+        it, leaving the directory's fsync next to nothing to do. On failure nothing is left
+        under the cache's name that was not there before."""
         study_dir = self.cache / _name_for(study_uid)
         if not study_dir.is_dir():
             study_dir.mkdir(exist_ok=True)
             fsync_dir(self.cache)
         final = study_dir / f"{_name_for(sop_uid)}.{sha256[:12]}.dcm"
+        existed = final.exists()  # a second copy with the same content: its row keeps the name
         os.replace(received, final)
-        fsync_dir(study_dir)
+        try:
+            fd = os.open(final, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(study_dir)
+        except OSError:
+            if not existed:
+                final.unlink(missing_ok=True)
+            raise
         return final
 
     def discard(self, path: Path) -> None:
