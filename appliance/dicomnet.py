@@ -18,12 +18,13 @@ sent, so streaming a large file to a slow peer keeps memory flat.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import types
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
@@ -31,8 +32,15 @@ from . import reactor
 
 
 def application_entity(ae_title: str) -> AE:
-    """A pynetdicom AE, in a process whose association loops wait on events (``reactor.py``)."""
+    """A pynetdicom AE, in a process whose association loops wait on events (``reactor.py``).
+
+    pynetdicom binds its "standard" logging handlers to every association unless told not to;
+    they format a narrative of every PDU and DIMSE message (a fair share of the receive path's
+    CPU) even when its logger discards them. They are bound only when that narrative is
+    actually logged (``logging.level: debug``)."""
     reactor.install()
+    narrated = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+    _config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
     return AE(ae_title=ae_title)
 
 
