@@ -28,17 +28,19 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
-from . import reactor
+from . import hotpath, reactor
 
 
 def application_entity(ae_title: str) -> AE:
-    """A pynetdicom AE, in a process whose association loops wait on events (``reactor.py``).
+    """A pynetdicom AE, in a process whose association loops wait on events (``reactor.py``)
+    and whose C-STORE responses and received-file metas are encoded directly (``hotpath.py``).
 
     pynetdicom binds its "standard" logging handlers to every association unless told not to;
     they format a narrative of every PDU and DIMSE message (a fair share of the receive path's
     CPU) even when its logger discards them. They are bound only when that narrative is
     actually logged (``logging.level: debug``)."""
     reactor.install()
+    hotpath.install()
     narrated = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
     _config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
     return AE(ae_title=ae_title)
