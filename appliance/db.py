@@ -4,7 +4,8 @@ writes SQL.
 Every process opens it with :func:`open_database`. Within a process all writes go through one
 connection under one lock (:meth:`Database.transaction`), so pynetdicom's handler threads never
 interleave half-transactions. Each commit is durable before it returns (synchronous=FULL): the
-receiver answers C-STORE success only after its row is committed here.
+receiver answers C-STORE success only after its row is committed here. The one exception is a
+forwarding outcome (:meth:`Database.finish`), whose loss costs a resend and nothing else.
 
 Rows keep a state column instead of being deleted, so the status page and the CLI can show
 history. The schema is a list of migrations applied in order, tracked by ``PRAGMA user_version``.
@@ -211,16 +212,27 @@ class Database:
             self._conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: taken under the process lock, committed durably on exit."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction: taken under the process lock, committed on exit.
+
+        ``durable=False`` skips the WAL fsync of this one commit (synchronous=NORMAL): the
+        commit survives the process being killed, and is made durable by the next durable
+        commit of any process (the WAL is one file, synced as a whole), but a power cut may
+        lose it. Only for records whose loss is harmless — see :meth:`finish`."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -385,10 +397,15 @@ class Database:
     def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
                next_attempt_at: float | None = None, transcoded: bool = False) -> None:
         """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
-        pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``)."""
+        pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``).
+
+        Not fsync'd (one per forwarded instance, on the forwarding path's critical path): a
+        power cut can only lose the most recent outcomes, and a lost outcome means the instance
+        is sent again — a duplicate, never a loss. Nothing is deleted on the strength of an
+        outcome until a durable commit (:meth:`mark_evicted`) has synced the WAL that holds it."""
         now = time.time()
         state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
-        with self.transaction() as conn:
+        with self.transaction(durable=False) as conn:
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
                 " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ?",

@@ -30,6 +30,7 @@ import queue
 import select
 import ssl
 import threading
+import time
 from typing import Any
 
 import pynetdicom
@@ -64,6 +65,7 @@ def install() -> bool:
     DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
     DULServiceProvider.send_pdu = _dul_send_pdu  # type: ignore[method-assign]
     DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]
+    DULServiceProvider.stop_dul = _dul_stop  # type: ignore[method-assign]
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
     _installed = True
     return True
@@ -73,71 +75,104 @@ _original_send_pdu = DULServiceProvider.send_pdu
 _original_kill_dul = DULServiceProvider.kill_dul
 
 
-_fd_lock = threading.RLock()
-_CLOSED = -1
+class _Wakeup:
+    """How other threads wake one DUL loop: an eventfd, written only while the loop waits on it
+    (a C-STORE queues dozens of PDUs; one write per idle period is enough)."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.waiting = False
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def signal(self) -> None:
+        # The loop sets ``waiting`` *before* it looks at its queues and flags one last time, so
+        # a signaller that still sees False has queued its work early enough to be seen.
+        if self.waiting:
+            with self._lock:  # never write to a number the loop has closed (and the OS reused)
+                if not self._closed:
+                    os.eventfd_write(self.fd, 1)
+
+    def drain(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
 
 
-def _dul_wakeup_fd(dul: Any) -> int:
-    """The DUL's eventfd, made on first use (by whichever thread comes first); -1 once its loop ended."""
-    fd = dul.__dict__.get("_appliance_wakeup")
-    if fd is None:
-        with _fd_lock:
-            fd = dul.__dict__.get("_appliance_wakeup")
-            if fd is None:
-                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                dul._appliance_wakeup = fd
-    return int(fd)
+_creation_lock = threading.Lock()
+
+
+def _wakeup_of(dul: Any) -> _Wakeup:
+    """The DUL's wakeup, made on first use by whichever thread comes first."""
+    wakeup = dul.__dict__.get("_appliance_wakeup")
+    if wakeup is None:
+        with _creation_lock:
+            wakeup = dul.__dict__.get("_appliance_wakeup")
+            if wakeup is None:
+                wakeup = dul._appliance_wakeup = _Wakeup()
+    return wakeup  # type: ignore[no-any-return]
 
 
 def _assoc_wakeup(assoc: Any) -> threading.Event:
     return assoc.__dict__.setdefault("_appliance_wakeup", threading.Event())  # type: ignore[no-any-return]
 
 
-def _signal(dul: Any) -> None:
-    with _fd_lock:  # never write to a number the loop has just closed (and the OS reused)
-        fd = _dul_wakeup_fd(dul)
-        if fd != _CLOSED:
-            os.eventfd_write(fd, 1)
-
-
 def _dul_send_pdu(self: Any, primitive: Any) -> None:
     _original_send_pdu(self, primitive)
-    _signal(self)
+    _wakeup_of(self).signal()
 
 
 def _dul_kill(self: Any) -> None:
     _original_kill_dul(self)
-    _signal(self)
+    _wakeup_of(self).signal()
 
 
-def _dul_wait(dul: Any, wakeup: int) -> None:
+def _dul_stop(self: Any) -> bool:
+    """``DULServiceProvider.stop_dul``: as pynetdicom's, but wakes the loop to see the flag."""
+    if self.state_machine.current_state != "Sta1":
+        return False
+    self._kill_thread = True
+    _wakeup_of(self).signal()
+    while self.is_alive():
+        time.sleep(self._run_loop_delay)
+    return True
+
+
+def _dul_wait(dul: Any, wakeup: _Wakeup) -> None:
     """Block until the socket is readable, something was queued for the DUL, or a tick passed."""
-    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
-        return
-    timeout = _TICK
-    if dul.artim_timer._start_time is not None and dul.artim_timer._end_time is None:
-        timeout = max(0.0, min(timeout, dul.artim_timer.remaining))
-    watched: list[Any] = [wakeup]
-    raw = dul.socket.socket if dul.socket is not None else None
-    if raw is not None and dul.socket._is_connected:
-        if isinstance(raw, ssl.SSLSocket) and raw.pending():
-            return  # decrypted bytes already buffered: select() would not see them
-        watched.append(raw)
+    wakeup.waiting = True
     try:
-        ready, _, _ = select.select(watched, [], [], timeout)
-    except (OSError, ValueError):  # the socket closed under us: let the loop find out
-        return
-    if wakeup in ready:
+        if not dul.to_provider_queue.empty() or not dul.event_queue.empty() or dul._kill_thread:
+            return
+        timeout = _TICK
+        if dul.artim_timer._start_time is not None and dul.artim_timer._end_time is None:
+            timeout = max(0.0, min(timeout, dul.artim_timer.remaining))
+        watched: list[Any] = [wakeup.fd]
+        raw = dul.socket.socket if dul.socket is not None else None
+        if raw is not None and dul.socket._is_connected:
+            if isinstance(raw, ssl.SSLSocket) and raw.pending():
+                return  # decrypted bytes already buffered: select() would not see them
+            watched.append(raw)
         try:
-            os.eventfd_read(wakeup)
-        except BlockingIOError:
-            pass
+            ready, _, _ = select.select(watched, [], [], timeout)
+        except (OSError, ValueError):  # the socket closed under us: let the loop find out
+            return
+        if wakeup.fd in ready:
+            wakeup.drain()
+    finally:
+        wakeup.waiting = False
 
 
 def _dul_run_reactor(self: Any) -> None:
     """``DULServiceProvider.run_reactor`` with the idle sleep replaced by :func:`_dul_wait`."""
     self._idle_timer.start()
-    wakeup = _dul_wakeup_fd(self)
+    wakeup = _wakeup_of(self)
     assoc_wakeup = _assoc_wakeup(self.assoc)
     idle = False
     try:
@@ -179,24 +214,26 @@ def _dul_run_reactor(self: Any) -> None:
             idle = False
     finally:
         assoc_wakeup.set()
-        with _fd_lock:
-            self._appliance_wakeup = _CLOSED
-            os.close(wakeup)
+        wakeup.close()
 
 
 def _assoc_run_reactor(self: Any) -> None:
-    """``Association._run_reactor`` with the 1 ms sleep replaced by waiting for the DUL."""
+    """``Association._run_reactor`` with the 1 ms sleep replaced by waiting for the DUL.
+
+    pynetdicom's ``send_*()`` and ``release()`` (our SCU side) clear ``_reactor_checkpoint``,
+    wait until ``_is_paused`` reads True, then use the DIMSE queues themselves. So
+    ``_is_paused`` is True only where this loop will look at the checkpoint again before it
+    touches anything — while it waits idle, or for the checkpoint — and is reset *before* the
+    checkpoint is read, so a stale True can never let the user and this loop both take a
+    response off the queue."""
     self._is_paused = False
     wakeup = _assoc_wakeup(self)
     while not self._kill:
-        if self.dimse.msg_queue.empty():
-            wakeup.wait(_TICK)
-        wakeup.clear()
-
-        # paused while the user sends DIMSE messages on this association itself
-        self._is_paused = True
-        self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
@@ -238,4 +275,9 @@ def _assoc_run_reactor(self: Any) -> None:
                 self.abort()
             self.kill()
             return
+
+        self._is_paused = True  # idle: nothing is touched before the checkpoint is read again
+        if self.dimse.msg_queue.empty():
+            wakeup.wait(_TICK)
+        wakeup.clear()
 

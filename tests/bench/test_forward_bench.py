@@ -45,6 +45,8 @@ from .data import write_large_instance
 pytestmark = pytest.mark.bench
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# The destination's max_associations (the appliance's parallel associations to Orthanc).
+ASSOCIATIONS = int(os.environ.get("BENCH_FORWARD_ASSOCIATIONS", "1"))
 CT_COUNT = 500
 RESULTS_DIR = REPO / "bench-results"
 TARGET_DIRECT, TARGET_ROUTER = 1.15, 0.8
@@ -99,7 +101,8 @@ def run_direct(workdir: Path, files: list[Path]) -> dict[str, float]:
 def run_appliance(workdir: Path, files: list[Path]) -> dict[str, float]:
     with Orthanc(workdir / "central") as central:
         box = ApplianceProcess(workdir / "box", {
-            "destinations": {"central": destination(central.ae_title, central.dicom_port)},
+            "destinations": {"central": destination(central.ae_title, central.dicom_port,
+                                                    max_associations=ASSOCIATIONS)},
             "routes": [{"send_to": ["central"]}],
         }).start()
         try:
