@@ -22,7 +22,7 @@ from . import rules
 from .config import Config
 from .db import Database, Delivery, Instance
 from .rules import Origin
-from .store import Store, digest
+from .store import Store, digest_file
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,11 @@ class Intake:
 
     def admit(self, received: Path, origin: Origin, sop_class_uid: str | None = None,
               sop_instance_uid: str | None = None, transfer_syntax: str | None = None,
-              only_to: str | None = None) -> Outcome:
+              only_to: str | None = None, digest: tuple[int, str] | None = None) -> Outcome:
         """Cache ``received`` (a complete file in ``store.incoming``); on any outcome but a
         stored one the file is left for the caller (pynetdicom or the CLI) to remove.
-        ``only_to`` sends it to one destination instead of routing it."""
+        ``only_to`` sends it to one destination instead of routing it; ``digest`` is its size
+        and SHA-256 when the caller already knows them (the receiver hashes as it writes)."""
         config = self.config
         if not self.store.has_room(config.storage.disk.min_free):
             free = self.store.usage().free
@@ -85,7 +86,7 @@ class Intake:
         else:
             decision = None
         try:
-            size, sha256 = digest(received)
+            size, sha256 = digest if digest is not None else digest_file(received)
         except OSError as exc:
             return Outcome("failed", detail=f"cannot read it back: {exc}")
         instance = Instance(

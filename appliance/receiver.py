@@ -35,6 +35,7 @@ from . import statuses
 from .config import Config
 from .db import Database
 from .dicomnet import application_entity, tune_socket
+from .hotpath import ReceivedFile, discard_partial
 from .intake import Intake
 from .rules import Origin
 from .store import Store
@@ -151,6 +152,8 @@ class Receiver:
         log.info("association from %s@%s to %s accepted", origin.calling_ae, origin.source_ip, origin.called_ae)
 
     def _on_closed(self, event: evt.Event) -> None:
+        if discard_partial(event.assoc):
+            log.info("removed the partly received instance of an association that ended mid-transfer")
         stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
@@ -182,9 +185,11 @@ class Receiver:
 
     def _store(self, event: evt.Event, origin: Origin, sop_uid: str) -> tuple[int, int]:
         """Cache one received instance; returns the status to answer and its size."""
+        received = getattr(event.request, "_dataset_file", None)  # hashed as it was written
         outcome = self.intake.admit(
             Path(event.dataset_path), origin, sop_class_uid=str(event.request.AffectedSOPClassUID),
             sop_instance_uid=sop_uid, transfer_syntax=str(event.context.transfer_syntax),
+            digest=(received.size, received.sha256()) if isinstance(received, ReceivedFile) else None,
         )
         where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
         if outcome.kind == "replaced":

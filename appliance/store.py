@@ -48,7 +48,7 @@ def _name_for(uid: str) -> str:
     return uid if _SAFE_UID.fullmatch(uid) and ".." not in uid else "x" + hashlib.sha1(uid.encode()).hexdigest()
 
 
-def digest(path: Path) -> tuple[int, str]:
+def digest_file(path: Path) -> tuple[int, str]:
     """Size and SHA-256 of a file."""
     sha = hashlib.sha256()
     size = 0

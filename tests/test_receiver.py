@@ -4,8 +4,10 @@ from the admin (the cache directory, the database, ``appliance ls``)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
+import socket
 import sqlite3
 import subprocess
 import time
@@ -16,6 +18,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from .corpus import Series, make_instance, write_series
@@ -105,6 +110,39 @@ def test_storescu_corpus_is_cached_intact_and_indexed(appliance_factory, corpus)
     assert "TEST^PAT004 (PAT004)" in listing and "CR" in listing
     studies = {r["study_instance_uid"] for r in index.values()}
     assert f"{len(studies)} studies, {len(sent)} instances" in listing
+
+
+def test_an_instance_cut_off_mid_transfer_leaves_nothing_behind(appliance_factory) -> None:
+    """The connection drops with half of a data set received: nothing is cached, indexed or
+    left in incoming/ (no restart needed to clean up)."""
+    box = appliance_factory()
+    ds = make_instance("cut-off", 1, 1, 1, Series("CT", 1, 512, 512))
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 0
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    request.DataSet = io.BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16384))
+    assert len(pdus) > 10
+    for pdu in pdus[: len(pdus) // 2]:
+        assoc.dul.send_pdu(pdu)
+    deadline = time.monotonic() + 10
+    while not incoming_files(box) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert incoming_files(box), "the appliance never started writing the data set"
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the cable is pulled
+    deadline = time.monotonic() + 10
+    while "aborted after" not in box.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "aborted after" in box.log(), box.log()
+    assert "removed the partly received instance" in box.log()
+    assert incoming_files(box) == [] and cache_files(box) == [] and rows(box) == {}
+    assoc.abort()
 
 
 def test_echo_and_cli_echo(appliance_factory) -> None:
