@@ -194,8 +194,15 @@ class Cups:
         )
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([args[0], "-h", self.server, *args[1:]], capture_output=True, text=True,
-                              timeout=30, check=False)
+        # A client's connection is now and then refused while a freshly started cupsd settles
+        # ("Unable to connect to server: Bad file descriptor", seen once in CI): try again.
+        for attempt in range(5):
+            done = subprocess.run([args[0], "-h", self.server, *args[1:]], capture_output=True, text=True,
+                                  timeout=30, check=False)
+            if "Unable to connect to server" not in done.stderr:
+                break
+            time.sleep(0.2 * (attempt + 1))
+        return done
 
     def start(self) -> Cups:
         self.process = subprocess.Popen(
