@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import struct
 import tempfile
 import weakref
+from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, dimse, dimse_messages, evt
@@ -175,7 +177,7 @@ def _write_file_meta_info(fp: BinaryIO, file_meta: FileMeta, enforce_standard: b
     fp.write(encode_file_meta(file_meta))
 
 
-# ---- C-STORE-RSP command set (PS3.7 9.3.1.2, E.1) ---------------------------------------------
+# ---- C-STORE command sets (PS3.7 9.3.1, E.1) ---------------------------------------------
 
 
 def _implicit(element: int, value: bytes) -> bytes:
@@ -203,21 +205,54 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
+def encode_c_store_rq(primitive: C_STORE) -> bytes | None:
+    """The command set of a C-STORE-RQ whose data set follows, or None if it names a C-MOVE
+    originator (left to pynetdicom)."""
+    if primitive.MoveOriginatorApplicationEntityTitle is not None or primitive.MoveOriginatorMessageID is not None:
+        return None
+    body = b"".join((
+        _implicit(0x0002, _ui(primitive.AffectedSOPClassUID)),  # type: ignore[arg-type]
+        _implicit(0x0100, _us(0x0001)),
+        _implicit(0x0110, _us(int(primitive.MessageID))),  # type: ignore[arg-type]
+        _implicit(0x0700, _us(int(primitive.Priority))),
+        _implicit(0x0800, _us(0x0001)),  # a data set follows
+        _implicit(0x1000, _ui(primitive.AffectedSOPInstanceUID)),  # type: ignore[arg-type]
+    ))
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _file_pdvs(path: Any, offset: int, max_pdu: int) -> Iterator[bytes]:
+    """A data set streamed from a file, as pynetdicom's chunked send cuts it: PDVs of at most
+    ``max_pdu - 6`` bytes (one if 0), all flagged "data, more follows" but the last."""
+    with open(path, "rb") as source:
+        length = source.seek(0, 2) - source.seek(offset)
+        size = length if max_pdu == 0 else max_pdu - 6
+        count = 1 if max_pdu == 0 else math.ceil(length / size)
+        for _ in range(count - 1):
+            yield b"\x00" + source.read(size)
+        yield b"\x02" + source.read(size)
+
+
 _original_send_msg = dimse.DIMSEServiceProvider.send_msg
 
 
 def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
-    """``DIMSEServiceProvider.send_msg``; a plain C-STORE-RSP goes out as one ready-made PDV."""
-    if (
-        isinstance(primitive, C_STORE)
-        and primitive.MessageIDBeingRespondedTo is not None
-        and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-    ):
-        command = encode_c_store_rsp(primitive)
+    """``DIMSEServiceProvider.send_msg``: a C-STORE-RSP, or a C-STORE-RQ sent from a file
+    (pynetdicom's chunked send, as the forwarder uses it), goes out with its command set
+    encoded here; anything else goes pynetdicom's way."""
+    if isinstance(primitive, C_STORE) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        dataset = None
+        if primitive.MessageIDBeingRespondedTo is not None:
+            command = encode_c_store_rsp(primitive)
+        else:
+            dataset = getattr(primitive, "_dataset_path", None)
+            command = encode_c_store_rq(primitive) if dataset is not None else None
         max_pdu = self.maximum_pdu_size
         if command is not None and (not max_pdu or len(command) <= max_pdu - 6):
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-            self.dul.send_pdu(pdata)
+            pdvs = _file_pdvs(dataset[0], dataset[1], max_pdu) if dataset is not None else iter(())
+            for pdv in itertools.chain((b"\x03" + command,), pdvs):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, pdv))
+                self.dul.send_pdu(pdata)
             return
     _original_send_msg(self, primitive, context_id)

@@ -6,11 +6,13 @@ import io
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta, encode
+from pynetdicom.dsutils import create_file_meta, encode, split_dataset
 
 from appliance import hotpath
+
+from .corpus import Series, write_series
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 _ROOT = "1.2.826.0.1.3680043.8.498."
@@ -57,3 +59,60 @@ def test_what_it_does_not_cover_is_left_to_pynetdicom() -> None:
     primitive.Status = 0xC000
     primitive.ErrorComment = "cannot read it"
     assert hotpath.encode_c_store_rsp(primitive) is None
+
+
+def _rq(sop_uid: str, message_id: int = 3, priority: int = 0) -> C_STORE:
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.Priority = priority
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = sop_uid
+    return primitive
+
+
+@pytest.mark.parametrize("sop_uid", UIDS)
+@pytest.mark.parametrize("priority", [0, 1, 2])
+def test_c_store_rq_is_what_pynetdicom_encodes(sop_uid: str, priority: int) -> None:
+    primitive = _rq(sop_uid, priority=priority)
+    primitive._dataset_path = ("unused", 0)  # chunked send: a data set follows
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    assert hotpath.encode_c_store_rq(primitive) == bytes(encode(message.command_set, True, True))
+
+
+def test_c_store_rq_with_a_move_originator_is_left_to_pynetdicom() -> None:
+    primitive = _rq("1.2.3")
+    primitive.MoveOriginatorApplicationEntityTitle = "MOVER"
+    assert hotpath.encode_c_store_rq(primitive) is None
+
+
+class _Recorder:
+    """The DIMSE provider's view of an association: PDVs sent, no handlers bound."""
+
+    def __init__(self, max_pdu: int) -> None:
+        self.maximum_pdu_size = max_pdu
+        self.sent: list[tuple[int, bytes]] = []
+        self.assoc = self
+        self.dul = self
+
+    def get_handlers(self, event: object) -> list[object]:
+        return []
+
+    def send_pdu(self, pdata: object) -> None:
+        self.sent.extend(pdata.presentation_data_value_list)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 4096, 16384, 1 << 20])
+@pytest.mark.parametrize("size", [(16, 16), (512, 512)])
+def test_c_store_rq_from_a_file_is_sent_as_pynetdicom_sends_it(tmp_path, max_pdu: int, size: tuple[int, int]) -> None:
+    path = write_series(tmp_path, "hotpath", 1, 1, Series("CT", 1, *size))[0]
+    _, offset = split_dataset(path)
+    primitive = _rq("1.2.3.4")
+    primitive._dataset_path = (path, offset)
+    expected = C_STORE_RQ()
+    expected.primitive_to_message(primitive)
+    theirs = [pdv for pdata in expected.encode_msg(5, max_pdu) for pdv in pdata.presentation_data_value_list]
+    ours = _Recorder(max_pdu)
+    hotpath._send_msg(ours, primitive, 5)
+    assert ours.sent == theirs
+    assert len(theirs) > 2 or max_pdu in (0, 1 << 20) or size == (16, 16)
