@@ -88,6 +88,7 @@ class ReceivedFile:
         self.name = name
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.size = 0
+        self.dataset_offset: int | None = None  # set once the file meta is written
         self._sha256 = hashlib.sha256()
         self._state: list[Any] = [fd, name]
         self._finalizer = weakref.finalize(self, _discard, self._state)
@@ -175,6 +176,8 @@ def _create_file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syn
 
 def _write_file_meta_info(fp: BinaryIO, file_meta: FileMeta, enforce_standard: bool = True) -> None:
     fp.write(encode_file_meta(file_meta))
+    if isinstance(fp, ReceivedFile):
+        fp.dataset_offset = fp.size  # the data set starts here
 
 
 # ---- C-STORE command sets (PS3.7 9.3.1, E.1) ---------------------------------------------

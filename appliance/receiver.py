@@ -190,6 +190,7 @@ class Receiver:
             Path(event.dataset_path), origin, sop_class_uid=str(event.request.AffectedSOPClassUID),
             sop_instance_uid=sop_uid, transfer_syntax=str(event.context.transfer_syntax),
             digest=(received.size, received.sha256()) if isinstance(received, ReceivedFile) else None,
+            dataset_offset=received.dataset_offset if isinstance(received, ReceivedFile) else None,
         )
         where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
         if outcome.kind == "replaced":
