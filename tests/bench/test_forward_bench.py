@@ -7,7 +7,8 @@ Every path ends at a fresh Orthanc (empty storage, ``TCP_NODELAY=1``) on 127.0.0
 starts when storescu is started and stops when Orthanc's ``/statistics`` counts 500 instances.
 
 * **direct**: storescu straight into Orthanc;
-* **appliance**: storescu into the appliance, which forwards to Orthanc (``max_associations: 1``);
+* **appliance**: storescu into the appliance, which forwards to Orthanc (``max_associations: 1``,
+  or ``BENCH_FORWARD_ASSOCIATIONS``);
   also its intake time (storescu's exit) and its peak RSS (``VmHWM``) during the run;
 * **appliance-intake-only** (a reference): storescu into the appliance with no routes, until
   storescu exits — what receiving alone costs;
