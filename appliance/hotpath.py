@@ -1,20 +1,21 @@
-"""The receive path's per-instance work that pynetdicom does generically, done directly:
-encoding the C-STORE-RSP command set and the received file's meta, and the file a received
-data set is streamed into.
+"""The per-instance work of a C-STORE that pynetdicom does generically, done directly: the
+command sets of the request (sent from a cached file) and of the response, the received
+file's meta, and the file a received data set is streamed into.
 
-pynetdicom builds both as pydicom data sets — an object per element, validated, then encoded
-(twice, for the command's group length). That is ~0.5 ms of CPU per instance on this
-class of machine, a tenth of the receiver's whole cost for a CT slice, for ~100 bytes whose
-layout is fixed by the standard:
+pynetdicom builds command sets and file metas as pydicom data sets — an object per element,
+validated, then encoded (twice, for the command's group length). That is ~0.5 ms of CPU per
+instance on this class of machine, a tenth of the receiver's whole cost for a CT slice, for
+~100 bytes whose layout is fixed by the standard:
 
-* the command set: Implicit VR Little Endian, elements in tag order, (0000,0000) holding the
+* a command set: Implicit VR Little Endian, elements in tag order, (0000,0000) holding the
   length of the rest (PS3.7 6.3.1, E.1);
 * the file meta: Explicit VR Little Endian, group 0002 with its group length (PS3.10 7.1).
 
-:func:`install` puts them where pynetdicom calls its own; anything they do not cover (a
-C-STORE-RSP with an error comment or offending element, a peer PDU limit too small for one
-fragment, handlers bound to the sent message) goes the original way. The output is
-byte-for-byte what pynetdicom would send or write (tests/test_hotpath.py).
+:func:`install` puts them where pynetdicom calls its own; anything they do not cover (an
+error comment or offending element, a C-MOVE originator, a data set in memory rather than in
+a file, a peer PDU limit too small for one fragment, handlers bound to the sent message) goes
+the original way. The output is byte-for-byte what pynetdicom would send or write
+(tests/test_hotpath.py).
 
 pynetdicom's chunked receive streams each data set into a ``NamedTemporaryFile``: a buffered,
 wrapped file with a random name, flushed after every fragment, which the receiver then reads
@@ -36,23 +37,31 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
+import pynetdicom
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, dimse, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+# The pynetdicom releases whose internals these stand in for (as in reactor.py).
+_WRITTEN_FOR = ("3.0.",)
+
 _installed = False
 
 
-def install() -> None:
-    """Route pynetdicom's C-STORE-RSP sending and received-file meta writing through here."""
+def install() -> bool:
+    """Route pynetdicom's C-STORE command sets, received-file meta and received files through
+    here; ``False`` for a pynetdicom release other than the one these call sites are from."""
     global _installed
     if _installed:
-        return
+        return True
+    if not pynetdicom.__version__.startswith(_WRITTEN_FOR):
+        return False
     dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[assignment]
     dimse_messages.NamedTemporaryFile = ReceivedFile  # type: ignore[assignment,misc]
     dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     _installed = True
+    return True
 
 
 # ---- the file a received data set is streamed into ----------------------------------------------

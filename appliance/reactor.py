@@ -16,7 +16,9 @@ waiting differs):
   primitives at once;
 * the association thread blocks on a :class:`threading.Event` that the DUL thread sets after
   every state-machine action (a decoded DIMSE message, a release or abort request);
-* both still wake every :data:`_TICK` seconds to see timers and kill flags, as the originals did.
+* both still wake every :data:`_TICK` seconds to see timers and kill flags, as the originals did;
+* ``_is_paused``, which pynetdicom's SCU-side ``send_*()`` wait for, is handled so that a stale
+  value can never let the user and the loop both take a response (see :func:`_assoc_run_reactor`).
 
 It is process-wide, so it is installed once by each process that talks DICOM, and only for the
 pynetdicom release it was written against (the loops are internal API).

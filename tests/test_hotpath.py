@@ -19,6 +19,14 @@ _ROOT = "1.2.826.0.1.3680043.8.498."
 UIDS = ["1.2.3", "1.2.34", _ROOT + "1" * 37, _ROOT + "1" * 38]  # odd and even lengths, 63 and 64
 
 
+def test_installed_for_the_pinned_pynetdicom() -> None:
+    from pynetdicom import dimse, dimse_messages
+
+    assert hotpath.install()
+    assert dimse_messages.NamedTemporaryFile is hotpath.ReceivedFile
+    assert dimse.DIMSEServiceProvider.send_msg is hotpath._send_msg
+
+
 @pytest.mark.parametrize("sop_uid", UIDS)
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"])
 def test_file_meta_is_what_pydicom_writes(sop_uid: str, syntax: str) -> None:
