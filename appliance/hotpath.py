@@ -17,6 +17,12 @@ a file, a peer PDU limit too small for one fragment, handlers bound to the sent 
 the original way. The output is byte-for-byte what pynetdicom would send or write
 (tests/test_hotpath.py).
 
+pynetdicom's chunked send (``send_c_store`` of a file's path) reads the file into a primitive
+per PDU, each of which crosses a queue and the state machine and is copied three times on its
+way to the socket. :class:`FileMessage` queues the whole message as one item instead, and the
+DUL thread (``reactor.py``) writes its PDUs from the file into one buffer and onto the socket,
+a megabyte per system call: the same bytes on the wire.
+
 pynetdicom's chunked receive streams each data set into a ``NamedTemporaryFile``: a buffered,
 wrapped file with a random name, flushed after every fragment, which the receiver then reads
 back to hash. :class:`ReceivedFile` takes its place: unbuffered writes, a SHA-256 kept as the
@@ -28,7 +34,9 @@ which would otherwise stay there until the next start.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
+import logging
 import math
 import os
 import struct
@@ -42,10 +50,21 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+log = logging.getLogger(__name__)
+
 # The pynetdicom releases whose internals these stand in for (as in reactor.py).
 _WRITTEN_FOR = ("3.0.",)
 
 _installed = False
+
+COMMAND = 0x01  # PDV message control header: a command (not data set) fragment
+LAST = 0x02  # PDV message control header: the last fragment of the command or data set
+
+# Events whose handlers expect to see every PDU or DIMSE message sent on the association.
+_REPORTING_SENT = (evt.EVT_DATA_SENT, evt.EVT_PDU_SENT, evt.EVT_DIMSE_SENT)
+
+# Bytes of PDUs put together per system call when sending from a file.
+_SEND_BUFFER = 2**20
 
 
 def install() -> bool:
@@ -102,7 +121,7 @@ class ReceivedFile:
         self._state: list[Any] = [fd, name]
         self._finalizer = weakref.finalize(self, _discard, self._state)
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self._sha256.update(data)
         view = memoryview(data)
         while view:
@@ -129,6 +148,9 @@ class ReceivedFile:
 def discard_partial(assoc: Any) -> bool:
     """Remove the file of a data set still arriving on an association that has ended (aborted,
     or its connection lost mid-instance). True if there was one."""
+    direct = assoc.dul.__dict__.get("_appliance_receiver")  # pdata.StoreReceiver
+    if direct is not None and direct.discard():
+        return True
     message = getattr(assoc.dimse, "message", None)  # pynetdicom keeps only an unfinished message
     received = getattr(message, "_data_set_file", None)
     if isinstance(received, ReceivedFile):
@@ -245,13 +267,92 @@ def _file_pdvs(path: Any, offset: int, max_pdu: int) -> Iterator[bytes]:
         yield b"\x02" + source.read(size)
 
 
+# ---- a C-STORE-RQ sent from a file by the DUL thread ------------------------------------------
+
+
+class FileMessage:
+    """A C-STORE-RQ whose data set is read from a file, queued to the DUL as one item. The
+    file is opened by the caller, so that removing it afterwards (a temporary copy) is safe;
+    the DUL closes it when the message is sent or dropped."""
+
+    def __init__(self, context_id: int, command: bytes, source: io.BufferedReader, length: int,
+                 max_pdu: int) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.source = source
+        self.length = length  # bytes of data set from the source's current position
+        self.max_pdu = max_pdu  # the peer's limit; 0 = none
+
+    @staticmethod
+    def usable(assoc: Any) -> bool:
+        """Whether an association can send this way (nobody watches its PDUs one by one)."""
+        return not any(assoc.get_handlers(event) for event in _REPORTING_SENT)
+
+    def send(self, dul: Any) -> None:
+        """Write all its PDUs (DUL thread). On a connection error the DUL gets Evt17, as
+        pynetdicom's ``AssociationSocket.send`` gives it; outside the established state the
+        message is dropped (the association is ending: the sender gets no response)."""
+        try:
+            if dul.state_machine.current_state != "Sta6":
+                log.debug("dropped a C-STORE-RQ queued as the association left the established state")
+                return
+            raw = dul.socket.socket
+            raw.sendall(_pdu_header(len(self.command) + 6, self.context_id, COMMAND | LAST) + self.command)
+            self._send_data_set(dul, raw)
+        except OSError as exc:
+            log.debug("sending a C-STORE-RQ failed: %s", exc)
+            dul.event_queue.put("Evt17")
+        finally:
+            self.source.close()
+
+    def _send_data_set(self, dul: Any, raw: Any) -> None:
+        """The data set as pynetdicom cuts it (fragments of ``max_pdu - 6`` bytes, one PDV per
+        PDU, the last flagged), assembled in one fixed buffer and sent whenever it is full."""
+        remaining = self.length
+        fragment = max(1, remaining if not self.max_pdu else self.max_pdu - 6)
+        pdus = max(1, -(-remaining // fragment))
+        buffer = bytearray(min(_SEND_BUFFER, remaining + 12 * pdus))
+        view = memoryview(buffer)
+        used = 0
+
+        def flush() -> None:
+            nonlocal used
+            raw.sendall(view[:used])
+            used = 0
+            dul._idle_timer.restart()  # the peer is taking data: the link is not idle
+
+        for _ in range(pdus):
+            size = min(fragment, remaining)
+            remaining -= size
+            if used + 12 > len(buffer):
+                flush()
+            control = LAST if remaining == 0 else 0
+            struct.pack_into(">BBIIBB", buffer, used, 0x04, 0x00, size + 6, size + 2, self.context_id, control)
+            used += 12
+            while size:
+                if used == len(buffer):
+                    flush()
+                count = min(size, len(buffer) - used)
+                if self.source.readinto(view[used:used + count]) != count:
+                    raise OSError(f"the file being sent is shorter than its {self.length} bytes of data set")
+                used += count
+                size -= count
+        flush()
+
+
+def _pdu_header(length: int, context_id: int, control: int) -> bytes:
+    """A P-DATA-TF PDU header and its one PDV item's header, for ``length - 6`` bytes of fragment."""
+    return struct.pack(">BBIIBB", 0x04, 0x00, length, length - 4, context_id, control)
+
+
 _original_send_msg = dimse.DIMSEServiceProvider.send_msg
 
 
 def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
     """``DIMSEServiceProvider.send_msg``: a C-STORE-RSP, or a C-STORE-RQ sent from a file
     (pynetdicom's chunked send, as the forwarder uses it), goes out with its command set
-    encoded here; anything else goes pynetdicom's way."""
+    encoded here — the latter as one :class:`FileMessage` when nobody watches its PDUs;
+    anything else goes pynetdicom's way."""
     if isinstance(primitive, C_STORE) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         dataset = None
         if primitive.MessageIDBeingRespondedTo is not None:
@@ -261,6 +362,11 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
             command = encode_c_store_rq(primitive) if dataset is not None else None
         max_pdu = self.maximum_pdu_size
         if command is not None and (not max_pdu or len(command) <= max_pdu - 6):
+            if dataset is not None and FileMessage.usable(self.assoc):
+                source = open(dataset[0], "rb")  # closed by FileMessage.send, in the DUL thread
+                length = source.seek(0, 2) - source.seek(dataset[1])
+                self.dul.send_pdu(FileMessage(context_id, command, source, length, max_pdu))
+                return
             pdvs = _file_pdvs(dataset[0], dataset[1], max_pdu) if dataset is not None else iter(())
             for pdv in itertools.chain((b"\x03" + command,), pdvs):
                 pdata = P_DATA()

@@ -20,6 +20,11 @@ waiting differs):
 * ``_is_paused``, which pynetdicom's SCU-side ``send_*()`` wait for, is handled so that a stale
   value can never let the user and the loop both take a response (see :func:`_assoc_run_reactor`).
 
+The DUL loop also moves the appliance's own traffic past pynetdicom's per-PDU machinery (see
+``pdata.py`` and ``hotpath.py``): a P-DATA-TF received while established goes first to the
+association's direct C-STORE receiver, if it has one, and a C-STORE-RQ queued as one
+``hotpath.FileMessage`` is written straight from its file.
+
 It is process-wide, so it is installed once by each process that talks DICOM, and only for the
 pynetdicom release it was written against (the loops are internal API).
 """
@@ -31,6 +36,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 import time
 from typing import Any
@@ -40,6 +46,8 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+
+from .hotpath import FileMessage
 
 log = logging.getLogger(__name__)
 # the loops log under pynetdicom's names, as the originals did
@@ -190,9 +198,9 @@ def _dul_run_reactor(self: Any) -> None:
                 self.event_queue.put("Evt18")
             try:
                 # one primitive to send **or** one PDU to read per turn, as in pynetdicom
-                if self._process_recv_primitive():
+                if _process_primitive(self):
                     pass
-                elif self._is_transport_event():
+                elif _transport_event(self):
                     self._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: any failure aborts the association
                 _dul_log.error("Exception in DUL.run(), aborting association")
@@ -217,6 +225,83 @@ def _dul_run_reactor(self: Any) -> None:
     finally:
         assoc_wakeup.set()
         wakeup.close()
+
+
+def _process_primitive(dul: Any) -> bool:
+    """``DULServiceProvider._process_recv_primitive``, except that a C-STORE-RQ queued as one
+    ``hotpath.FileMessage`` is written to the socket here, by this thread, PDU after PDU."""
+    try:
+        head = dul.to_provider_queue.queue[0]
+    except IndexError:
+        return False
+    if isinstance(head, FileMessage):
+        dul.to_provider_queue.get(False)
+        head.send(dul)
+        return True
+    return bool(dul._process_recv_primitive())
+
+
+def _transport_event(dul: Any) -> bool:
+    """``DULServiceProvider._is_transport_event``, reading with :func:`_read_pdu`."""
+    if dul.state_machine.current_state == "Sta13":
+        if dul.socket and dul.socket.ready:
+            _read_pdu(dul)
+            return True
+        dul.socket.close()
+        return True
+    if dul.socket and dul.socket.ready:
+        _read_pdu(dul)
+        return True
+    return False
+
+
+def _read_pdu(dul: Any) -> None:
+    """``DULServiceProvider._read_pdu_data``, step for step, except that a P-DATA-TF received
+    while the association is established goes first to the association's direct C-STORE
+    receiver (``pdata.StoreReceiver``), if it has one, and to pynetdicom only if that leaves it."""
+    receiver = dul.__dict__.get("_appliance_receiver")
+    if receiver is None:
+        dul._read_pdu_data()
+        return
+    try:
+        header = dul.socket.recv(6)
+    except (OSError, TimeoutError) as exc:
+        _dul_log.error("Connection closed before the entire PDU was received")
+        _dul_log.exception(exc)
+        dul.event_queue.put("Evt17")
+        return
+    try:
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+    except struct.error:
+        dul.event_queue.put("Evt17")
+        return
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        _dul_log.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        dul.event_queue.put("Evt19")
+        return
+    try:
+        body = dul.socket.recv(pdu_length)
+    except (OSError, TimeoutError) as exc:
+        _dul_log.error("Connection closed before the entire PDU was received")
+        _dul_log.exception(exc)
+        dul.event_queue.put("Evt17")
+        return
+    if len(body) != pdu_length:
+        _dul_log.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
+                       f"{6 + pdu_length} bytes received)")
+        dul.event_queue.put("Evt17")
+        return
+    if pdu_type == 0x04 and dul.state_machine.current_state == "Sta6" and receiver.take(memoryview(body)):
+        return
+    try:
+        pdu, event = dul._decode_pdu(bytes(header) + bytes(body))
+        dul.event_queue.put(event)
+    except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+        _dul_log.error("Unable to decode the received PDU data")
+        _dul_log.exception(exc)
+        dul.event_queue.put("Evt19")
+        return
+    dul._recv_pdu.put(pdu)
 
 
 def _assoc_run_reactor(self: Any) -> None:

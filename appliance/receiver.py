@@ -37,6 +37,7 @@ from .db import Database
 from .dicomnet import application_entity, tune_socket
 from .hotpath import ReceivedFile, discard_partial
 from .intake import Intake
+from .pdata import StoreReceiver
 from .rules import Origin
 from .store import Store
 
@@ -141,6 +142,7 @@ class Receiver:
         elif node.allowed_networks and not _in_networks(source_ip, node.allowed_networks):
             reason, rj = f"source address {source_ip} is not in node.allowed_networks", statuses.REJECT_NO_REASON
         if reason is None:
+            StoreReceiver.attach(assoc)  # C-STOREs received by the DUL thread itself (pdata.py)
             return
         log.warning("rejected association from %s@%s to %s: %s", calling, source_ip, called, reason)
         assoc.acse.send_reject(*rj)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import io
+import queue
+import socket
+import threading
+import types
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, split_dataset
+from pynetdicom.pdu import P_DATA_TF
 
 from appliance import hotpath
 
@@ -104,7 +110,8 @@ class _Recorder:
         self.dul = self
 
     def get_handlers(self, event: object) -> list[object]:
-        return []
+        # someone watches each PDU sent (as pynetdicom's narration does): the per-PDV path
+        return [print] if event is evt.EVT_PDU_SENT else []
 
     def send_pdu(self, pdata: object) -> None:
         self.sent.extend(pdata.presentation_data_value_list)  # type: ignore[attr-defined]
@@ -124,3 +131,69 @@ def test_c_store_rq_from_a_file_is_sent_as_pynetdicom_sends_it(tmp_path, max_pdu
     hotpath._send_msg(ours, primitive, 5)
     assert ours.sent == theirs
     assert len(theirs) > 2 or max_pdu in (0, 1 << 20) or size == (16, 16)
+
+
+class _DUL:
+    """What FileMessage.send uses of a DUL: the socket, the state, the idle timer, the events."""
+
+    def __init__(self, raw: socket.socket, state: str = "Sta6") -> None:
+        self.socket = types.SimpleNamespace(socket=raw)
+        self.state_machine = types.SimpleNamespace(current_state=state)
+        self._idle_timer = types.SimpleNamespace(restart=lambda: None)
+        self.event_queue: queue.Queue[str] = queue.Queue()
+
+
+def _file_message(path, offset: int, max_pdu: int) -> tuple[hotpath.FileMessage, C_STORE]:
+    primitive = _rq("1.2.3.4")
+    primitive._dataset_path = (path, offset)
+    command = hotpath.encode_c_store_rq(primitive)
+    assert command is not None
+    source = open(path, "rb")
+    length = source.seek(0, 2) - source.seek(offset)
+    return hotpath.FileMessage(5, command, source, length, max_pdu), primitive
+
+
+@pytest.mark.parametrize("max_pdu", [0, 4096, 16384, 1 << 20])
+@pytest.mark.parametrize("buffer", [1 << 20, 5000])
+def test_c_store_rq_as_one_file_message_is_the_bytes_pynetdicom_sends(tmp_path, monkeypatch, max_pdu: int,
+                                                                     buffer: int) -> None:
+    """The same PDUs on the wire, whatever the peer's PDU limit and however the buffer cuts them
+    (5000 bytes: smaller than one PDU, so a fragment is sent over several calls)."""
+    monkeypatch.setattr(hotpath, "_SEND_BUFFER", buffer)
+    path = write_series(tmp_path, "filemessage", 1, 1, Series("CT", 1, 512, 512))[0]
+    _, offset = split_dataset(path)
+    message, primitive = _file_message(path, offset, max_pdu)
+    expected = C_STORE_RQ()
+    expected.primitive_to_message(primitive)
+    theirs = b"".join(P_DATA_TF(pdata).encode() for pdata in expected.encode_msg(5, max_pdu))
+    ours, peer = socket.socketpair()
+    dul = _DUL(ours)
+    sender = threading.Thread(target=message.send, args=(dul,))
+    sender.start()  # the message is larger than the socket buffer: read while it is written
+    received = bytearray()
+    while len(received) < len(theirs):
+        chunk = peer.recv(1 << 20)
+        assert chunk
+        received += chunk
+    sender.join()
+    ours.close(), peer.close()
+    assert bytes(received) == theirs
+    assert message.source.closed and dul.event_queue.empty()
+
+
+def test_a_file_message_is_dropped_outside_the_established_state_and_fails_as_a_lost_connection(tmp_path) -> None:
+    path = write_series(tmp_path, "filemessage", 1, 1, Series("CT", 1, 16, 16))[0]
+    _, offset = split_dataset(path)
+    ours, peer = socket.socketpair()
+    message, _ = _file_message(path, offset, 16384)
+    message.send(_DUL(ours, state="Sta13"))
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(10)  # nothing was sent
+    assert message.source.closed
+    peer.close()
+    message, _ = _file_message(path, offset, 16384)
+    dul = _DUL(ours)
+    message.send(dul)  # the peer is gone
+    assert dul.event_queue.get_nowait() == "Evt17" and message.source.closed
+    ours.close()

@@ -1,0 +1,230 @@
+"""C-STORE messages moved between the socket and a file by the association's DUL thread
+itself, without pynetdicom's per-PDU primitives, state-machine events and DIMSE queues.
+
+pynetdicom turns every P-DATA-TF PDU into a PDU object and a primitive (copying each
+fragment twice), runs it through the state machine, decodes the command set into a pydicom
+data set, and hands the finished message to the association thread through a queue; the
+response comes back to the DUL thread through another. For a CT slice that is about a third
+of the receiver's CPU, and two thread hand-offs on the path of every acknowledgement. For the
+one message that carries the appliance's traffic — a C-STORE — this module does the same
+work directly, in the DUL thread (``reactor.py`` calls it):
+
+* **receiving** (:class:`StoreReceiver`, our Storage SCP): a P-DATA-TF that starts a
+  C-STORE-RQ has its command set decoded here and its data set fragments written straight
+  from the receive buffer into a :class:`hotpath.ReceivedFile`; when the last fragment is in,
+  pynetdicom's own ``StorageServiceClass.SCP`` runs the bound ``EVT_C_STORE`` handler and
+  answers (same statuses, same response). Anything else — another command, a command set
+  split over several PDVs, a request pynetdicom is already assembling — is left to pynetdicom,
+  which then sees exactly the PDU it would have seen.
+
+Sending the other way (our forwarder's C-STORE-RQ from a cached file) is
+``hotpath.FileMessage``.
+
+The DICOM rules followed are PS3.8 9.3.5 (P-DATA-TF: a list of PDV items, each a 4-byte
+length, a presentation context ID and a message control header) and PS3.7 6.3.1 / E.1
+(command sets: Implicit VR Little Endian, group 0000).
+
+Nothing here is used when handlers are bound to the events that report PDUs or DIMSE messages
+(``EVT_DATA_RECV``, ``EVT_PDU_RECV``, ``EVT_DIMSE_RECV`` — pynetdicom's debug narration binds
+them): those associations keep pynetdicom's path, so the narration stays complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.service_class import StorageServiceClass
+
+from .hotpath import COMMAND, LAST, FileMeta, ReceivedFile, encode_file_meta
+
+log = logging.getLogger(__name__)
+
+# Events whose handlers expect to see every PDU or DIMSE message of the association.
+_REPORTING_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV)
+
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+
+
+class ProtocolError(ValueError):
+    """The peer broke the upper layer's framing: the association must be aborted."""
+
+
+def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
+    """The PDV items of a P-DATA-TF PDU's body (after its 6-byte header), as
+    (presentation context ID, message control header, fragment) — views, not copies."""
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            raise ProtocolError(f"PDV item header cut off ({end - offset} bytes left)")
+        (length,) = struct.unpack_from(">I", body, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise ProtocolError(f"PDV item length {length} does not fit the PDU")
+        yield body[offset + 4], body[offset + 5], body[offset + 6:offset + 4 + length]
+        offset += 4 + length
+
+
+def decode_command(raw: memoryview | bytes) -> dict[int, bytes]:
+    """A command set (Implicit VR Little Endian, group 0000) as {element number: value}."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(raw)
+    while offset < end:
+        if end - offset < 8:
+            raise ValueError("command element header cut off")
+        group, element, length = struct.unpack_from("<HHI", raw, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > end:
+            raise ValueError(f"not a command element: ({group:04X},{element:04X}) of length {length}")
+        elements[element] = bytes(raw[offset:offset + length])
+        offset += length
+    return elements
+
+
+def _us(elements: dict[int, bytes], element: int) -> int | None:
+    value = elements.get(element)
+    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
+
+
+def _text(elements: dict[int, bytes], element: int) -> str | None:
+    value = elements.get(element)
+    return value.decode("ascii").rstrip("\x00 ") if value is not None else None
+
+
+def c_store_request(elements: dict[int, bytes]) -> C_STORE | None:
+    """The C-STORE-RQ primitive a command set describes, or None if it is not a complete one."""
+    if _us(elements, 0x0100) != _C_STORE_RQ or _us(elements, 0x0800) in (None, _NO_DATA_SET):
+        return None
+    message_id, priority = _us(elements, 0x0110), _us(elements, 0x0700)
+    sop_class, sop_instance = _text(elements, 0x0002), _text(elements, 0x1000)
+    if message_id is None or priority is None or not sop_class or not sop_instance:
+        return None
+    request = C_STORE()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
+    request.Priority = priority
+    if 0x1030 in elements:
+        request.MoveOriginatorApplicationEntityTitle = _text(elements, 0x1030)
+    if 0x1031 in elements:
+        request.MoveOriginatorMessageID = _us(elements, 0x1031)
+    return request
+
+
+class _Incoming:
+    """A C-STORE-RQ whose data set is still arriving."""
+
+    def __init__(self, context_id: int, context: Any, request: C_STORE, received: ReceivedFile) -> None:
+        self.context_id = context_id
+        self.context = context
+        self.request = request
+        self.received = received
+
+
+class StoreReceiver:
+    """The direct receive path of one association of our Storage SCP (see the module
+    docstring). :meth:`take` is called by the DUL thread with each P-DATA-TF received while
+    the association is established."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self.incoming: _Incoming | None = None
+
+    @staticmethod
+    def attach(assoc: Any) -> bool:
+        """Give ``assoc`` a direct receive path, unless it reports its PDUs or messages."""
+        if any(assoc.get_handlers(event) for event in _REPORTING_EVENTS):
+            return False
+        assoc.dul._appliance_receiver = StoreReceiver(assoc)
+        return True
+
+    def take(self, body: memoryview) -> bool:
+        """Handle one P-DATA-TF PDU body; False leaves it (all of it) to pynetdicom."""
+        if self.incoming is None:
+            return self._begin(body)
+        try:
+            self._fragments(iter_pdvs(body))
+        except ProtocolError as exc:
+            self._abort(str(exc))
+        return True
+
+    def discard(self) -> bool:
+        """Remove the file of a data set still arriving (the association ended). True if any."""
+        incoming, self.incoming = self.incoming, None
+        if incoming is None:
+            return False
+        incoming.received.discard()
+        return True
+
+    def _begin(self, body: memoryview) -> bool:
+        assoc = self.assoc
+        if assoc.dimse.message is not None or not assoc.dimse.msg_queue.empty() or assoc._sent_release:
+            return False  # pynetdicom is assembling or holds a message, or is releasing: its turn
+        try:
+            pdvs = iter_pdvs(body)
+            context_id, control, fragment = next(pdvs)
+            if control != COMMAND | LAST:
+                return False
+            request = c_store_request(decode_command(fragment))
+        except (ValueError, StopIteration, UnicodeDecodeError):
+            return False  # pynetdicom decodes it again, and answers as it does
+        context = assoc._accepted_cx.get(context_id)
+        if request is None or context is None:
+            return False
+        received = ReceivedFile(suffix=".dcm")
+        received.write(b"\x00" * 128 + b"DICM")
+        received.write(encode_file_meta(FileMeta(
+            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), context.transfer_syntax[0])))
+        received.dataset_offset = received.size
+        request._context_id = context_id
+        self.incoming = _Incoming(context_id, context, request, received)
+        try:
+            self._fragments(pdvs)
+        except ProtocolError as exc:
+            self._abort(str(exc))
+        return True
+
+    def _fragments(self, pdvs: Iterator[tuple[int, int, memoryview]]) -> None:
+        """Write data set fragments; serve the request after the last one."""
+        for context_id, control, fragment in pdvs:
+            incoming = self.incoming
+            if incoming is None:
+                # pynetdicom, too, drops what follows a finished message in the same PDU
+                log.warning("ignored a PDV that follows the end of a C-STORE request in the same PDU")
+                return
+            if context_id != incoming.context_id or control & COMMAND:
+                raise ProtocolError(
+                    f"expected a data set fragment on context {incoming.context_id}, got a "
+                    f"{'command' if control & COMMAND else 'data set'} fragment on context {context_id}")
+            incoming.received.write(fragment)
+            if control & LAST:
+                self.incoming = None
+                self._serve(incoming)
+
+    def _serve(self, incoming: _Incoming) -> None:
+        """What pynetdicom's association thread does with a finished C-STORE-RQ: run the
+        Storage service class (the handler, its status, the response), here in the DUL thread."""
+        request, received = incoming.request, incoming.received
+        request._dataset_file = received  # type: ignore[assignment]  # pynetdicom types it as its NTF
+        request._dataset_path = Path(received.name)
+        assoc = self.assoc
+        try:
+            assoc.dimse.cancel_req = {}
+            StorageServiceClass(assoc).SCP(request, incoming.context)
+        except Exception:  # noqa: BLE001 - as pynetdicom's association thread: abort on any failure
+            log.exception("C-STORE service failed; aborting the association")
+            received.discard()
+            assoc._abort_nonblocking()
+        finally:
+            assoc.dimse.cancel_req = {}
+
+    def _abort(self, reason: str) -> None:
+        """Abort as pynetdicom does on an invalid PDU (Evt19: A-ABORT from the service provider)."""
+        log.error("aborting the association from %s: %s", self.assoc.requestor.address, reason)
+        self.discard()
+        self.assoc.dul.event_queue.put("Evt19")

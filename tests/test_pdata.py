@@ -1,0 +1,286 @@
+"""C-STORE requests received by the DUL thread itself (appliance/pdata.py).
+
+The direct path must store exactly what pynetdicom's path stores, answer the same way, and
+leave to pynetdicom every PDU it does not fully understand. The PDUs here are made by hand, so
+that framings a given SCU never produces (several PDVs in one PDU, a command split in two,
+a fragment on the wrong context) are exercised too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import _config, evt
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from appliance import config as configuration
+from appliance import pdata
+from appliance.db import Database
+from appliance.dicomnet import application_entity, tune_socket
+from appliance.hotpath import encode_c_store_rq
+from appliance.receiver import Receiver
+from appliance.store import Store
+
+from .corpus import Series, make_instance
+from .peers import free_port
+
+CT_SLICE = Series("CT", 1, 64, 64)
+
+
+def _pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def _pdu(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBI", 0x04, 0x00, len(body)) + body
+
+
+def _request(ds: pydicom.Dataset, message_id: int) -> C_STORE:
+    request = C_STORE()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 0x0002
+    return request
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+# ---- framing -----------------------------------------------------------------------------------
+
+
+def test_pdv_items_are_split_without_copies_and_checked() -> None:
+    body = memoryview(_pdv(1, 0x03, b"command") + _pdv(3, 0x00, b"data"))
+    items = list(pdata.iter_pdvs(body))
+    assert [(c, h, bytes(f)) for c, h, f in items] == [(1, 0x03, b"command"), (3, 0x00, b"data")]
+    assert all(isinstance(f, memoryview) for _, _, f in items)
+    with pytest.raises(pdata.ProtocolError):
+        list(pdata.iter_pdvs(body[:-1]))  # the last item is cut off
+    with pytest.raises(pdata.ProtocolError):
+        list(pdata.iter_pdvs(memoryview(struct.pack(">IBB", 1, 1, 3))))  # length below 2
+
+
+def test_command_set_decodes_to_the_request_pynetdicom_would_build() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    ds = make_instance("pdata", 1, 1, 1, CT_SLICE)
+    sent = _request(ds, 77)
+    sent.DataSet = BytesIO(_encoded(ds))  # so that the command says a data set follows
+    message = C_STORE_RQ()
+    message.primitive_to_message(sent)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, message.command_set)
+    elements = pdata.decode_command(buffer.getvalue())
+    request = pdata.c_store_request(elements)
+    assert request is not None
+    for keyword in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority"):
+        assert getattr(request, keyword) == getattr(sent, keyword), keyword
+    # a C-MOVE sub-operation names its originator
+    elements[0x1030], elements[0x1031] = b"MOVER ", struct.pack("<H", 5)
+    request = pdata.c_store_request(elements)
+    assert request is not None
+    assert (request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID) == ("MOVER", 5)
+    # without a data set, or without its instance UID, it is not one to take
+    assert pdata.c_store_request({**elements, 0x0800: struct.pack("<H", 0x0101)}) is None
+    assert pdata.c_store_request({k: v for k, v in elements.items() if k != 0x1000}) is None
+
+
+def test_other_commands_are_not_taken() -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, message.command_set)
+    assert pdata.c_store_request(pdata.decode_command(buffer.getvalue())) is None
+
+
+# ---- against a running receiver ------------------------------------------------------------------
+
+
+class _Box:
+    def __init__(self, root: Path, receiver: Receiver, db: Database) -> None:
+        self.root, self.receiver, self.db = root, receiver, db
+        self.port = receiver.address[1]
+        self.served = 0
+
+    def rows(self) -> dict[str, sqlite3.Row]:
+        return {r["sop_instance_uid"]: r for r in self.db.query("SELECT * FROM instances WHERE state = 'cached'")}
+
+    def incoming(self) -> list[Path]:
+        return list((self.root / "incoming").iterdir())
+
+
+@pytest.fixture
+def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Box]:
+    """A Storage SCP in this process, so the test can see which path served each request."""
+    # Receiver.start sets these process-wide: put them back for the other tests of the session.
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", _config.UNRESTRICTED_STORAGE_SERVICE)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    # pynetdicom's narration (bound when its logger shows INFO) keeps pynetdicom's path: quiet it
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    level = pynetdicom_log.level
+    pynetdicom_log.setLevel(logging.WARNING)
+    cfg = configuration.loads(
+        f"node: {{ae_title: EDGE, bind_address: 127.0.0.1, port: {free_port()}}}\n"
+        f"storage: {{path: {tmp_path / 'data'}, disk: {{min_free: 0%}}}}\n"
+    )
+    store = Store(tmp_path / "data")
+    store.prepare()
+    db = Database(tmp_path / "data" / "appliance.db")
+    receiver = Receiver(cfg, db, store)
+    receiver.start()
+    served = _Box(tmp_path / "data", receiver, db)
+    original = pdata.StoreReceiver._serve
+
+    def counting(self: pdata.StoreReceiver, incoming: object) -> None:
+        served.served += 1
+        original(self, incoming)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pdata.StoreReceiver, "_serve", counting)
+    yield served
+    receiver.stop(drain_seconds=2)
+    db.close()
+    pynetdicom_log.setLevel(level)
+
+
+def _associate(port: int):
+    ae = application_entity("PDATASCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE", evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
+    assert assoc.is_established
+    return assoc
+
+
+def _context_id(assoc, abstract_syntax: str) -> int:
+    return next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == abstract_syntax)
+
+
+def _exchange(assoc, pdus: list[bytes]):
+    """Send hand-made PDUs and return the message answered (None if none within the DIMSE
+    timeout), holding the association's own loop off the DIMSE queue as its send_*() do."""
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        for pdu in pdus:
+            assoc.dul.socket.send(pdu)
+        return assoc.dimse.get_msg(block=True)[1]
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def _command(ds: pydicom.Dataset, message_id: int) -> bytes:
+    command = encode_c_store_rq(_request(ds, message_id))
+    assert command is not None
+    return command
+
+
+def _assert_cached(box: _Box, ds: pydicom.Dataset, data_set: bytes) -> None:
+    row = box.rows()[ds.SOPInstanceUID]
+    cached = Path(row["path"]).read_bytes()
+    meta = pydicom.dcmread(row["path"], stop_before_pixels=True).file_meta
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert cached.endswith(data_set) and len(cached) - len(data_set) == 132 + 12 + meta.FileMetaInformationGroupLength
+    assert box.incoming() == []
+
+
+def test_store_in_many_fragments_and_one_pdu_is_served_directly(box: _Box) -> None:
+    assoc = _associate(box.port)
+    try:
+        cx = _context_id(assoc, CTImageStorage)
+        first, second = (make_instance("pdata", 1, 1, n, CT_SLICE) for n in (1, 2))
+        data1, data2 = _encoded(first), _encoded(second)
+        # the command and the data set in one PDU, the data set in three fragments
+        one_pdu = _pdu(_pdv(cx, 0x03, _command(first, 1)), _pdv(cx, 0x00, data1[:100]),
+                       _pdv(cx, 0x00, data1[100:5000]), _pdv(cx, 0x02, data1[5000:]))
+        rsp = _exchange(assoc, [one_pdu])
+        assert rsp is not None and rsp.Status == 0x0000 and rsp.MessageIDBeingRespondedTo == 1
+        assert rsp.AffectedSOPInstanceUID == first.SOPInstanceUID
+        # the command alone, then one PDU per fragment
+        pdus = [_pdu(_pdv(cx, 0x03, _command(second, 2)))]
+        pdus += [_pdu(_pdv(cx, 0x00, data2[i:i + 1000])) for i in range(0, len(data2) - 1000, 1000)]
+        pdus.append(_pdu(_pdv(cx, 0x02, data2[len(pdus[1:]) * 1000:])))
+        rsp = _exchange(assoc, pdus)
+        assert rsp is not None and rsp.Status == 0x0000 and rsp.MessageIDBeingRespondedTo == 2
+        # other services keep pynetdicom's path on the same association
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert box.served == 2
+    _assert_cached(box, first, data1)
+    _assert_cached(box, second, data2)
+
+
+def test_a_command_split_over_two_pdvs_is_left_to_pynetdicom(box: _Box) -> None:
+    assoc = _associate(box.port)
+    try:
+        cx = _context_id(assoc, CTImageStorage)
+        ds = make_instance("pdata", 1, 1, 3, CT_SLICE)
+        command, data = _command(ds, 9), _encoded(ds)
+        rsp = _exchange(assoc, [_pdu(_pdv(cx, 0x01, command[:40]), _pdv(cx, 0x03, command[40:])),
+                                _pdu(_pdv(cx, 0x02, data))])
+        assert rsp is not None and rsp.Status == 0x0000 and rsp.MessageIDBeingRespondedTo == 9
+    finally:
+        assoc.release()
+    assert box.served == 0
+    _assert_cached(box, ds, data)
+
+
+def test_a_fragment_out_of_place_aborts_and_leaves_nothing(box: _Box) -> None:
+    assoc = _associate(box.port)
+    cx, echo_cx = _context_id(assoc, CTImageStorage), _context_id(assoc, Verification)
+    ds = make_instance("pdata", 1, 1, 4, CT_SLICE)
+    data = _encoded(ds)
+    rsp = _exchange(assoc, [_pdu(_pdv(cx, 0x03, _command(ds, 1)), _pdv(cx, 0x00, data[:1000])),
+                            _pdu(_pdv(echo_cx, 0x02, data[1000:]))])  # the rest on another context
+    assert rsp is None
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert box.incoming() == [] and box.rows() == {}
+
+
+def test_associations_that_report_their_pdus_keep_pynetdicoms_path(box: _Box) -> None:
+    """Handlers that want every received PDU keep the association on pynetdicom's path."""
+    seen: list[int] = []
+    server = box.receiver._server
+    assert server is not None
+    server.bind(evt.EVT_PDU_RECV, lambda event: seen.append(1))
+    assoc = _associate(box.port)
+    try:
+        ds = make_instance("pdata", 1, 1, 5, CT_SLICE)
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert seen and box.served == 0
+    assert ds.SOPInstanceUID in box.rows()
