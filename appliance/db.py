@@ -363,8 +363,11 @@ class Database:
 
     def claim(self, destination: str, now: float, limit: int) -> list[Work]:
         """Take, atomically, the due pending deliveries of the study that has waited longest for
-        this destination, in arrival order, and mark them in flight."""
-        with self.transaction() as conn:
+        this destination, in arrival order, and mark them in flight.
+
+        Not fsync'd, like :meth:`finish`: a claim lost to a power cut leaves its deliveries
+        pending, which is what the start-up makes of in-flight ones anyway."""
+        with self.transaction(durable=False) as conn:
             first = conn.execute(
                 "SELECT study_instance_uid FROM deliveries WHERE destination = ? AND state = 'pending'"
                 " AND next_attempt_at <= ? ORDER BY id LIMIT 1", (destination, now),

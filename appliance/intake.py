@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,11 @@ from .store import Store, digest_file
 
 log = logging.getLogger(__name__)
 
-# What is read of each instance when no routes are configured: the index columns. Rules may
-# test any tag, so with routes the whole header (up to the pixels) is read.
+# What is read of each instance: the index columns, and the elements the rules test
+# (``rules.tested_tags``) — pydicom then converts only those, not the whole header.
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "StudyDate",
                "AccessionNumber", "Modality", "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID"]
+_HEADER_TAGS = frozenset(int(Tag(keyword)) for keyword in HEADER_TAGS)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class Intake:
                                              f"({config.storage.disk.min_free})")
         try:
             routed = bool(config.routes) and only_to is None
-            header = _read_header(received, None if routed else HEADER_TAGS, transfer_syntax, dataset_offset)
+            tags, with_meta = _tags_to_read(config) if routed else (_HEADER_TAGS, False)
+            header = _read_header(received, tags, transfer_syntax, dataset_offset, with_meta)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
             return Outcome("unreadable", detail=f"cannot read its data set: {exc}")
         sop_uid = sop_instance_uid or _text(header, "SOPInstanceUID") or _meta(header, "MediaStorageSOPInstanceUID")
@@ -133,19 +136,35 @@ class Intake:
         return Outcome("stored", instance.size)
 
 
-def _read_header(path: Path, tags: list[str] | None, syntax: str | None, offset: int | None) -> pydicom.Dataset:
-    """The data set up to its pixels (only ``tags`` if given), with the file meta when rules
-    may ask for it (``tags`` None). When the caller knows where the data set starts and how it
-    is encoded, it is read from there: the receiver wrote the meta itself, and pydicom's
-    ``dcmread`` spends a third of a header read finding and checking it again."""
+_tags_for_config: tuple[Config, frozenset[int], bool] | None = None
+
+
+def _tags_to_read(config: Config) -> tuple[frozenset[int], bool]:
+    """The elements to read for ``config``'s rules, and whether they test the file meta
+    (group 0002); worked out once per configuration (one is in force at a time)."""
+    global _tags_for_config
+    known = _tags_for_config
+    if known is None or known[0] is not config:
+        tested = rules.tested_tags(config.routes)
+        known = _tags_for_config = (config, _HEADER_TAGS | tested, any(tag >> 16 == 0x0002 for tag in tested))
+    return known[1], known[2]
+
+
+def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | None, offset: int | None,
+                 with_meta: bool = False) -> pydicom.Dataset:
+    """The data set up to its pixels (only ``tags`` if given; all if None), with the file meta
+    if ``with_meta``. When the caller knows where the data set starts and how it is encoded,
+    it is read from there: the receiver wrote the meta itself, and pydicom's ``dcmread``
+    spends a third of a header read finding and checking it again."""
+    specific: list[BaseTag | int] | None = [Tag(t) for t in tags] if tags is not None else None
     encoding = UID(syntax) if syntax else None
     if offset is None or encoding is None or not encoding.is_transfer_syntax or encoding.is_deflated:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=specific)
     with open(path, "rb") as source:
         source.seek(offset)
         header = read_dataset(source, encoding.is_implicit_VR, encoding.is_little_endian,
-                              stop_when=_at_pixels, specific_tags=[Tag(t) for t in tags] if tags else None)
-    if tags is None:  # rules may test (0002,xxxx)
+                              stop_when=_at_pixels, specific_tags=specific)
+    if with_meta:
         header.file_meta = read_file_meta_info(path)
     return header
 

@@ -130,7 +130,7 @@ __all__ = [
     "AllOf", "AnyOf", "Condition", "Decision", "Delivery", "ElementCondition", "Evaluation", "MatchedRule",
     "NotOf", "Origin", "OriginCondition", "OriginLike", "RuleOutcome", "SourceIPCondition", "TagEdit", "TagRef",
     "Trace", "ValueTest", "apply_edits", "check", "decide", "evaluate", "explain", "parse_tag", "read_condition",
-    "read_tag_edits", "read_tag_list", "route_problems", "value_problem",
+    "read_tag_edits", "read_tag_list", "route_problems", "tested_tags", "value_problem",
 ]
 
 
@@ -972,6 +972,24 @@ def evaluate(routes: Sequence[Route], dataset: Dataset, origin: OriginLike) -> E
         Delivery(name, _last_edit_per_tag(edits), wait) for name, (edits, wait) in plan.items()
     )
     return Evaluation(Decision(tuple(matched), deliveries, discarded), tuple(outcomes))
+
+
+def tested_tags(routes: Sequence[Route]) -> frozenset[int]:
+    """Every data element the rules' conditions look at: all that routing needs of a header."""
+    found: set[int] = set()
+
+    def walk(condition: object) -> None:
+        if isinstance(condition, ElementCondition):
+            found.add(condition.element.tag)
+        elif isinstance(condition, AllOf | AnyOf):
+            for part in condition.conditions:
+                walk(part)
+        elif isinstance(condition, NotOf):
+            walk(condition.condition)
+
+    for route in routes:
+        walk(route.when)
+    return frozenset(found)
 
 
 def decide(routes: Sequence[Route], dataset: Dataset, origin: OriginLike) -> Decision:

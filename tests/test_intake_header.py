@@ -9,7 +9,10 @@ import pydicom
 import pytest
 from pynetdicom.dsutils import split_dataset
 
-from appliance.intake import HEADER_TAGS, _read_header, _text
+from appliance import rules
+from appliance.config import loads
+from appliance.intake import HEADER_TAGS, _read_header, _tags_to_read, _text
+from appliance.rules import Origin
 
 
 @pytest.mark.parametrize("name", ["ct", "mr", "us", "cr", "dx", "mg", "rle", "jpegls", "j2k"])
@@ -22,7 +25,7 @@ def test_header_from_the_data_set_offset_is_dcmreads(corpus: dict[str, list[Path
             header = _read_header(path, tags, syntax, offset)
             for keyword in HEADER_TAGS:
                 assert _text(header, keyword) == (str(reference.get(keyword, "")).strip()), (path, keyword)
-        routed = _read_header(path, None, syntax, offset)
+        routed = _read_header(path, None, syntax, offset, with_meta=True)
         assert routed.file_meta.TransferSyntaxUID == syntax  # rules may test (0002,xxxx)
         assert "PixelData" not in routed
         assert {e.tag: e.value for e in routed} == {e.tag: e.value for e in reference}  # what rules see
@@ -37,3 +40,42 @@ def test_a_latin1_patient_name_is_decoded(tmp_path: Path) -> None:
     meta, offset = split_dataset(path)
     header = _read_header(path, HEADER_TAGS, str(meta.TransferSyntaxUID), offset)
     assert _text(header, "PatientName") == "Müller^Jürgen"
+
+
+ROUTES = """
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 104}
+  other: {ae_title: OTHER, host: 127.0.0.1, port: 105}
+routes:
+  - when: {all: [{Modality: CT}, {not: {SliceThickness: {gt: 2}}}, {calling_ae: CT1}]}
+    send_to: [pacs]
+  - when: {any: [{Modality: {in: [US, MG]}}, {not: {BodyPartExamined: {present: true}}}]}
+    send_to: [other]
+    continue: true
+  - when: {"(0002,0010)": {glob: "1.2.840.10008.1.2.4.*"}, "(0008,0080)": {regex: "(?i)clinic"}}
+    send_to: [pacs]
+  - when: {Rows: {ge: 512}, SeriesDescription: {present: false}}
+    send_to: [other]
+"""
+
+
+def test_rules_see_in_the_elements_they_test_what_they_would_see_in_the_whole_header(
+        corpus: dict[str, list[Path]]) -> None:
+    config = loads(ROUTES, "appliance.yaml")
+    tags, with_meta = _tags_to_read(config)
+    assert rules.tested_tags(config.routes) == {
+        0x00080060, 0x00180050, 0x00180015, 0x00020010, 0x00080080, 0x00280010, 0x0008103E}
+    assert with_meta and tags >= rules.tested_tags(config.routes)
+    origins = [Origin("CT1", "EDGE", "127.0.0.1"), Origin("US1", "EDGE", "10.0.0.1")]
+    matched: set[int] = set()
+    for name in ("ct", "mr", "us", "mg", "rle", "jpegls", "j2k"):
+        for path in corpus[name][:2]:
+            meta, offset = split_dataset(path)
+            syntax = str(meta.TransferSyntaxUID)
+            whole = _read_header(path, None, syntax, offset, with_meta=True)
+            tested = _read_header(path, tags, syntax, offset, with_meta)
+            for origin in origins:
+                decision = rules.decide(config.routes, tested, origin)
+                assert decision == rules.decide(config.routes, whole, origin)
+                matched.update(rule.index for rule in decision.rules)
+    assert matched == {0, 1, 2, 3}  # every rule decided something somewhere
