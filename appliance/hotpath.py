@@ -211,6 +211,15 @@ def _write_file_meta_info(fp: BinaryIO, file_meta: FileMeta, enforce_standard: b
         fp.dataset_offset = fp.size  # the data set starts here
 
 
+def start_received_file(meta: FileMeta) -> ReceivedFile:
+    """A new received file with its preamble and file meta written, as pynetdicom's chunked
+    receive starts one; the data set goes after."""
+    received = ReceivedFile(suffix=".dcm")
+    received.write(b"\x00" * 128 + b"DICM")
+    _write_file_meta_info(received, meta)  # type: ignore[arg-type]
+    return received
+
+
 # ---- C-STORE command sets (PS3.7 9.3.1, E.1) ---------------------------------------------
 
 

@@ -41,7 +41,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 
-from .hotpath import COMMAND, LAST, FileMeta, ReceivedFile, encode_file_meta
+from .hotpath import COMMAND, LAST, FileMeta, ReceivedFile, start_received_file
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,7 @@ class StoreReceiver:
         """Handle one P-DATA-TF PDU body; False leaves it (all of it) to pynetdicom."""
         if self.incoming is None:
             return self._begin(body)
-        try:
-            self._fragments(iter_pdvs(body))
-        except ProtocolError as exc:
-            self._abort(str(exc))
+        self._fragments(iter_pdvs(body))
         return True
 
     def discard(self) -> bool:
@@ -176,21 +173,22 @@ class StoreReceiver:
         context = assoc._accepted_cx.get(context_id)
         if request is None or context is None:
             return False
-        received = ReceivedFile(suffix=".dcm")
-        received.write(b"\x00" * 128 + b"DICM")
-        received.write(encode_file_meta(FileMeta(
-            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), context.transfer_syntax[0])))
-        received.dataset_offset = received.size
+        received = start_received_file(FileMeta(
+            str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), context.transfer_syntax[0]))
         request._context_id = context_id
         self.incoming = _Incoming(context_id, context, request, received)
-        try:
-            self._fragments(pdvs)
-        except ProtocolError as exc:
-            self._abort(str(exc))
+        self._fragments(pdvs)
         return True
 
     def _fragments(self, pdvs: Iterator[tuple[int, int, memoryview]]) -> None:
-        """Write data set fragments; serve the request after the last one."""
+        """Write data set fragments; serve the request after the last one; abort the
+        association if the peer breaks the framing."""
+        try:
+            self._write_fragments(pdvs)
+        except ProtocolError as exc:
+            self._abort(str(exc))
+
+    def _write_fragments(self, pdvs: Iterator[tuple[int, int, memoryview]]) -> None:
         for context_id, control, fragment in pdvs:
             incoming = self.incoming
             if incoming is None:
