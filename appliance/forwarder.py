@@ -37,6 +37,7 @@ from . import outgoing, rules, statuses
 from .config import Config, Destination, Retry
 from .db import Database, Work
 from .dicomnet import application_entity, throttle_sends, tune_socket
+from .pdata import StoreReceiver
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,7 @@ class Forwarder:
         if not assoc.is_established:
             raise AssociationFailed(f"no association with {destination.ae_title}@{destination.host}:"
                                     f"{destination.port} (refused, timed out or aborted)")
+        StoreReceiver.attach(assoc)  # C-STORE responses taken by the DUL thread itself (pdata.py)
         proposed = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts}
         now = time.time()
         return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now)

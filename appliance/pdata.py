@@ -17,6 +17,11 @@ work directly, in the DUL thread (``reactor.py`` calls it):
   split over several PDVs, a request pynetdicom is already assembling — is left to pynetdicom,
   which then sees exactly the PDU it would have seen.
 
+* **responses** (our forwarder, a Storage SCU): a P-DATA-TF holding exactly one plain
+  C-STORE-RSP (status, IDs; no error comment or offending element) becomes the response
+  primitive here and goes straight onto the DIMSE queue that ``send_c_store`` waits on — what
+  pynetdicom would put there, without decoding the command set into a pydicom data set first.
+
 Sending the other way (our forwarder's C-STORE-RQ from a cached file) is
 ``hotpath.FileMessage``.
 
@@ -49,7 +54,12 @@ log = logging.getLogger(__name__)
 _REPORTING_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV)
 
 _C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
+# The elements of a C-STORE-RSP taken here (PS3.7 9.3.1.2): group length, Affected SOP Class,
+# Command Field, Message ID Being Responded To, Command Data Set Type, Status, Affected SOP
+# Instance. One with anything more (an error comment, an offending element) is pynetdicom's.
+_PLAIN_RSP = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000))
 
 
 class ProtocolError(ValueError):
@@ -116,6 +126,24 @@ def c_store_request(elements: dict[int, bytes]) -> C_STORE | None:
     return request
 
 
+def c_store_response(elements: dict[int, bytes]) -> C_STORE | None:
+    """The C-STORE-RSP primitive a plain response's command set describes, or None."""
+    if (_us(elements, 0x0100) != _C_STORE_RSP or _us(elements, 0x0800) != _NO_DATA_SET
+            or not elements.keys() <= _PLAIN_RSP):
+        return None
+    responding_to, status = _us(elements, 0x0120), _us(elements, 0x0900)
+    if responding_to is None or status is None:
+        return None
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = responding_to
+    response.Status = status
+    if 0x0002 in elements:
+        response.AffectedSOPClassUID = _text(elements, 0x0002)
+    if 0x1000 in elements:
+        response.AffectedSOPInstanceUID = _text(elements, 0x1000)
+    return response
+
+
 class _Incoming:
     """A C-STORE-RQ whose data set is still arriving."""
 
@@ -127,9 +155,9 @@ class _Incoming:
 
 
 class StoreReceiver:
-    """The direct receive path of one association of our Storage SCP (see the module
-    docstring). :meth:`take` is called by the DUL thread with each P-DATA-TF received while
-    the association is established."""
+    """The direct receive path of one association (see the module docstring): C-STORE-RQs
+    for our Storage SCP, C-STORE-RSPs for our forwarder. :meth:`take` is called by the DUL
+    thread with each P-DATA-TF received while the association is established."""
 
     def __init__(self, assoc: Any) -> None:
         self.assoc = assoc
@@ -167,11 +195,20 @@ class StoreReceiver:
             context_id, control, fragment = next(pdvs)
             if control != COMMAND | LAST:
                 return False
-            request = c_store_request(decode_command(fragment))
+            elements = decode_command(fragment)
+            request = c_store_request(elements)
+            response = c_store_response(elements) if request is None else None
+            alone = response is not None and next(pdvs, None) is None
         except (ValueError, StopIteration, UnicodeDecodeError):
             return False  # pynetdicom decodes it again, and answers as it does
         context = assoc._accepted_cx.get(context_id)
-        if request is None or context is None:
+        if context is None:
+            return False
+        if response is not None and alone:
+            response._context_id = context_id
+            assoc.dimse.msg_queue.put((context_id, response))  # as pynetdicom's receive_primitive does
+            return True
+        if request is None:
             return False
         received = start_received_file(FileMeta(
             str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), context.transfer_syntax[0]))

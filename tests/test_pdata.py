@@ -284,3 +284,59 @@ def test_associations_that_report_their_pdus_keep_pynetdicoms_path(box: _Box) ->
         assoc.release()
     assert seen and box.served == 0
     assert ds.SOPInstanceUID in box.rows()
+
+
+def _rsp_command(status: int, comment: str | None = None) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 12
+    response.Status = status
+    response.AffectedSOPClassUID = CTImageStorage
+    response.AffectedSOPInstanceUID = "1.2.3.4"
+    if comment is not None:
+        response.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, message.command_set)
+    return buffer.getvalue()
+
+
+def test_a_plain_c_store_response_decodes_to_pynetdicoms_primitive() -> None:
+    for status in (0x0000, 0xB000, 0xA700, 0xC000):
+        response = pdata.c_store_response(pdata.decode_command(_rsp_command(status)))
+        assert response is not None
+        assert (response.MessageIDBeingRespondedTo, response.Status) == (12, status)
+        assert (response.AffectedSOPClassUID, response.AffectedSOPInstanceUID) == (CTImageStorage, "1.2.3.4")
+        assert response.is_valid_response
+    # an error comment is pynetdicom's to decode, as is a request
+    assert pdata.c_store_response(pdata.decode_command(_rsp_command(0xC000, "cannot"))) is None
+    assert pdata.c_store_response(pdata.decode_command(_command(make_instance("pdata", 1, 1, 1, CT_SLICE), 1))) is None
+
+
+def test_responses_to_our_scu_are_taken_directly(box: _Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forwarder's side: send_c_store gets the same response, decoded by the DUL thread."""
+    taken: list[int] = []
+    original = pdata.c_store_response
+
+    def counting(elements: dict[int, bytes]):  # type: ignore[no-untyped-def]
+        response = original(elements)
+        if response is not None:
+            taken.append(int(response.Status))
+        return response
+
+    monkeypatch.setattr(pdata, "c_store_response", counting)
+    assoc = _associate(box.port)
+    assert pdata.StoreReceiver.attach(assoc)
+    try:
+        first, second = (make_instance("pdata", 2, 1, n, CT_SLICE) for n in (1, 2))
+        assert assoc.send_c_store(first).Status == 0x0000
+        assert assoc.send_c_store(first).Status == 0x0000  # a duplicate replaces: still success
+        assert assoc.send_c_store(second).Status == 0x0000
+        assert assoc.send_c_echo().Status == 0x0000  # not a C-STORE-RSP: pynetdicom's path
+    finally:
+        assoc.release()
+    assert taken == [0x0000, 0x0000, 0x0000]
+    assert {first.SOPInstanceUID, second.SOPInstanceUID} <= box.rows().keys()
