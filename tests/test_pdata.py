@@ -58,9 +58,10 @@ def _request(ds: pydicom.Dataset, message_id: int) -> C_STORE:
     return request
 
 
-def _encoded(ds: pydicom.Dataset) -> bytes:
+def _encoded(ds: pydicom.Dataset, implicit: bool = False) -> bytes:
+    """A data set (Explicit VR Little Endian), or a command set with ``implicit``."""
     buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
     write_dataset(buffer, ds)
     return buffer.getvalue()
 
@@ -87,10 +88,7 @@ def test_command_set_decodes_to_the_request_pynetdicom_would_build() -> None:
     sent.DataSet = BytesIO(_encoded(ds))  # so that the command says a data set follows
     message = C_STORE_RQ()
     message.primitive_to_message(sent)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, True
-    write_dataset(buffer, message.command_set)
-    elements = pdata.decode_command(buffer.getvalue())
+    elements = pdata.decode_command(_encoded(message.command_set, implicit=True))
     request = pdata.c_store_request(elements)
     assert request is not None
     for keyword in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority"):
@@ -113,10 +111,7 @@ def test_other_commands_are_not_taken() -> None:
     echo.AffectedSOPClassUID = Verification
     message = C_ECHO_RQ()
     message.primitive_to_message(echo)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, True
-    write_dataset(buffer, message.command_set)
-    assert pdata.c_store_request(pdata.decode_command(buffer.getvalue())) is None
+    assert pdata.c_store_request(pdata.decode_command(_encoded(message.command_set, implicit=True))) is None
 
 
 # ---- against a running receiver ------------------------------------------------------------------
@@ -298,10 +293,7 @@ def _rsp_command(status: int, comment: str | None = None) -> bytes:
         response.ErrorComment = comment
     message = C_STORE_RSP()
     message.primitive_to_message(response)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, True
-    write_dataset(buffer, message.command_set)
-    return buffer.getvalue()
+    return _encoded(message.command_set, implicit=True)
 
 
 def test_a_plain_c_store_response_decodes_to_pynetdicoms_primitive() -> None:
