@@ -85,6 +85,22 @@ def parse_storescu(returncode: int, output: str) -> StoreResult:
     return result
 
 
+def read_until_acknowledged(sender: subprocess.Popen[str], count: int) -> str:
+    """Read a running ``storescu -v``'s output until it has seen ``count`` successful responses
+    (or it ended); returns what was read. Lets a test act at a chosen point of a stream,
+    however fast the receiver is."""
+    assert sender.stdout is not None
+    seen: list[str] = []
+    acknowledged = 0
+    for line in sender.stdout:
+        seen.append(line)
+        if line.rstrip("\n") == "I: Received Store Response (Success)":
+            acknowledged += 1
+            if acknowledged >= count:
+                break
+    return "".join(seen)
+
+
 class ApplianceProcess:
     """``python -m appliance run`` with a generated configuration, as a modality would see it."""
 

@@ -45,7 +45,15 @@ from .pacs import (
     sop_uid,
     wait_until,
 )
-from .peers import DCMTK_ENV, ApplianceProcess, StoreResult, parse_storescu, require_tool, storescu
+from .peers import (
+    DCMTK_ENV,
+    ApplianceProcess,
+    StoreResult,
+    parse_storescu,
+    read_until_acknowledged,
+    require_tool,
+    storescu,
+)
 
 # storescu proposes one compressed family per run; these flags add the one a file needs.
 _STORESCU_FLAGS = {
@@ -236,12 +244,15 @@ def test_sigkill_during_forwarding_every_acknowledged_instance_delivered(applian
              *map(str, files)],
             env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        time.sleep(rng.uniform(0.3, 2.0))
+        # A random moment while it receives (and so forwards): after a random share of this
+        # round has been acknowledged. A fixed delay would drift past the round's end as the
+        # appliance gets faster.
+        before = read_until_acknowledged(sender, rng.randint(10, 200))
         in_orthanc = orthanc.count()
         box.kill()
         kills += 1
         out, _ = sender.communicate(timeout=60)
-        acknowledged |= uids(parse_storescu(sender.returncode, out).succeeded)
+        acknowledged |= uids(parse_storescu(sender.returncode, before + out).succeeded)
         if in_orthanc < len(cache_rows(box)):
             mid_forwarding += 1
         box.start()

@@ -24,7 +24,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from .corpus import Series, make_instance, write_series
-from .peers import DCMTK_ENV, ApplianceProcess, parse_storescu, require_tool, storescu
+from .peers import DCMTK_ENV, ApplianceProcess, parse_storescu, read_until_acknowledged, require_tool, storescu
 
 
 def rows(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
@@ -173,10 +173,12 @@ def test_sigkill_while_receiving_loses_no_acknowledged_instance(appliance_factor
             ["storescu", "-v", "-nh", "-aet", "MODALITY", "-aec", "EDGE", "127.0.0.1", str(box.port), *map(str, files)],
             env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        time.sleep(rng.uniform(0.3, 1.5))
+        # A random moment mid-stream: after a random share of this round has been acknowledged
+        # (a fixed delay would drift past the round's end as the appliance gets faster).
+        before = read_until_acknowledged(sender, rng.randint(5, 280))
         box.kill()
         out, _ = sender.communicate(timeout=60)
-        result = parse_storescu(sender.returncode, out)
+        result = parse_storescu(sender.returncode, before + out)
         acknowledged += result.succeeded
         if 0 < len(result.succeeded) < len(files):
             partial_rounds += 1
