@@ -41,6 +41,7 @@ import math
 import os
 import struct
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
@@ -253,13 +254,19 @@ def encode_c_store_rq(primitive: C_STORE) -> bytes | None:
     originator (left to pynetdicom)."""
     if primitive.MoveOriginatorApplicationEntityTitle is not None or primitive.MoveOriginatorMessageID is not None:
         return None
+    return encode_c_store_rq_fields(int(primitive.MessageID), primitive.AffectedSOPClassUID,  # type: ignore[arg-type]
+                                    primitive.AffectedSOPInstanceUID, int(primitive.Priority))  # type: ignore[arg-type]
+
+
+def encode_c_store_rq_fields(message_id: int, sop_class: str, sop_instance: str, priority: int = 2) -> bytes:
+    """The command set of a C-STORE-RQ (medium priority by default, as ``send_c_store``)."""
     body = b"".join((
-        _implicit(0x0002, _ui(primitive.AffectedSOPClassUID)),  # type: ignore[arg-type]
+        _implicit(0x0002, _ui(sop_class)),
         _implicit(0x0100, _us(0x0001)),
-        _implicit(0x0110, _us(int(primitive.MessageID))),  # type: ignore[arg-type]
-        _implicit(0x0700, _us(int(primitive.Priority))),
+        _implicit(0x0110, _us(message_id)),
+        _implicit(0x0700, _us(priority)),
         _implicit(0x0800, _us(0x0001)),  # a data set follows
-        _implicit(0x1000, _ui(primitive.AffectedSOPInstanceUID)),  # type: ignore[arg-type]
+        _implicit(0x1000, _ui(sop_instance)),
     ))
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
@@ -347,6 +354,66 @@ class FileMessage:
                 used += count
                 size -= count
         flush()
+
+
+def data_set_offset(source: BinaryIO) -> int | None:
+    """Where the data set of a DICOM file starts, read from its file meta's group length
+    (PS3.10 7.1: preamble, ``DICM``, then (0002,0000) UL); None if the file does not start so."""
+    head = source.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    return 144 + int(struct.unpack_from("<I", head, 140)[0])
+
+
+class StoreUnsupported(Exception):
+    """This C-STORE cannot go the direct way (:func:`store_file`); use ``send_c_store``."""
+
+
+def store_file(assoc: Any, context_id: int, path: str, sop_class: str, sop_instance: str,
+               message_id: int) -> C_STORE | None:
+    """``Association.send_c_store`` of a cached file whose UIDs are already known (the
+    forwarder's database has them): no pydicom read of the file meta, no primitive, the
+    response taken as the primitive the DUL thread decoded. The same messages on the wire,
+    and the same waiting: the reactor paused, the DIMSE timeout, and on no response
+    (timeout, abort, lost connection) pynetdicom's handling and None.
+
+    Raises :class:`StoreUnsupported` when the association's messages are watched by handlers,
+    the peer's PDU limit is too small for the command, or the file does not start with a
+    standard file meta; ``OSError`` when the file cannot be opened."""
+    dimse_provider = assoc.dimse
+    command = encode_c_store_rq_fields(message_id, sop_class, sop_instance)
+    max_pdu = dimse_provider.maximum_pdu_size
+    if not FileMessage.usable(assoc) or (max_pdu and len(command) > max_pdu - 6):
+        raise StoreUnsupported("handlers watch the messages, or the peer's PDU limit is too small")
+    source = open(path, "rb")
+    try:
+        offset = data_set_offset(source)
+        if offset is None:
+            raise StoreUnsupported(f"{path} does not start with a standard file meta")
+        length = source.seek(0, 2) - source.seek(offset)
+    except BaseException:
+        source.close()
+        raise
+    if not assoc.is_established:
+        source.close()
+        raise RuntimeError("the association is not established")
+    assoc._reactor_checkpoint.clear()  # as send_c_store: the reactor must not take the response
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dul.send_pdu(FileMessage(context_id, command, source, length, max_pdu))
+        _, response = dimse_provider.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if response is None:
+        assoc._handle_no_response()
+        return None
+    if (not isinstance(response, C_STORE) or not response.is_valid_response
+            or response.MessageIDBeingRespondedTo != message_id):
+        log.error("Received an invalid C-STORE response from the peer")
+        assoc.abort()
+        return None
+    return response
 
 
 def _pdu_header(length: int, context_id: int, control: int) -> bytes:

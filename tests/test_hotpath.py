@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import logging
 import queue
 import socket
 import threading
+import time
 import types
+from collections.abc import Iterator
 
 import pytest
+from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
@@ -17,8 +22,11 @@ from pynetdicom.dsutils import create_file_meta, encode, split_dataset
 from pynetdicom.pdu import P_DATA_TF
 
 from appliance import hotpath
+from appliance.dicomnet import application_entity, tune_socket
+from appliance.pdata import StoreReceiver
 
 from .corpus import Series, write_series
+from .pacs import RecordingSCP
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 _ROOT = "1.2.826.0.1.3680043.8.498."
@@ -197,3 +205,112 @@ def test_a_file_message_is_dropped_outside_the_established_state_and_fails_as_a_
     message.send(dul)  # the peer is gone
     assert dul.event_queue.get_nowait() == "Evt17" and message.source.closed
     ours.close()
+
+
+# ---- store_file: the forwarder's C-STORE of a cached file --------------------------------------
+
+
+def test_data_set_offset_is_where_pydicom_finds_the_data_set(tmp_path) -> None:
+    path = write_series(tmp_path, "offset", 1, 1, Series("CT", 1, 16, 16))[0]
+    with open(path, "rb") as source:
+        assert hotpath.data_set_offset(source) == split_dataset(path)[1]
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(path.read_bytes()[128:])  # no preamble
+    with open(bare, "rb") as source:
+        assert hotpath.data_set_offset(source) is None
+
+
+@pytest.fixture
+def quiet_pynetdicom() -> Iterator[None]:
+    """pynetdicom's narration (bound when its logger shows INFO, as under pytest) watches every
+    message and so keeps pynetdicom's path: quiet it, as the appliance runs."""
+    log = logging.getLogger("pynetdicom")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    yield
+    log.setLevel(level)
+
+
+def _scu(port: int, dimse_timeout: float = 10):  # type: ignore[no-untyped-def]
+    ae = application_entity("HOTPATH")
+    ae.add_requested_context(CT, ExplicitVRLittleEndian)
+    ae.dimse_timeout = dimse_timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="RECORDER", evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
+    assert assoc.is_established
+    assert StoreReceiver.attach(assoc)
+    return assoc, assoc.accepted_contexts[0].context_id
+
+
+def test_store_file_sends_what_send_c_store_sends(tmp_path, quiet_pynetdicom, monkeypatch) -> None:
+    """The peer receives the same data set, the response comes back as a primitive, and the
+    message went out as one FileMessage (not pynetdicom's per-PDU way)."""
+    paths = write_series(tmp_path / "in", "storefile", 1, 1, Series("CT", 3, 64, 64))
+    sent: list[int] = []
+    original = hotpath.FileMessage.send
+    monkeypatch.setattr(hotpath.FileMessage, "send", lambda self, dul: (sent.append(self.context_id),
+                                                                        original(self, dul)))
+    with RecordingSCP(status=0x0000) as scp:
+        assoc, context_id = _scu(scp.port)
+        try:
+            for number, path in enumerate(paths, 1):
+                ds = dcmread(path, stop_before_pixels=True)
+                response = hotpath.store_file(assoc, context_id, str(path), ds.SOPClassUID, ds.SOPInstanceUID, number)
+                assert response is not None
+                assert (response.Status, response.MessageIDBeingRespondedTo) == (0x0000, number)
+            assert assoc.send_c_store(paths[0]).Status == 0x0000  # pynetdicom's own, for comparison
+        finally:
+            assoc.release()
+        received = scp.receptions()
+    assert len(sent) == 3  # send_c_store, without chunked send, encodes in memory: pynetdicom's way
+    assert [r.sop_instance_uid for r in received[:3]] == [dcmread(p).SOPInstanceUID for p in paths]
+    for reception, path in zip(received[:3], paths):
+        assert reception.dataset == dcmread(path)
+    assert received[3].dataset == received[0].dataset
+
+
+def test_store_file_returns_failures_and_their_comment(tmp_path, quiet_pynetdicom) -> None:
+    path = write_series(tmp_path / "in", "storefile", 1, 1, Series("CT", 1, 16, 16))[0]
+    ds = dcmread(path, stop_before_pixels=True)
+    with RecordingSCP(status=0xA900) as scp:
+        assoc, context_id = _scu(scp.port)
+        try:
+            response = hotpath.store_file(assoc, context_id, str(path), ds.SOPClassUID, ds.SOPInstanceUID, 7)
+            assert response is not None and response.Status == 0xA900
+            assert assoc.is_established
+        finally:
+            assoc.release()
+
+
+def test_store_file_without_a_response_aborts_and_returns_none(tmp_path, quiet_pynetdicom) -> None:
+    """A peer that does not answer within the DIMSE timeout: delivery unknown (None), and the
+    association is aborted, as send_c_store does."""
+    path = write_series(tmp_path / "in", "storefile", 1, 1, Series("CT", 1, 16, 16))[0]
+    ds = dcmread(path, stop_before_pixels=True)
+    with RecordingSCP(delay=3.0) as scp:
+        assoc, context_id = _scu(scp.port, dimse_timeout=0.5)
+        started = time.monotonic()
+        assert hotpath.store_file(assoc, context_id, str(path), ds.SOPClassUID, ds.SOPInstanceUID, 1) is None
+        assert time.monotonic() - started < 2.5
+        assert not assoc.is_established
+
+
+def test_store_file_leaves_watched_associations_and_odd_files_to_pynetdicom(tmp_path, quiet_pynetdicom) -> None:
+    path = write_series(tmp_path / "in", "storefile", 1, 1, Series("CT", 1, 16, 16))[0]
+    ds = dcmread(path, stop_before_pixels=True)
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(path.read_bytes()[128:])
+    with RecordingSCP() as scp:
+        assoc, context_id = _scu(scp.port)
+        try:
+            with pytest.raises(hotpath.StoreUnsupported):
+                hotpath.store_file(assoc, context_id, str(bare), ds.SOPClassUID, ds.SOPInstanceUID, 1)
+            with pytest.raises(FileNotFoundError):
+                hotpath.store_file(assoc, context_id, str(tmp_path / "gone.dcm"), ds.SOPClassUID,
+                                   ds.SOPInstanceUID, 1)
+            assoc.bind(evt.EVT_DIMSE_SENT, lambda event: None)
+            with pytest.raises(hotpath.StoreUnsupported):
+                hotpath.store_file(assoc, context_id, str(path), ds.SOPClassUID, ds.SOPInstanceUID, 1)
+            assert assoc.is_established  # nothing was sent: the association is still usable
+            assert assoc.send_c_store(path).Status == 0x0000
+        finally:
+            assoc.release()
