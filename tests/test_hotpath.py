@@ -263,7 +263,7 @@ def test_store_file_sends_what_send_c_store_sends(tmp_path, quiet_pynetdicom, mo
         received = scp.receptions()
     assert len(sent) == 3  # send_c_store, without chunked send, encodes in memory: pynetdicom's way
     assert [r.sop_instance_uid for r in received[:3]] == [dcmread(p).SOPInstanceUID for p in paths]
-    for reception, path in zip(received[:3], paths):
+    for reception, path in zip(received[:3], paths, strict=True):
         assert reception.dataset == dcmread(path)
     assert received[3].dataset == received[0].dataset
 
