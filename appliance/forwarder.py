@@ -18,13 +18,14 @@ on a fresh association, never counted as delivered.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -72,6 +73,15 @@ class _Link:
     delivered: int = 0
     failed: int = 0
     message_id: int = 0  # of the last C-STORE-RQ sent
+    _contexts: dict[str, list[PresentationContext]] = field(default_factory=dict)
+
+    def contexts_for(self, sop_class: str) -> list[PresentationContext]:
+        """The accepted contexts we can send this SOP class on (looked up once per association)."""
+        contexts = self._contexts.get(sop_class)
+        if contexts is None:
+            contexts = self._contexts[sop_class] = [cx for cx in self.assoc.accepted_contexts
+                                                    if cx.abstract_syntax == sop_class and cx.as_scu]
+        return contexts
 
 
 def backoff(policy: Retry, attempts: int) -> float:
@@ -352,8 +362,7 @@ class Forwarder:
 
     def _send_one(self, name: str, destination: Destination, link: _Link, work: Work) -> str:
         """Send one instance; record the attempt; return its outcome."""
-        accepted = [cx for cx in link.assoc.accepted_contexts
-                    if cx.abstract_syntax == work.sop_class_uid and cx.as_scu]
+        accepted = link.contexts_for(work.sop_class_uid)
         syntaxes = [str(cx.transfer_syntax[0]) for cx in accepted]
         edits = _edits_for(work, name)
         transcoded = False
@@ -430,10 +439,15 @@ class Forwarder:
 
 
 def _edits_for(work: Work, destination: str) -> tuple[rules.TagEdit, ...]:
-    if not work.decision:
-        return ()
+    return _edits(work.decision, destination) if work.decision else ()
+
+
+@functools.lru_cache(maxsize=256)
+def _edits(decision: str, destination: str) -> tuple[rules.TagEdit, ...]:
+    """A decision's edits for a destination. Cached: the instances of a study mostly carry the
+    same decision, and parsing it is otherwise done for every instance sent."""
     try:
-        return rules.Decision.from_json(work.decision).edits_for(destination)
+        return rules.Decision.from_json(decision).edits_for(destination)
     except KeyError:  # sent here by `appliance send --to` or a retry: no edits
         return ()
 
