@@ -3,8 +3,9 @@ writes SQL.
 
 Every process opens it with :func:`open_database`. Within a process all writes go through one
 connection under one lock (:meth:`Database.transaction`), so pynetdicom's handler threads never
-interleave half-transactions. Each commit is durable before it returns (synchronous=FULL): the
-receiver answers C-STORE success only after its row is committed here. The one exception is a
+interleave half-transactions; between processes, writers queue on a file lock beside it. Each
+commit is durable before it returns (synchronous=FULL): the receiver answers C-STORE success
+only after its row is committed here. The one exception is a
 forwarding outcome (:meth:`Database.finish`), whose loss costs a resend and nothing else.
 
 Rows keep a state column instead of being deleted, so the status page and the CLI can show
@@ -13,6 +14,8 @@ history. The schema is a list of migrations applied in order, tracked by ``PRAGM
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -205,11 +208,18 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=30000")
+        # The writers of all processes (receiver, forwarder, CLI) queue on this lock before they
+        # ask SQLite for its own. A writer that finds SQLite's lock taken sleeps 1, 2, 5... ms
+        # (SQLite's busy handler polls) where a commit takes a fraction of that, and the
+        # forwarder's next C-STORE waits on its commit; flock wakes the next writer the moment
+        # the lock is free. SQLite's lock still guards correctness (busy_timeout).
+        self._writers = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._migrate()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            os.close(self._writers)
 
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -222,6 +232,7 @@ class Database:
         with self._lock:
             if not durable:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
+            fcntl.flock(self._writers, fcntl.LOCK_EX)
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -231,6 +242,7 @@ class Database:
                     raise
                 self._conn.execute("COMMIT")
             finally:
+                fcntl.flock(self._writers, fcntl.LOCK_UN)
                 if not durable:
                     self._conn.execute("PRAGMA synchronous=FULL")
 
