@@ -97,12 +97,15 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from .db import open_database
+    from .wakeup import Nudger
 
     config = _load_or_exit(args)
     if not args.all and not args.destination:
         print("name a destination, or --all", file=sys.stderr)
         return 2
     count = open_database(config.storage.root).retry_dead(None if args.all else args.destination)
+    if count:
+        Nudger(config.storage.root).nudge()  # the forwarder sends them now, not at its next look
     where = "all destinations" if args.all else args.destination
     print(f"{count} dead letter(s) for {where} back in the queue")
     return 0

@@ -34,7 +34,7 @@ from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from . import hotpath, outgoing, rules, statuses
+from . import hotpath, outgoing, rules, statuses, wakeup
 from .config import Config, Destination, Retry
 from .db import Database, Work
 from .dicomnet import application_entity, throttle_sends, tune_socket
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 BATCH = 200  # deliveries claimed at once (one study); the association outlives the batch
 IDLE_RELEASE = 5.0  # seconds an association stays open without work
 # Seconds between looks at the queue. Intake runs in another process and writes only to the
-# database, so this is how new work is found; an indexed read, cheap enough at this rate.
+# database; it nudges the forwarder when it queued work (wakeup.py), and this finds what a lost
+# nudge would miss, and retries coming due. An indexed read, cheap enough at this rate.
 POLL = 0.1
 MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
 
@@ -105,6 +106,7 @@ class Forwarder:
         self._blocked_until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._listener = wakeup.Listener(config.storage.root, self.wake)  # intake's "work queued"
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Forwarder:
         requeued = self.db.requeue_in_flight()
         if requeued:
             log.warning("%d deliveries were in flight when the appliance stopped; sending them again", requeued)
+        self._listener.start()
         self._spawn("scheduler", 0, self._schedule)
         self.apply(self.config)
 
@@ -129,6 +132,7 @@ class Forwarder:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        self._listener.stop()
         self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads.values():

@@ -27,6 +27,7 @@ from .config import Config
 from .db import Database, Delivery, Instance
 from .rules import Origin
 from .store import Store, digest_file
+from .wakeup import Nudger
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Intake:
         self.store = store
         # The same SOP Instance UID arriving on two associations at once must not interleave.
         self._uid_locks = [threading.Lock() for _ in range(64)]
+        self._nudger = Nudger(config.storage.root)  # tells the forwarder that work was queued
 
     def admit(self, received: Path, origin: Origin, sop_class_uid: str | None = None,
               sop_instance_uid: str | None = None, transfer_syntax: str | None = None,
@@ -109,7 +111,10 @@ class Intake:
         )
         deliveries = [Delivery(d.destination, d.stable_after) for d in (decision.deliveries if decision else ())]
         with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
-            return self._cache(received, instance, deliveries)
+            outcome = self._cache(received, instance, deliveries)
+        if deliveries and outcome.kind in ("stored", "replaced"):
+            self._nudger.nudge()
+        return outcome
 
     def _cache(self, received: Path, instance: Instance, deliveries: list[Delivery]) -> Outcome:
         existing = self.db.find_instance(instance.sop_instance_uid)
