@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from . import hotpath, outgoing, rules, statuses, wakeup
@@ -74,6 +75,7 @@ class _Link:
     delivered: int = 0
     failed: int = 0
     message_id: int = 0  # of the last C-STORE-RQ sent
+    direct: bool = False  # responses decoded by the DUL thread (pdata): C-STOREs can be chained
     _contexts: dict[str, list[PresentationContext]] = field(default_factory=dict)
 
     def contexts_for(self, sop_class: str) -> list[PresentationContext]:
@@ -252,11 +254,24 @@ class Forwarder:
                 self._destination_failed(name, destination, batch, str(exc), permanent=exc.permanent)
                 return None
         counts = {"delivered": 0, "retry": 0, "dead": 0, "unknown": 0}
-        for position, work in enumerate(batch):
+        position = 0
+        interrupted = False
+        while position < len(batch):
             if self._stop.is_set():
                 self.db.unclaim(batch[position:])
+                interrupted = True
                 break
-            outcome = self._send_one(name, destination, link, work)
+            run = self._chainable(name, link, batch, position)
+            if len(run) > 1:
+                delivered, chained = self._send_chain(name, destination, link, run)
+                counts["delivered"] += delivered
+                link.delivered += delivered
+                position += delivered
+                if chained is None:  # all sent, or the chain stopped before the next one
+                    continue
+                outcome = chained
+            else:
+                outcome = self._send_one(name, destination, link, batch[position])
             counts[outcome] += 1
             if outcome == "delivered":
                 link.delivered += 1
@@ -271,8 +286,10 @@ class Forwarder:
                 if outcome in ("retry", "unknown"):
                     self._failures[name] = self._failures.get(name, 0) + 1
                     self._blocked_until[name] = time.time() + backoff(destination.retry, self._failures[name])
+                interrupted = True
                 break
-        else:
+            position += 1
+        if not interrupted:
             self._failures[name] = 0
         if link is not None:
             link.last_used = time.time()
@@ -359,10 +376,10 @@ class Forwarder:
         if not assoc.is_established:
             raise AssociationFailed(f"no association with {destination.ae_title}@{destination.host}:"
                                     f"{destination.port} (refused, timed out or aborted)")
-        StoreReceiver.attach(assoc)  # C-STORE responses taken by the DUL thread itself (pdata.py)
+        direct = StoreReceiver.attach(assoc)  # C-STORE responses taken by the DUL thread itself (pdata.py)
         proposed = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts}
         now = time.time()
-        return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now)
+        return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now, direct=direct)
 
     def _send_one(self, name: str, destination: Destination, link: _Link, work: Work) -> str:
         """Send one instance; record the attempt; return its outcome."""
@@ -397,6 +414,11 @@ class Forwarder:
         finally:
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
+        return self._conclude(name, destination, link, work, response, transcoded)
+
+    def _conclude(self, name: str, destination: Destination, link: _Link, work: Work,
+                  response: tuple[int, str] | None, transcoded: bool) -> str:
+        """Record the outcome of a C-STORE (its status and error comment, None if no response)."""
         if response is None:
             # No response: aborted, timed out or the connection broke. The PACS may or may not have
             # it; send it again on a fresh association.
@@ -413,6 +435,52 @@ class Forwarder:
         if outcome == "dead":
             return self._dead(name, work, status, error)
         return self._retry_or_give_up(name, destination, work, "retry", status, error)
+
+    def _chainable(self, name: str, link: _Link, batch: list[Work],
+                   position: int) -> list[tuple[Work, hotpath.ChainItem]]:
+        """The instances from ``position`` on that go out as their cached files are (their own
+        transfer syntax accepted, no tag edits): what a :class:`hotpath.StoreChain` can send."""
+        run: list[tuple[Work, hotpath.ChainItem]] = []
+        if not link.direct:
+            return run
+        for work in batch[position:]:
+            context = next((cx for cx in link.contexts_for(work.sop_class_uid)
+                            if cx.transfer_syntax[0] == work.transfer_syntax), None)
+            if context is None or context.context_id is None or _edits_for(work, name):
+                break
+            run.append((work, hotpath.ChainItem(context.context_id, work.path, work.sop_class_uid,
+                                                work.sop_instance_uid)))
+        return run
+
+    def _send_chain(self, name: str, destination: Destination, link: _Link,
+                    run: list[tuple[Work, hotpath.ChainItem]]) -> tuple[int, str | None]:
+        """Send ``run`` back to back: each delivery is recorded by the DUL thread as its
+        response comes in, and only then is the next request sent (so a crash leaves at most
+        one instance sent and unrecorded, as one at a time does). Returns how many were
+        delivered and recorded, and the outcome of the next one if it was sent (None if the
+        chain stopped before it: the caller goes on from there)."""
+        works = [work for work, _ in run]
+
+        def accept(index: int, response: C_STORE) -> bool:  # DUL thread
+            status = int(response.Status)  # type: ignore[arg-type]
+            if statuses.store_outcome(status) != "delivered":
+                return False  # the worker records it, its usual way
+            self.db.finish(works[index], "delivered", status, None)
+            return True
+
+        chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.message_id % 0xFFFF + 1, accept,
+                                   self._stop.is_set)
+        try:
+            delivered, response, sent = chain.run()
+        except (hotpath.StoreUnsupported, OSError, RuntimeError) as exc:
+            log.debug("C-STORE of %s on its own: %s", works[0].sop_instance_uid, exc)
+            return 0, self._send_one(name, destination, link, works[0])  # which says why, if it fails
+        finally:
+            link.message_id = chain.message_id
+        if delivered == len(works) or not sent:
+            return delivered, None
+        result = None if response is None else (int(response.Status), str(response.ErrorComment or ""))  # type: ignore[arg-type]
+        return delivered, self._conclude(name, destination, link, works[delivered], result, transcoded=False)
 
     @staticmethod
     def _store(link: _Link, payload: Path | Dataset, work: Work,

@@ -39,11 +39,12 @@ import itertools
 import logging
 import math
 import os
+import queue
 import struct
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 import pynetdicom
@@ -369,20 +370,12 @@ class StoreUnsupported(Exception):
     """This C-STORE cannot go the direct way (:func:`store_file`); use ``send_c_store``."""
 
 
-def store_file(assoc: Any, context_id: int, path: str, sop_class: str, sop_instance: str,
-               message_id: int) -> C_STORE | None:
-    """``Association.send_c_store`` of a cached file whose UIDs are already known (the
-    forwarder's database has them): no pydicom read of the file meta, no primitive, the
-    response taken as the primitive the DUL thread decoded. The same messages on the wire,
-    and the same waiting: the reactor paused, the DIMSE timeout, and on no response
-    (timeout, abort, lost connection) pynetdicom's handling and None.
-
-    Raises :class:`StoreUnsupported` when the association's messages are watched by handlers,
-    the peer's PDU limit is too small for the command, or the file does not start with a
-    standard file meta; ``OSError`` when the file cannot be opened."""
-    dimse_provider = assoc.dimse
+def _file_store_message(assoc: Any, context_id: int, path: str, sop_class: str, sop_instance: str,
+                        message_id: int) -> FileMessage:
+    """The C-STORE-RQ of a cached file as one :class:`FileMessage` (its file opened); raises
+    :class:`StoreUnsupported` or ``OSError`` as :func:`store_file` documents."""
     command = encode_c_store_rq_fields(message_id, sop_class, sop_instance)
-    max_pdu = dimse_provider.maximum_pdu_size
+    max_pdu = assoc.dimse.maximum_pdu_size
     if not FileMessage.usable(assoc) or (max_pdu and len(command) > max_pdu - 6):
         raise StoreUnsupported("handlers watch the messages, or the peer's PDU limit is too small")
     source = open(path, "rb")
@@ -394,26 +387,171 @@ def store_file(assoc: Any, context_id: int, path: str, sop_class: str, sop_insta
     except BaseException:
         source.close()
         raise
+    return FileMessage(context_id, command, source, length, max_pdu)
+
+
+def _pause_reactor(assoc: Any) -> None:
+    """As pynetdicom's ``send_*()``: the association's own loop must not take the response."""
     if not assoc.is_established:
-        source.close()
         raise RuntimeError("the association is not established")
-    assoc._reactor_checkpoint.clear()  # as send_c_store: the reactor must not take the response
+    assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
+
+
+def _valid_response(assoc: Any, response: Any, message_id: int) -> bool:
+    if (isinstance(response, C_STORE) and response.is_valid_response
+            and response.MessageIDBeingRespondedTo == message_id):
+        return True
+    log.error("Received an invalid C-STORE response from the peer")
+    assoc.abort()
+    return False
+
+
+def store_file(assoc: Any, context_id: int, path: str, sop_class: str, sop_instance: str,
+               message_id: int) -> C_STORE | None:
+    """``Association.send_c_store`` of a cached file whose UIDs are already known (the
+    forwarder's database has them): no pydicom read of the file meta, no primitive, the
+    response taken as the primitive the DUL thread decoded. The same messages on the wire,
+    and the same waiting: the reactor paused, the DIMSE timeout, and on no response
+    (timeout, abort, lost connection) pynetdicom's handling and None.
+
+    Raises :class:`StoreUnsupported` when the association's messages are watched by handlers,
+    the peer's PDU limit is too small for the command, or the file does not start with a
+    standard file meta; ``OSError`` when the file cannot be opened."""
+    message = _file_store_message(assoc, context_id, path, sop_class, sop_instance, message_id)
     try:
-        assoc.dul.send_pdu(FileMessage(context_id, command, source, length, max_pdu))
-        _, response = dimse_provider.get_msg(block=True)
+        _pause_reactor(assoc)
+    except RuntimeError:
+        message.source.close()
+        raise
+    try:
+        assoc.dul.send_pdu(message)
+        _, response = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
     if response is None:
         assoc._handle_no_response()
         return None
-    if (not isinstance(response, C_STORE) or not response.is_valid_response
-            or response.MessageIDBeingRespondedTo != message_id):
-        log.error("Received an invalid C-STORE response from the peer")
-        assoc.abort()
-        return None
-    return response
+    return response if _valid_response(assoc, response, message_id) else None
+
+
+class ChainItem(NamedTuple):
+    """One C-STORE of a :class:`StoreChain`: a cached file and what its request names."""
+
+    context_id: int
+    path: str
+    sop_class: str
+    sop_instance: str
+
+
+_CHAIN_ENDED = object()  # put on the DIMSE queue by the DUL thread when a chain stops itself
+
+
+class StoreChain:
+    """C-STOREs of cached files sent back to back by the DUL thread.
+
+    :func:`store_file` hands every response from the DUL thread to the waiting sender and every
+    request back — two thread switches per instance on the path the next instance waits on.
+    A chain sends its first request as store_file does; then the DUL thread, as it decodes
+    each response (``pdata``), calls ``accept(index, response)`` and, if that returns True,
+    sends the next request itself. ``accept`` runs in the DUL thread and must record the
+    outcome before returning True: so the next request goes out only after the previous
+    outcome is recorded, as with store_file. A response that ``accept`` refuses (a failure
+    status), one pynetdicom decodes (with an error comment), no response within the DIMSE
+    timeout, an abort, or a next file that cannot be opened ends the chain, and :meth:`run`
+    reports where, for the sender to deal with that instance its usual way."""
+
+    def __init__(self, assoc: Any, items: list[ChainItem], first_message_id: int,
+                 accept: Callable[[int, C_STORE], bool], halted: Callable[[], bool]) -> None:
+        self.assoc = assoc
+        self.items = items
+        self.accept = accept
+        self.halted = halted
+        self.message_id = first_message_id
+        self.index = 0  # the item whose response is awaited
+        self.next_sent = True  # whether items[index] went out
+        self._ended = False
+
+    def run(self) -> tuple[int, C_STORE | None, bool]:
+        """Send the items; returns (how many ``accept`` took, the response of the next one or
+        None, whether that next one was sent). Waits at most the DIMSE timeout for each
+        response; on no response, pynetdicom's handling (an abort)."""
+        assoc, first = self.assoc, self.items[0]
+        message = _file_store_message(assoc, first.context_id, first.path, first.sop_class, first.sop_instance,
+                                      self.message_id)
+        receiver = getattr(assoc.dul, "_appliance_receiver", None)
+        if receiver is None:
+            message.source.close()
+            raise StoreUnsupported("the association has no direct receive path")
+        try:
+            _pause_reactor(assoc)
+        except RuntimeError:
+            message.source.close()
+            raise
+        receiver.chain = self
+        try:
+            assoc.dul.send_pdu(message)
+            return self._wait()
+        finally:
+            receiver.chain = None
+            self._ended = True
+            assoc._reactor_checkpoint.set()
+
+    def _wait(self) -> tuple[int, C_STORE | None, bool]:
+        assoc = self.assoc
+        seen = self.index
+        while True:
+            try:
+                _, response = assoc.dimse.msg_queue.get(timeout=assoc.dimse.dimse_timeout)
+            except queue.Empty:
+                if self.index != seen:  # still going: the timeout is per response
+                    seen = self.index
+                    continue
+                response = None
+            if response is _CHAIN_ENDED:
+                return self.index, None, self.next_sent
+            if response is None:
+                assoc._handle_no_response()
+                return self.index, None, True
+            self._ended = True
+            if not _valid_response(assoc, response, self.message_id):
+                return self.index, None, True
+            return self.index, response, True
+
+    def take(self, response: C_STORE) -> bool:
+        """DUL thread: a decoded C-STORE-RSP. True if the chain dealt with it (recorded, and the
+        next request sent or the chain ended); False leaves it to the waiting sender."""
+        if self._ended or response.MessageIDBeingRespondedTo != self.message_id:
+            return False
+        try:
+            if not self.accept(self.index, response):
+                self._ended = True
+                return False
+        except Exception:  # noqa: BLE001 - the sender records it again, and sees the error itself
+            log.exception("recording a C-STORE outcome failed in the DUL thread")
+            self._ended = True
+            return False
+        self.index += 1
+        if self.index == len(self.items) or self.halted():
+            self._end(sent=False)
+            return True
+        item = self.items[self.index]
+        self.message_id = self.message_id % 0xFFFF + 1
+        try:
+            message = _file_store_message(self.assoc, item.context_id, item.path, item.sop_class,
+                                          item.sop_instance, self.message_id)
+        except (OSError, StoreUnsupported) as exc:
+            log.debug("chain ends before %s: %s", item.path, exc)
+            self._end(sent=False)
+            return True
+        message.send(self.assoc.dul)
+        return True
+
+    def _end(self, sent: bool) -> None:
+        self._ended = True
+        self.next_sent = sent
+        self.assoc.dimse.msg_queue.put((None, _CHAIN_ENDED))
 
 
 def _pdu_header(length: int, context_id: int, control: int) -> bytes:

@@ -46,7 +46,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 
-from .hotpath import COMMAND, LAST, FileMeta, ReceivedFile, start_received_file
+from .hotpath import COMMAND, LAST, FileMeta, ReceivedFile, StoreChain, start_received_file
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class StoreReceiver:
     def __init__(self, assoc: Any) -> None:
         self.assoc = assoc
         self.incoming: _Incoming | None = None
+        self.chain: StoreChain | None = None  # our SCU's C-STOREs sent back to back (hotpath)
 
     @staticmethod
     def attach(assoc: Any) -> bool:
@@ -206,7 +207,9 @@ class StoreReceiver:
             return False
         if response is not None and alone:
             response._context_id = context_id
-            assoc.dimse.msg_queue.put((context_id, response))  # as pynetdicom's receive_primitive does
+            chain = self.chain
+            if chain is None or not chain.take(response):
+                assoc.dimse.msg_queue.put((context_id, response))  # as pynetdicom's receive_primitive does
             return True
         if request is None:
             return False

@@ -10,6 +10,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -314,3 +315,94 @@ def test_store_file_leaves_watched_associations_and_odd_files_to_pynetdicom(tmp_
             assert assoc.send_c_store(path).Status == 0x0000
         finally:
             assoc.release()
+
+
+# ---- StoreChain: C-STOREs sent back to back by the DUL thread ----------------------------------
+
+
+def _chain_items(paths: list[Path], context_id: int) -> list[hotpath.ChainItem]:
+    items = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append(hotpath.ChainItem(context_id, str(path), ds.SOPClassUID, ds.SOPInstanceUID))
+    return items
+
+
+def _run_chain(scp: RecordingSCP, paths: list[Path], accept_status: int = 0x0000, halt_after: int | None = None,
+               dimse_timeout: float = 10):  # type: ignore[no-untyped-def]
+    """Run a chain; returns (its result, what accept saw: index, status, receptions at that moment)."""
+    assoc, context_id = _scu(scp.port, dimse_timeout)
+    seen: list[tuple[int, int, int]] = []
+
+    def accept(index: int, response: C_STORE) -> bool:
+        seen.append((index, int(response.Status), len(scp.receptions())))
+        return int(response.Status) == accept_status
+
+    chain = hotpath.StoreChain(assoc, _chain_items(paths, context_id), 1, accept,
+                               lambda: halt_after is not None and len(seen) >= halt_after)
+    try:
+        result = chain.run()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return result, seen, assoc
+
+
+def test_a_chain_sends_each_request_after_the_previous_outcome_was_accepted(tmp_path, quiet_pynetdicom) -> None:
+    paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 5, 32, 32))
+    with RecordingSCP() as scp:
+        result, seen, _ = _run_chain(scp, paths)
+        received = scp.receptions()
+    assert result == (5, None, False)
+    # accept(i) ran while the peer had received i + 1 instances: the next was not sent yet
+    assert seen == [(i, 0x0000, i + 1) for i in range(5)]
+    assert [r.dataset for r in received] == [dcmread(p) for p in paths]
+
+
+def test_a_chain_hands_a_refused_response_back(tmp_path, quiet_pynetdicom) -> None:
+    paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 4, 16, 16))
+    third = dcmread(paths[2]).SOPInstanceUID
+    with RecordingSCP() as scp:
+        scp.respond = lambda uid, nth: 0xA900 if uid == third else 0x0000
+        (delivered, response, sent), seen, assoc = _run_chain(scp, paths)
+        assert len(scp.receptions()) == 3
+    assert (delivered, sent) == (2, True)
+    assert response is not None and response.Status == 0xA900
+    assert [index for index, _, _ in seen] == [0, 1, 2]
+
+
+def test_a_chain_stops_before_a_file_it_cannot_open_or_when_halted(tmp_path, quiet_pynetdicom) -> None:
+    paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 4, 16, 16))
+    with RecordingSCP() as scp:
+        missing = tmp_path / "in" / "missing.dcm"
+        assoc, context_id = _scu(scp.port)
+        items = _chain_items(paths, context_id)
+        items[2] = items[2]._replace(path=str(missing))
+        chain = hotpath.StoreChain(assoc, items, 1, lambda index, response: True, lambda: False)
+        try:
+            assert chain.run() == (2, None, False)
+            assert assoc.is_established  # the association is still good for the rest
+        finally:
+            assoc.release()
+        scp.clear()
+        result, seen, _ = _run_chain(scp, paths, halt_after=2)
+        assert result == (2, None, False) and len(scp.receptions()) == 2
+
+
+def test_a_chain_without_a_response_aborts(tmp_path, quiet_pynetdicom) -> None:
+    paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 3, 16, 16))
+    second = dcmread(paths[1]).SOPInstanceUID
+    with RecordingSCP() as scp:
+        original = scp._on_store
+
+        def slow_second(event):  # type: ignore[no-untyped-def]
+            if event.request.AffectedSOPInstanceUID == second:
+                time.sleep(3)
+            return original(event)
+
+        scp._on_store = slow_second  # type: ignore[method-assign]
+        scp.stop()
+        scp.start()
+        (delivered, response, sent), seen, assoc = _run_chain(scp, paths, dimse_timeout=1)
+    assert (delivered, response, sent) == (1, None, True)
+    assert not assoc.is_established
