@@ -42,6 +42,7 @@ import os
 import queue
 import struct
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -472,6 +473,10 @@ class StoreChain:
         self.index = 0  # the item whose response is awaited
         self.next_sent = True  # whether items[index] went out
         self._ended = False
+        # Held by the DUL thread while it takes a response, and by the sender when it gives up
+        # waiting: a response that comes as the DIMSE timeout expires is either taken (and the
+        # wait goes on) or left alone, never recorded by both.
+        self._lock = threading.Lock()
 
     def run(self) -> tuple[int, C_STORE | None, bool]:
         """Send the items; returns (how many ``accept`` took, the response of the next one or
@@ -505,9 +510,11 @@ class StoreChain:
             try:
                 _, response = assoc.dimse.msg_queue.get(timeout=assoc.dimse.dimse_timeout)
             except queue.Empty:
-                if self.index != seen:  # still going: the timeout is per response
-                    seen = self.index
-                    continue
+                with self._lock:
+                    if self.index != seen:  # still going: the timeout is per response
+                        seen = self.index
+                        continue
+                    self._ended = True
                 response = None
             if response is _CHAIN_ENDED:
                 return self.index, None, self.next_sent
@@ -522,6 +529,10 @@ class StoreChain:
     def take(self, response: C_STORE) -> bool:
         """DUL thread: a decoded C-STORE-RSP. True if the chain dealt with it (recorded, and the
         next request sent or the chain ended); False leaves it to the waiting sender."""
+        with self._lock:
+            return self._take(response)
+
+    def _take(self, response: C_STORE) -> bool:
         if self._ended or response.MessageIDBeingRespondedTo != self.message_id:
             return False
         try:
