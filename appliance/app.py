@@ -10,7 +10,10 @@ the Print SCP each run in a child process of their own:
   and a film's rendering take the receiver's CPU (measured: intake slowed by 60 % while
   forwarding on 2 cores).
 
-The SQLite database (WAL) is their shared record; children find new work by polling it. Each
+The SQLite database (WAL) is their shared record; intake nudges the forwarder when it queues
+work (``wakeup.py``), and children also look at it every so often. systemd hears READY=1 once
+every child has started its service (or after ``_CHILD_READY_SECONDS``): the receiver takes
+images from the first moment, and they wait in the queue until the forwarder is up. Each
 child dies with this process (PR_SET_PDEATHSIG), so a power cut of the parent is one of the
 whole box, as systemd's KillMode=mixed would also make it. On SIGHUP every process re-reads
 the file itself; an invalid file changes nothing anywhere.
@@ -26,7 +29,7 @@ import signal
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import system
 from .config import Config, ConfigError, load
@@ -43,6 +46,9 @@ _NEEDS_RESTART = [
 ]
 _CHILD_STOP_SECONDS = 40.0
 _RESTART_DELAY = 2.0
+# How long start-up waits for the children to start their services before it tells systemd it
+# is ready anyway (intake works without them; the journal says which one is late).
+_CHILD_READY_SECONDS = 30.0
 
 
 class Service(Protocol):
@@ -89,8 +95,9 @@ def _make_service(name: str, config: Config) -> Service:
     return PrintService(config.print, config.storage.root, db=db)
 
 
-def service_main(name: str, config_path: str, parent: int) -> None:
-    """Entry point of a child process: run one service until SIGTERM, reload on SIGHUP."""
+def service_main(name: str, config_path: str, parent: int, ready: Any = None) -> None:
+    """Entry point of a child process: run one service until SIGTERM, reload on SIGHUP.
+    ``ready`` (a multiprocessing Event) is set once the service has started."""
     _die_with_parent(parent)
     config = load(Path(config_path))
     system.setup_logging(config.logging.level)
@@ -98,6 +105,8 @@ def service_main(name: str, config_path: str, parent: int) -> None:
     signals.install()
     service = _make_service(name, config)
     service.start()
+    if ready is not None:
+        ready.set()
 
     def reload() -> None:
         nonlocal config
@@ -126,14 +135,19 @@ class Child:
         self.config_path = config_path
         self.process: BaseProcess | None = None
         self.died_at: float | None = None
+        self.ready: Any = None  # a multiprocessing Event, set by the child when its service runs
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self.ready = context.Event()
         self.process = context.Process(target=service_main, name=f"appliance-{self.name}",
-                                       args=(self.name, str(self.config_path), os.getpid()))
+                                       args=(self.name, str(self.config_path), os.getpid(), self.ready))
         self.process.start()
         self.died_at = None
         log.info("%s started (pid %s)", self.name, self.process.pid)
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self.ready is not None and bool(self.ready.wait(timeout))
 
     def supervise(self) -> None:
         """Restart the child if it died (after a short pause, so a crash loop stays slow)."""
@@ -188,6 +202,12 @@ class Appliance:
             child.start()
         self.receiver = Receiver(self.config, db, self.store)
         self.receiver.start()
+        deadline = time.monotonic() + _CHILD_READY_SECONDS
+        late = [c.name for c in self.children if not c.wait_ready(max(0.0, deadline - time.monotonic()))]
+        if late:
+            log.error("%s not started after %.0f s; receiving anyway", ", ".join(late), _CHILD_READY_SECONDS)
+        else:
+            log.info("ready: %s", ", ".join(["receiver", *(c.name for c in self.children)]))
 
     def supervise(self) -> None:
         for child in self.children:

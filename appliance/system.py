@@ -64,7 +64,10 @@ def _drop_pynetdicom_logging_bug(record: logging.LogRecord) -> bool:
 def notify(state: str) -> None:
     """Tell systemd (Type=notify) about our state: READY=1, STATUS=..., WATCHDOG=1, STOPPING=1."""
     if _daemon is not None and os.environ.get("NOTIFY_SOCKET"):
-        _daemon.notify(state)
+        try:
+            _daemon.notify(state)
+        except OSError as exc:  # telling systemd must never stop the box
+            log.warning("cannot notify systemd (%s): %s", state.split("\n")[0], exc)
 
 
 def watchdog_interval() -> float | None:

@@ -49,6 +49,38 @@ def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[by
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
+class NotifySocket:
+    """systemd's end of sd_notify, for an appliance started by a test: a datagram socket in the
+    abstract namespace, given to the appliance as NOTIFY_SOCKET."""
+
+    _count = 0
+
+    def __init__(self) -> None:
+        NotifySocket._count += 1
+        self.address = f"@appliance-test-{os.getpid()}-{NotifySocket._count}"
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.bind("\0" + self.address[1:])
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+        """Until a notification holds ``line`` (``READY=1``)."""
+        deadline = time.monotonic() + timeout
+        while not any(line in message.splitlines() for message in self.messages):
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process exited with {process.returncode} before notifying {line}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {line} from the appliance after {timeout} s; got {self.messages}")
+            self._socket.settimeout(min(remaining, 0.5))
+            try:
+                self.messages.append(self._socket.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self._socket.close()
+
+
 @dataclass
 class StoreResult:
     """What DCMTK's storescu reported: which files it saw acknowledged with success."""
@@ -112,6 +144,7 @@ class ApplianceProcess:
         self.config_path = workdir / "appliance.yaml"
         self.log_path = workdir / "appliance.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.notify: NotifySocket | None = None
         base: dict = {
             "node": {"ae_title": ae_title, "bind_address": "127.0.0.1", "port": self.port},
             "storage": {"path": str(self.data), "disk": {"min_free": "0%"}},
@@ -130,14 +163,21 @@ class ApplianceProcess:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def start(self, wait: bool = True) -> ApplianceProcess:
+        """Start it; with ``wait``, until it told systemd it is ready (READY=1: the receiver
+        listens and the forwarder runs), as a box that has been up a while would be."""
         log = open(self.log_path, "ab")
+        if self.notify is not None:
+            self.notify.close()
+        self.notify = NotifySocket()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "NOTIFY_SOCKET": self.notify.address},
         )
         log.close()
         if wait:
             wait_for_port(self.port, process=self.process)
+            self.notify.wait_for("READY=1", 60, self.process)
         return self
 
     def kill(self) -> None:

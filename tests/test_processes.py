@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from contextlib import ExitStack
@@ -66,3 +67,22 @@ def test_kill_9_of_the_parent_leaves_no_orphan(appliance_factory, tmp_path: Path
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert alive() == [], f"children outlived the parent: {alive()}"
+
+
+def test_systemd_hears_ready_once_every_service_runs_and_stopping_at_the_end(appliance_factory,
+                                                                             tmp_path: Path) -> None:
+    """READY=1 (Type=notify) comes after the forwarder and the Print SCP started their services,
+    with a STATUS line; STOPPING=1 on SIGTERM."""
+    print_port = free_port()
+    box = appliance_factory({"print": {"enabled": True, "bind_address": "127.0.0.1", "port": print_port,
+                                       "printers": {"archive": {"ae_title": "ARCHIVE", "backend": "directory",
+                                                                "directory": str(tmp_path / "films")}}}})
+    assert box.notify is not None and box.process is not None
+    ready = next(m for m in box.notify.messages if "READY=1" in m.splitlines())
+    assert f"STATUS=receiving as {box.ae_title} on port {box.port}" in ready.splitlines()
+    assert "ready: receiver, forwarder, print" in box.log()
+    assert forwarder_pid(box.process.pid) is not None
+    with socket.create_connection(("127.0.0.1", print_port), timeout=5):
+        pass  # the Print SCP listens already
+    box.stop()
+    box.notify.wait_for("STOPPING=1", 10)
