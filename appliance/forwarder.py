@@ -86,6 +86,13 @@ class _Link:
                                                     if cx.abstract_syntax == sop_class and cx.as_scu]
         return contexts
 
+    def context_id_for(self, work: Work) -> int | None:
+        """The accepted context that carries the instance in its own transfer syntax, if any."""
+        for cx in self.contexts_for(work.sop_class_uid):
+            if cx.transfer_syntax[0] == work.transfer_syntax and cx.context_id is not None:
+                return int(cx.context_id)
+        return None
+
 
 def backoff(policy: Retry, attempts: int) -> float:
     """Seconds before attempt ``attempts + 1``: initial × factor^(attempts-1), capped, ± jitter
@@ -406,7 +413,7 @@ class Forwarder:
             return self._dead(name, work, None,
                               f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}")
         try:
-            response = self._store(link, payload, work, accepted)
+            response = self._store(link, payload, work)
         except FileNotFoundError as exc:
             return self._dead(name, work, None, f"cached file is missing: {exc}")
         except (OSError, RuntimeError, ValueError, AttributeError) as exc:
@@ -444,11 +451,10 @@ class Forwarder:
         if not link.direct:
             return run
         for work in batch[position:]:
-            context = next((cx for cx in link.contexts_for(work.sop_class_uid)
-                            if cx.transfer_syntax[0] == work.transfer_syntax), None)
-            if context is None or context.context_id is None or _edits_for(work, name):
+            context_id = link.context_id_for(work)
+            if context_id is None or _edits_for(work, name):
                 break
-            run.append((work, hotpath.ChainItem(context.context_id, work.path, work.sop_class_uid,
+            run.append((work, hotpath.ChainItem(context_id, work.path, work.sop_class_uid,
                                                 work.sop_instance_uid)))
         return run
 
@@ -483,8 +489,7 @@ class Forwarder:
         return delivered, self._conclude(name, destination, link, works[delivered], result, transcoded=False)
 
     @staticmethod
-    def _store(link: _Link, payload: Path | Dataset, work: Work,
-               accepted: list[PresentationContext]) -> tuple[int, str] | None:
+    def _store(link: _Link, payload: Path | Dataset, work: Work) -> tuple[int, str] | None:
         """C-STORE on the link: the response's status and error comment, None if none came.
 
         A cached file sent as it is — the common case — goes out by ``hotpath.store_file``,
@@ -492,11 +497,11 @@ class Forwarder:
         pynetdicom's primitives (a quarter of a millisecond per instance, on the path every
         instance waits on); anything else by pynetdicom's ``send_c_store``."""
         if isinstance(payload, Path):
-            context = next((cx for cx in accepted if cx.transfer_syntax[0] == work.transfer_syntax), None)
-            if context is not None and context.context_id is not None:
+            context_id = link.context_id_for(work)
+            if context_id is not None:
                 link.message_id = link.message_id % 0xFFFF + 1
                 try:
-                    primitive = hotpath.store_file(link.assoc, context.context_id, str(payload),
+                    primitive = hotpath.store_file(link.assoc, context_id, str(payload),
                                                    work.sop_class_uid, work.sop_instance_uid, link.message_id)
                 except hotpath.StoreUnsupported as exc:
                     log.debug("C-STORE of %s by pynetdicom: %s", work.sop_instance_uid, exc)
