@@ -2,12 +2,14 @@
 scheduler that releases stable studies and evicts delivered instances from the cache.
 
 Each destination has its own workers (``max_associations`` of them), so a destination that is
-down or slow holds up nothing else; intake only ever writes rows. A worker claims the due
-deliveries of one study (in arrival order), sends them on one association — kept open and
-reused while work keeps coming and the needed presentation contexts were proposed — and
-records every attempt. Files are streamed from the cache (pynetdicom's chunked send), unless
+down or slow holds up nothing else; intake only ever writes rows (and nudges the workers,
+``wakeup.py``). A worker claims the due deliveries of one study (in arrival order), sends them
+on one association — kept open and reused while work keeps coming and the needed presentation
+contexts were proposed — and records every attempt. Files are streamed from the cache, unless
 the copy must differ: tag edits from the routing decision, or a destination that does not
 accept the instance's transfer syntax (then it is decompressed to Explicit VR Little Endian).
+Cached files sent as they are go back to back (``hotpath.StoreChain``: the DUL thread records
+each delivery as its response arrives, then sends the next); the others one by one.
 
 Outcomes (see ``statuses.store_outcome``): success and warnings are delivered; 0xA7xx,
 refused or lost connections, transient rejections and timeouts are retried with the
