@@ -88,6 +88,11 @@ class _Link:
                                                     if cx.abstract_syntax == sop_class and cx.as_scu]
         return contexts
 
+    def next_message_id(self) -> int:
+        """The Message ID of the next C-STORE-RQ (1 to 65535, then round again)."""
+        self.message_id = self.message_id % 0xFFFF + 1
+        return self.message_id
+
     def context_id_for(self, work: Work) -> int | None:
         """The accepted context that carries the instance in its own transfer syntax, if any."""
         for cx in self.contexts_for(work.sop_class_uid):
@@ -476,7 +481,7 @@ class Forwarder:
             self.db.finish(works[index], "delivered", status, None)
             return True
 
-        chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.message_id % 0xFFFF + 1, accept,
+        chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.next_message_id(), accept,
                                    self._stop.is_set)
         try:
             delivered, response, sent = chain.run()
@@ -484,10 +489,10 @@ class Forwarder:
             log.debug("C-STORE of %s on its own: %s", works[0].sop_instance_uid, exc)
             return 0, self._send_one(name, destination, link, works[0])  # which says why, if it fails
         finally:
-            link.message_id = chain.message_id
+            link.message_id = chain.message_id  # the last one the chain used
         if delivered == len(works) or not sent:
             return delivered, None
-        result = None if response is None else (int(response.Status), str(response.ErrorComment or ""))  # type: ignore[arg-type]
+        result = None if response is None else _status_of(response)
         return delivered, self._conclude(name, destination, link, works[delivered], result, transcoded=False)
 
     @staticmethod
@@ -501,20 +506,22 @@ class Forwarder:
         if isinstance(payload, Path):
             context_id = link.context_id_for(work)
             if context_id is not None:
-                link.message_id = link.message_id % 0xFFFF + 1
                 try:
-                    primitive = hotpath.store_file(link.assoc, context_id, str(payload),
-                                                   work.sop_class_uid, work.sop_instance_uid, link.message_id)
+                    primitive = hotpath.store_file(link.assoc, context_id, str(payload), work.sop_class_uid,
+                                                   work.sop_instance_uid, link.next_message_id())
                 except hotpath.StoreUnsupported as exc:
                     log.debug("C-STORE of %s by pynetdicom: %s", work.sop_instance_uid, exc)
                 else:
-                    if primitive is None:
-                        return None
-                    return int(primitive.Status), str(primitive.ErrorComment or "")  # type: ignore[arg-type]
+                    return None if primitive is None else _status_of(primitive)
         response = link.assoc.send_c_store(payload)
         if "Status" not in response:
             return None
         return int(response.Status), str(response.get("ErrorComment", "") or "")
+
+
+def _status_of(response: C_STORE) -> tuple[int, str]:
+    """A C-STORE response primitive's status and error comment."""
+    return int(response.Status), str(response.ErrorComment or "")  # type: ignore[arg-type]
 
 
 def _edits_for(work: Work, destination: str) -> tuple[rules.TagEdit, ...]:

@@ -521,7 +521,7 @@ class StoreChain:
             if response is None:
                 assoc._handle_no_response()
                 return self.index, None, True
-            self._ended = True
+            self._ended = True  # the sender has the instance now: nothing more is taken for it
             if not _valid_response(assoc, response, self.message_id):
                 return self.index, None, True
             return self.index, response, True
