@@ -5,8 +5,8 @@ Every process opens it with :func:`open_database`. Within a process all writes g
 connection under one lock (:meth:`Database.transaction`), so pynetdicom's handler threads never
 interleave half-transactions; between processes, writers queue on a file lock beside it. Each
 commit is durable before it returns (synchronous=FULL): the receiver answers C-STORE success
-only after its row is committed here. The one exception is a
-forwarding outcome (:meth:`Database.finish`), whose loss costs a resend and nothing else.
+only after its row is committed here. The one exception is a forwarding outcome
+(:meth:`Database.finish`), whose loss costs a resend and nothing else.
 
 Rows keep a state column instead of being deleted, so the status page and the CLI can show
 history. The schema is a list of migrations applied in order, tracked by ``PRAGMA user_version``.

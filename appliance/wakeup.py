@@ -1,8 +1,7 @@
 """A nudge from the processes that queue deliveries (the receiver, ``appliance send`` and
 ``appliance retry``) to the forwarder, which otherwise finds new work by looking at the queue
 every ``forwarder.POLL`` seconds. With it, an instance starts on its way to the PACS as soon
-as its row is committed, instead of up to a poll later — and the forwarder can look rarely
-while nothing happens.
+as its row is committed, instead of up to a poll later.
 
 A datagram on a Unix socket in Linux's abstract namespace, named after the data directory: no
 file to create, clean up or keep short (a socket path is limited to 108 bytes), and one name
