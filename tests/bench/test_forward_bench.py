@@ -5,6 +5,9 @@ Run with ``make bench`` (or ``.venv/bin/python -m pytest -m bench -s tests/bench
 Every path ends at a fresh Orthanc (empty storage, ``TCP_NODELAY=1``) on 127.0.0.1; DCMTK
 ``storescu`` sends the 500 CT (512×512×16 bit, 0.53 MB each) on one association. The clock
 starts when storescu is started and stops when Orthanc's ``/statistics`` counts 500 instances.
+Each run also records the CPU time the whole machine was busy (``/proc/stat``) and the central
+Orthanc's own CPU time: on a small machine where the PACS runs beside the appliance, the two
+compete for the same CPUs, and these say how much of the machine each path needed.
 
 * **direct**: storescu straight into Orthanc;
 * **appliance**: storescu into the appliance, which forwards to Orthanc (``max_associations: 1``,
@@ -83,15 +86,30 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all CPUs, every process and the kernel's own
+    threads: writeback, softirqs), from the first line of /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _deliver(sender_port: int, aec: str, files: list[Path], central: Orthanc) -> dict[str, float]:
-    """storescu the files; the time until storescu exits and until Orthanc holds them all."""
+    """storescu the files; the time until storescu exits and until Orthanc holds them all, and
+    the CPU time the machine and the central Orthanc spent meanwhile."""
+    assert central.process is not None
+    central_cpu = _cpu_seconds(central.process.pid)
+    busy = _machine_busy_seconds()
     start = time.monotonic()
     result = storescu(sender_port, files, aec=aec)
     sent = time.monotonic() - start
     assert result.returncode == 0 and len(result.succeeded) == len(files), result.output[-2000:]
     wait_until(lambda: central.count() >= len(files), 300,
                lambda: f"Orthanc holds {central.count()} of {len(files)}", interval=0.02)
-    return {"sent_s": sent, "arrived_s": time.monotonic() - start}
+    arrived = time.monotonic() - start
+    return {"sent_s": sent, "arrived_s": arrived,
+            "machine_busy_cpu_s": _machine_busy_seconds() - busy,
+            "central_cpu_s": _cpu_seconds(central.process.pid) - central_cpu}
 
 
 def run_direct(workdir: Path, files: list[Path]) -> dict[str, float]:
@@ -191,6 +209,10 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
         "appliance_rss_peak_mb": max((r["rss_peak_mb"] for r in appliance), default=float("nan")),
         "appliance_rss_peak_largest_mb": max((r["rss_peak_largest_mb"] for r in appliance), default=float("nan")),
         "appliance_cpu_s": _median([r["cpu_s"] for r in appliance]),
+        "machine_busy_cpu_s": {name: _median([r["machine_busy_cpu_s"] for r in runs[name]
+                                              if "machine_busy_cpu_s" in r]) for name in SCENARIOS},
+        "central_cpu_s": {name: _median([r["central_cpu_s"] for r in runs[name] if "central_cpu_s" in r])
+                          for name in SCENARIOS},
         "targets": {"appliance_to_direct": TARGET_DIRECT, "appliance_to_orthanc_router": TARGET_ROUTER},
         "runs": runs,
         "machine": {
@@ -238,6 +260,10 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
         f"{fmt(summary['appliance_cpu_s'])} s (all its processes); peak RSS (VmHWM) "
         f"{fmt(summary['appliance_rss_peak_mb'], 1)} MB summed over its processes, "
         f"{fmt(summary['appliance_rss_peak_largest_mb'], 1)} MB the largest.",
+        "- CPU time while each path ran (medians; the machine has "
+        f"{m['cpus']} CPUs, so a path that takes t seconds has {m['cpus']}·t CPU-seconds available): "
+        + "; ".join(f"{name}: machine busy {fmt(summary['machine_busy_cpu_s'][name])} CPU-s, the central Orthanc "
+                    f"{fmt(summary['central_cpu_s'][name])}" for name in ("direct", "appliance", "orthanc-router")),
         "- Per run (s): " + "; ".join(f"{name} " + " / ".join(fmt(r["arrived_s"]) for r in runs[name])
                                       for name in SCENARIOS),
         *[f"- One {fmt(r['size_mb'], 0)} MB instance through the appliance to storescp: {fmt(r['arrived_s'])} s, "
