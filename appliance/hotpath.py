@@ -109,6 +109,11 @@ class ReceivedFile:
 
     def __init__(self, delete: bool = False, mode: str = "wb", suffix: str = "", **_: Any) -> None:
         directory = tempfile.gettempdir()
+        # Why the file could not be created or written (a full disk: ENOSPC; a failing one: EIO).
+        # The data set is still taken to its end, so that its sender gets an answer (0xA700)
+        # and the association goes on, instead of the DUL thread failing and aborting it.
+        self.failure: OSError | None = None
+        fd = -1
         while True:
             name = os.path.join(directory, f"rx-{os.getpid()}-{next(self._numbers)}{suffix}")
             try:
@@ -116,19 +121,27 @@ class ReceivedFile:
                 break
             except FileExistsError:  # left by an earlier process with the same pid
                 continue
+            except OSError as exc:
+                self.failure = exc
+                break
         self.name = name
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.size = 0
         self.dataset_offset: int | None = None  # set once the file meta is written
         self._sha256 = hashlib.sha256()
-        self._state: list[Any] = [fd, name]
+        self._state: list[Any] = [fd, name if fd >= 0 else ""]
         self._finalizer = weakref.finalize(self, _discard, self._state)
 
     def write(self, data: bytes | memoryview) -> int:
-        self._sha256.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._state[0], view):]
+        if self.failure is None:
+            self._sha256.update(data)
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._state[0], view):]
+            except OSError as exc:
+                self.failure = exc
+                self._finalizer()  # close and remove it now: give the space back at once
         self.size += len(data)
         return len(data)
 

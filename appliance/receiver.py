@@ -188,6 +188,10 @@ class Receiver:
     def _store(self, event: evt.Event, origin: Origin, sop_uid: str) -> tuple[int, int]:
         """Cache one received instance; returns the status to answer and its size."""
         received = getattr(event.request, "_dataset_file", None)  # hashed as it was written
+        if isinstance(received, ReceivedFile) and received.failure is not None:
+            log.warning("refused %s@%s %s: cannot write it to %s: %s", origin.calling_ae, origin.source_ip,
+                        sop_uid, self.intake.store.incoming, received.failure)
+            return statuses.OUT_OF_RESOURCES, 0
         outcome = self.intake.admit(
             Path(event.dataset_path), origin, sop_class_uid=str(event.request.AffectedSOPClassUID),
             sop_instance_uid=sop_uid, transfer_syntax=str(event.context.transfer_syntax),

@@ -266,6 +266,35 @@ def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, s
     assert "below storage.disk.min_free" in box.log()
 
 
+@pytest.mark.parametrize("level", ["info", "debug"])  # debug: pynetdicom's own receive path
+def test_a_disk_that_fills_mid_transfer_refuses_that_instance_and_keeps_the_association(
+        appliance_factory, small_disk, level: str) -> None:
+    """No watermark configured, and the disk fills while a data set is being written (ENOSPC):
+    that C-STORE is refused with 0xA700, its partial file is removed, and once space is back the
+    next instance on the same association is stored."""
+    box = appliance_factory({"storage": {"path": str(small_disk / "data"), "disk": {"min_free": "0%"}},
+                             "logging": {"level": level}})
+    datasets = [make_instance("full", 1, 1, n, Series("CT", 3, 512, 512)) for n in (1, 2, 3)]
+    ballast = small_disk / "ballast"
+
+    def between(i: int) -> None:
+        if i == 1:  # leave ~100 KB: less than one 0.5 MB CT slice
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            with ballast.open("wb") as out:
+                out.write(b"\0" * (free - 100_000))
+        if i == 2:
+            ballast.unlink()
+
+    statuses, still_up = send(box.port, datasets, between=between)
+    assert statuses == [0x0000, 0xA700, 0x0000]
+    assert still_up, "a full disk must refuse the instance, not abort the association"
+    index = rows(box)
+    assert datasets[0].SOPInstanceUID in index and datasets[2].SOPInstanceUID in index
+    assert datasets[1].SOPInstanceUID not in index
+    assert len(cache_files(box)) == 2 and incoming_files(box) == []
+    assert "No space left on device" in box.log()
+
+
 # ---- the same SOP Instance UID twice ---------------------------------------------------------------
 
 @pytest.mark.parametrize(
