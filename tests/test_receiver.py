@@ -245,14 +245,18 @@ def test_source_network_allow_list(appliance_factory) -> None:
 
 # ---- a full disk ----------------------------------------------------------------------------------
 
-def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, small_disk) -> None:
-    box = appliance_factory({"storage": {"path": str(small_disk / "data"), "disk": {"min_free": "40MB"}}})
+def assert_second_of_three_refused(box: ApplianceProcess, disk: Path, ballast_bytes: Callable[[], int],
+                                   why: str) -> None:
+    """Three CT slices on one association; before the second, ``ballast_bytes()`` bytes are
+    written to ``disk``, and removed before the third. The second must be refused with 0xA700,
+    the association stay up, and only the other two be cached, for the reason ``why`` (logged)."""
     datasets = [make_instance("disk", 1, 1, n, Series("CT", 3, 512, 512)) for n in (1, 2, 3)]
-    ballast = small_disk / "ballast"
+    ballast = disk / "ballast"
 
     def between(i: int) -> None:
-        if i == 1:  # fill the disk below the watermark before the second C-STORE
-            ballast.write_bytes(b"\0" * 30_000_000)
+        if i == 1:
+            with ballast.open("wb") as out:
+                out.write(b"\0" * ballast_bytes())
         if i == 2:  # space is back before the third
             ballast.unlink()
 
@@ -263,7 +267,13 @@ def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, s
     assert datasets[0].SOPInstanceUID in index and datasets[2].SOPInstanceUID in index
     assert datasets[1].SOPInstanceUID not in index
     assert len(cache_files(box)) == 2 and incoming_files(box) == []
-    assert "below storage.disk.min_free" in box.log()
+    assert why in box.log()
+
+
+def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, small_disk) -> None:
+    box = appliance_factory({"storage": {"path": str(small_disk / "data"), "disk": {"min_free": "40MB"}}})
+    # 30 MB of the 64 MB tmpfs: below the watermark before the second C-STORE
+    assert_second_of_three_refused(box, small_disk, lambda: 30_000_000, "below storage.disk.min_free")
 
 
 @pytest.mark.parametrize("level", ["info", "debug"])  # debug: pynetdicom's own receive path
@@ -274,25 +284,12 @@ def test_a_disk_that_fills_mid_transfer_refuses_that_instance_and_keeps_the_asso
     next instance on the same association is stored."""
     box = appliance_factory({"storage": {"path": str(small_disk / "data"), "disk": {"min_free": "0%"}},
                              "logging": {"level": level}})
-    datasets = [make_instance("full", 1, 1, n, Series("CT", 3, 512, 512)) for n in (1, 2, 3)]
-    ballast = small_disk / "ballast"
 
-    def between(i: int) -> None:
-        if i == 1:  # leave ~100 KB: less than one 0.5 MB CT slice
-            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-            with ballast.open("wb") as out:
-                out.write(b"\0" * (free - 100_000))
-        if i == 2:
-            ballast.unlink()
+    def all_but_100_kb() -> int:  # less room than one 0.5 MB CT slice needs
+        st = os.statvfs(small_disk)
+        return st.f_bavail * st.f_frsize - 100_000
 
-    statuses, still_up = send(box.port, datasets, between=between)
-    assert statuses == [0x0000, 0xA700, 0x0000]
-    assert still_up, "a full disk must refuse the instance, not abort the association"
-    index = rows(box)
-    assert datasets[0].SOPInstanceUID in index and datasets[2].SOPInstanceUID in index
-    assert datasets[1].SOPInstanceUID not in index
-    assert len(cache_files(box)) == 2 and incoming_files(box) == []
-    assert "No space left on device" in box.log()
+    assert_second_of_three_refused(box, small_disk, all_but_100_kb, "No space left on device")
 
 
 # ---- the same SOP Instance UID twice ---------------------------------------------------------------
