@@ -80,25 +80,39 @@ def import_files(config: Config, paths: Sequence[Path], only_to: str | None = No
     imported = skipped = 0
     try:
         for number, path in enumerate(files, start=1):
-            fd, temp = tempfile.mkstemp(dir=store.incoming, suffix=".dcm")
-            os.close(fd)
-            try:
-                shutil.copyfile(path, temp)
-                outcome = intake.admit(Path(temp), origin, only_to=only_to)
-            finally:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-            if outcome.acknowledged:
+            detail = _import_one(intake, store, path, origin, only_to)
+            if detail is None:
                 imported += 1
             else:
                 skipped += 1
-                print(f"\rskipped {path}: {outcome.detail}", file=sys.stderr)
+                print(f"\rskipped {path}: {detail}", file=sys.stderr)
             _progress(number, len(files))
     finally:
         db.close()
     if files:
         print(file=sys.stderr)
     return imported, skipped
+
+
+def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_to: str | None) -> str | None:
+    """Copy one file into ``incoming/`` and admit it; None if it is now in the cache, else why
+    not. A file that cannot be read or copied (missing, unreadable, a full disk) is skipped
+    like one that is not DICOM: the rest of the import goes on."""
+    try:
+        fd, temp = tempfile.mkstemp(dir=store.incoming, suffix=".dcm")
+    except OSError as exc:
+        return f"cannot create a file in {store.incoming}: {exc}"
+    os.close(fd)
+    try:
+        try:
+            shutil.copyfile(path, temp)
+        except OSError as exc:
+            return f"cannot copy it into {store.incoming}: {exc}"
+        outcome = intake.admit(Path(temp), origin, only_to=only_to)
+        return None if outcome.acknowledged else outcome.detail
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
 
 
 def _progress(done: int, total: int) -> None:

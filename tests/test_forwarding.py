@@ -583,6 +583,22 @@ def test_cli_send_imports_files_and_delivers_them(appliance_factory, stack, tmp_
     wait_until(lambda: central.stored_uids() == {sop_uid(extra[0]): 1}, 30, lambda: f"queue: {queue(box)}")
 
 
+def test_cli_send_skips_what_it_cannot_import_says_why_and_imports_the_rest(appliance_factory, tmp_path) -> None:
+    """A path that does not exist and a file that is not DICOM are each skipped with the reason;
+    the other files are imported, and the exit status says that something was skipped."""
+    box = appliance_factory()
+    files = write_series(tmp_path / "import", "cli-skip", 1, 1, Series("CT", 2, 64, 64))
+    (tmp_path / "import" / "notes.txt").write_text("not DICOM\n")
+    missing = tmp_path / "no-such-file.dcm"
+    result = box.cli("send", str(tmp_path / "import"), str(missing), check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "imported 2, skipped 2" in result.stdout, result.stdout + result.stderr
+    assert f"skipped {missing}: cannot copy it into" in result.stderr, result.stderr
+    assert "No such file or directory" in result.stderr, result.stderr
+    assert f"skipped {tmp_path / 'import' / 'notes.txt'}: cannot read its data set" in result.stderr, result.stderr
+    assert set(cache_rows(box)) == uids(files)
+
+
 # ---- cache lifecycle ---------------------------------------------------------------------------------
 
 def test_delivered_instances_are_evicted_after_retention_undelivered_never(appliance_factory, stack,
