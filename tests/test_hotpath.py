@@ -57,6 +57,18 @@ def _pynetdicom_command(primitive: C_STORE) -> bytes:
     return bytes(encode(message.command_set, True, True))
 
 
+def test_received_file_that_cannot_be_created_takes_the_data_set_and_reports_why(tmp_path, monkeypatch) -> None:
+    """The receive directory is gone (or full): the file records why, takes the data without
+    failing (the sender still gets an answer), and leaves nothing behind."""
+    monkeypatch.setattr(hotpath.tempfile, "tempdir", str(tmp_path / "gone"))
+    received = hotpath.ReceivedFile(suffix=".dcm")
+    assert isinstance(received.failure, FileNotFoundError)
+    assert received.write(b"x" * 1000) == 1000 and received.size == 1000
+    received.close()
+    received.discard()
+    assert not (tmp_path / "gone").exists()
+
+
 @pytest.mark.parametrize("sop_uid", UIDS)
 @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xB007, 0x0111, 0xC000])
 @pytest.mark.parametrize("message_id", [1, 2, 65535])
