@@ -188,9 +188,9 @@ class Receiver:
     def _store(self, event: evt.Event, origin: Origin, sop_uid: str) -> tuple[int, int]:
         """Cache one received instance; returns the status to answer and its size."""
         received = getattr(event.request, "_dataset_file", None)  # hashed as it was written
+        where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
         if isinstance(received, ReceivedFile) and received.failure is not None:
-            log.warning("refused %s@%s %s: cannot write it to %s: %s", origin.calling_ae, origin.source_ip,
-                        sop_uid, self.intake.store.incoming, received.failure)
+            log.warning("refused %s: cannot write it to %s: %s", where, self.intake.store.incoming, received.failure)
             return statuses.OUT_OF_RESOURCES, 0
         outcome = self.intake.admit(
             Path(event.dataset_path), origin, sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -198,7 +198,6 @@ class Receiver:
             digest=(received.size, received.sha256()) if isinstance(received, ReceivedFile) else None,
             dataset_offset=received.dataset_offset if isinstance(received, ReceivedFile) else None,
         )
-        where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
         if outcome.kind == "replaced":
             log.info("%s %s", where, outcome.detail)
         elif not outcome.acknowledged or outcome.kind == "kept-first":
