@@ -20,6 +20,7 @@ on a fresh association, never counted as delivered.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import random
@@ -55,6 +56,9 @@ POLL = 0.1
 MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Failures to make an instance's edited copy that pass with time: the instance is retried, not
+# made a dead letter (which would wait for an admin's `appliance retry`).
+_OUT_OF_RESOURCES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class AssociationFailed(Exception):
@@ -416,6 +420,12 @@ class Forwarder:
                 return self._dead(name, work, None, error)
         except FileNotFoundError as exc:
             return self._dead(name, work, None, f"cached file is missing: {exc}")
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                return self._dead(name, work, None, f"cannot prepare the copy for {name}: {exc}")
+            # A full disk (or no file descriptors, no memory) passes: try again after the backoff.
+            return self._retry_or_give_up(name, destination, work, "retry", None,
+                                          f"cannot prepare the copy for {name}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a decoder or an edit that fails is that instance's problem
             return self._dead(name, work, None,
                               f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}")

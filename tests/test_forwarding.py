@@ -11,6 +11,7 @@ the queue, the dead letters and the cache are visible and manageable from the CL
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import sqlite3
@@ -327,6 +328,39 @@ def test_instance_that_cannot_be_transcoded_is_a_dead_letter_with_the_reason(app
     row = deliveries(box, "jpegonly")[sop_uid(corpus["ct"][0])]
     assert row["state"] == "dead" and row["last_error"], dict(row)
     assert scp.receptions() == []
+
+
+def test_a_full_disk_while_making_an_edited_copy_is_retried_not_a_dead_letter(appliance_factory, stack,
+                                                                            tmp_path) -> None:
+    """The edited copy of an instance cannot be written because ``outgoing/`` (a 1 MB tmpfs
+    here) is full: the delivery is retried with the reason, not made a dead letter that would
+    wait for an admin, and it goes out, edited, once there is room again."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs and needs root (CI runs as root)")
+    scp = stack.enter_context(RecordingSCP("EDITED"))
+    box = appliance_factory({
+        "destinations": {"edited": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["edited"], "set": {"InstitutionName": "Routed By Edge"}}],
+    })
+    outgoing_dir = box.data / "outgoing"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(outgoing_dir)], check=True)
+    stack.callback(subprocess.run, ["umount", "-l", str(outgoing_dir)], check=False)
+    ballast = outgoing_dir / "ballast"
+    room = os.statvfs(outgoing_dir)
+    ballast.write_bytes(b"\0" * (room.f_bavail * room.f_frsize))
+
+    files = write_series(tmp_path / "ct", "full-outgoing", 1, 1, Series("CT", 1, 256, 256))
+    send(box, files)
+    uid = sop_uid(files[0])
+    row = wait_until(lambda: (r := deliveries(box, "edited").get(uid)) is not None and r["attempts"] >= 2 and r,
+                     30, lambda: f"not retried: {queue_of(box, 'edited')}")
+    assert row["state"] != "dead" and "No space left on device" in row["last_error"], dict(row)
+    assert scp.receptions() == []
+
+    ballast.unlink()
+    wait_until(lambda: queue_of(box, "edited")["delivered"] == 1, 30, lambda: f"queue: {queue_of(box, 'edited')}")
+    [reception] = scp.stored()
+    assert reception.dataset is not None and reception.dataset.InstitutionName == "Routed By Edge"
 
 
 # ---- 5. statuses: delivered, retried, dead letters; `appliance retry` --------------------------------------
