@@ -122,7 +122,10 @@ def service_main(name: str, config_path: str, parent: int, ready: Any = None) ->
 
     try:
         while not signals.wait(1.0, reload):
-            pass
+            failure = getattr(service, "failure", None)
+            if failure:  # a thread of the service failed: exit, and the main process starts it again
+                log.critical("%s: %s; exiting, to be started again", name, failure)
+                raise SystemExit(70)
     finally:
         service.stop()
 

@@ -27,7 +27,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +127,7 @@ class Forwarder:
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._listener = wakeup.Listener(config.storage.root, self.wake)  # intake's "work queued"
+        self.failure: str | None = None  # set when a worker or the scheduler failed (see _guard)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -163,10 +164,22 @@ class Forwarder:
         with self._wake:
             self._wake.notify_all()
 
-    def _spawn(self, name: str, index: int, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, name=f"forward-{name}-{index}", daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, name: str, index: int, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=self._guard, args=(target, *args), name=f"forward-{name}-{index}",
+                                  daemon=True)
         self._threads[(name, index)] = thread
         thread.start()
+
+    def _guard(self, target: Callable[..., None], *args: object) -> None:
+        """Run a worker or the scheduler. If one fails where nothing expected it (the database
+        refusing a write, a bug), say so in :attr:`failure`: the service's process then exits
+        and is started again, which puts the deliveries it had in flight back in the queue —
+        rather than one destination's forwarding, or the cache's eviction, silently stopping."""
+        try:
+            target(*args)
+        except Exception as exc:  # noqa: BLE001 - anything: the process restarts to recover
+            log.exception("%s failed", threading.current_thread().name)
+            self.failure = f"{threading.current_thread().name} failed: {exc}"
 
     def _sleep(self, seconds: float) -> None:
         with self._wake:

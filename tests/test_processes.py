@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from .corpus import Series, write_series
-from .pacs import RecordingSCP, destination, wait_until
+from .pacs import RecordingSCP, destination, queue_of, wait_until
 from .peers import free_port, storescu
 
 
@@ -46,6 +47,37 @@ def test_dead_forwarder_is_restarted_and_forwards(appliance_factory, tmp_path: P
         files = write_series(tmp_path / "ct", "restart", 1, 1, Series("CT", 3, 64, 64))
         assert not storescu(box.port, files).failed
         wait_until(lambda: len(scp.stored_uids()) == 3, 20, lambda: f"delivered {scp.stored_uids()}")
+
+
+def test_a_forwarder_thread_that_fails_restarts_the_forwarder_and_its_work_goes_on(appliance_factory,
+                                                                                 tmp_path: Path) -> None:
+    """The database refuses a worker's write: another process holds SQLite's write lock past
+    the 30 s busy timeout. The worker's failure takes the forwarder process down instead of
+    leaving its destination silently unserved; the main process starts it again, and the
+    instance it had queued is delivered."""
+    port = free_port()  # nobody listens yet: the instance waits for its next attempt
+    box = appliance_factory({"destinations": {"pacs": destination("PACS", port)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    assert box.process is not None
+    first = forwarder_pid(box.process.pid)
+    files = write_series(tmp_path / "ct", "thread-fails", 1, 1, Series("CT", 1, 64, 64))
+    assert not storescu(box.port, files).failed
+    wait_until(lambda: queue_of(box, "pacs")["last_error"], 20, lambda: f"no attempt: {queue_of(box, 'pacs')}")
+
+    lock = sqlite3.connect(box.data / "appliance.db", isolation_level=None, timeout=1)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        wait_until(lambda: "exiting, to be started again" in box.log(), 90,
+                   lambda: "the forwarder did not give up on its failed worker")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert "database is locked" in box.log()
+
+    with RecordingSCP("PACS", port=port) as scp:
+        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 60,  # type: ignore[union-attr]
+                   lambda: "the forwarder was not started again")
+        wait_until(lambda: len(scp.stored_uids()) == 1, 30, lambda: f"queue: {queue_of(box, 'pacs')}")
 
 
 def test_kill_9_of_the_parent_leaves_no_orphan(appliance_factory, tmp_path: Path) -> None:
