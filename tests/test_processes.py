@@ -25,7 +25,10 @@ def children(pid: int) -> list[int]:
 
 def forwarder_pid(pid: int) -> int | None:
     for child in children(pid):
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # it exited (and was reaped) since pgrep listed it
+            continue
         if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
             return child
     return None
