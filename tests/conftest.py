@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,23 @@ def appliance_factory(tmp_path: Path) -> Iterator[Callable[..., ApplianceProcess
         box.stop()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 64 MB filesystem of its own (tmpfs), so "full" is real and nobody else's."""
-    mount = tmp_path / "small"
-    mount.mkdir()
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``mount -o size=``) on the existing directory ``mount``, so that a
+    full disk is real and nobody else's; unmounted on exit."""
     if os.geteuid() != 0:
         pytest.fail("this test mounts a tmpfs and needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MB filesystem of its own (tmpfs)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    with mounted_tmpfs(mount, "64m"):
+        yield mount
