@@ -434,11 +434,11 @@ class Forwarder:
         except FileNotFoundError as exc:
             return self._dead(name, work, None, f"cached file is missing: {exc}")
         except OSError as exc:
+            error = f"cannot prepare the copy for {name}: {exc}"
             if exc.errno not in _OUT_OF_RESOURCES:
-                return self._dead(name, work, None, f"cannot prepare the copy for {name}: {exc}")
+                return self._dead(name, work, None, error)
             # A full disk (or no file descriptors, no memory) passes: try again after the backoff.
-            return self._retry_or_give_up(name, destination, work, "retry", None,
-                                          f"cannot prepare the copy for {name}: {exc}")
+            return self._retry_or_give_up(name, destination, work, "retry", None, error)
         except Exception as exc:  # noqa: BLE001 - a decoder or an edit that fails is that instance's problem
             return self._dead(name, work, None,
                               f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}")
