@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -64,9 +65,25 @@ end
 """
 
 
+@pytest.fixture(scope="session")
+def removed_at_session_end() -> Iterator[list[Path]]:
+    """Directories to remove once every benchmark has run. Not sooner: on ext4 without a journal
+    (this benchmark machine's), creating files is slower for minutes after a large delete, and
+    that would slow the benchmarks that follow."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("forward-bench")
+def workspace(tmp_path_factory: pytest.TempPathFactory, removed_at_session_end: list[Path]) -> Path:
+    # ~10 GB: each round's Orthanc storage and appliance cache, and the large instance. Left
+    # behind, a few runs fill a small disk, and pytest's removal of old ones at the start of a
+    # later run would slow that run (as above).
+    path = tmp_path_factory.mktemp("forward-bench")
+    removed_at_session_end.append(path)
+    return path
 
 
 @pytest.fixture(scope="module")
