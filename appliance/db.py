@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import clock
+
 # Each migration is a list of statements, applied in one transaction.
 MIGRATIONS: list[list[str]] = [
     # 1: the cache index and the log of repeated receptions.
@@ -112,6 +114,9 @@ MIGRATIONS: list[list[str]] = [
         released_at REAL,
         PRIMARY KEY (study_instance_uid, destination)
     )"""],
+    # 3: the schedule clock's base for this boot, and when the appliance was last seen running
+    # (clock.py). Retry times, give-up ages and stable-study timers are kept in it from here on.
+    ["CREATE TABLE schedule_clock (boot_id TEXT PRIMARY KEY, base REAL NOT NULL, seen REAL NOT NULL)"],
 ]
 
 
@@ -215,6 +220,7 @@ class Database:
         # the lock is free. SQLite's lock still guards correctness (busy_timeout).
         self._writers = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._migrate()
+        self._schedule: tuple[str, float] | None = None  # (boot id, base) of the schedule clock
 
     def close(self) -> None:
         with self._lock:
@@ -258,6 +264,42 @@ class Database:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
 
+    # ---- the schedule clock (clock.py) -------------------------------------------------------
+
+    def schedule_now(self) -> float:
+        """Now, on the schedule clock: what retry times, give-up ages and stable-study timers
+        are kept in (never the wall clock, which steps)."""
+        if self._schedule is None:
+            boot = clock.boot_id()
+            self._schedule = (boot, self._schedule_base(boot))
+        return clock.since_boot() + self._schedule[1]
+
+    def _schedule_base(self, boot: str) -> float:
+        """This boot's base (shared by every process and restart within it). A new boot resumes
+        from when the previous one was last seen running; a new database from the wall clock."""
+        row = self.query("SELECT base FROM schedule_clock WHERE boot_id = ?", (boot,))
+        if row:
+            return float(row[0][0])
+        with self.transaction() as conn:
+            found = conn.execute("SELECT base FROM schedule_clock WHERE boot_id = ?", (boot,)).fetchone()
+            if found is not None:  # another process of this boot was first
+                return float(found[0])
+            last = conn.execute("SELECT max(seen) FROM schedule_clock").fetchone()[0]
+            start = time.time() if last is None else float(last)
+            base = start - clock.since_boot()
+            conn.execute("DELETE FROM schedule_clock")  # of an earlier boot only its last time mattered
+            conn.execute("INSERT INTO schedule_clock (boot_id, base, seen) VALUES (?, ?, ?)", (boot, base, start))
+        return base
+
+    def schedule_seen(self) -> None:
+        """Record that the appliance is running now: where the next boot's schedule clock
+        resumes. Not fsync'd: a power cut loses the latest of these with the other records of
+        that moment, so the clock and the schedules kept in it stay consistent."""
+        now = self.schedule_now()
+        assert self._schedule is not None
+        with self.transaction(durable=False) as conn:
+            conn.execute("UPDATE schedule_clock SET seen = max(seen, ?) WHERE boot_id = ?", (now, self._schedule[0]))
+
     def find_instance(self, sop_instance_uid: str) -> Instance | None:
         rows = self.query(
             f"SELECT {', '.join(_INSTANCE_COLUMNS)} FROM instances WHERE sop_instance_uid = ? AND state = 'cached'",
@@ -273,6 +315,7 @@ class Database:
         marks = ", ".join("?" for _ in _INSTANCE_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS if c != "sop_instance_uid")
         values = [getattr(instance, c) for c in _INSTANCE_COLUMNS]
+        scheduled = self.schedule_now() if deliveries else 0.0
         with self.transaction() as conn:
             conn.execute(
                 f"INSERT INTO instances ({columns}) VALUES ({marks}) ON CONFLICT(sop_instance_uid) DO UPDATE SET "
@@ -285,7 +328,7 @@ class Database:
                 instance_id = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ?",
                                            (instance.sop_instance_uid,)).fetchone()[0]
                 for delivery in deliveries:
-                    self._queue(conn, instance_id, instance.study_instance_uid, delivery, instance.received_at)
+                    self._queue(conn, instance_id, instance.study_instance_uid, delivery, scheduled)
 
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
         """A repeated C-STORE that did not replace the cached copy (kept-first or rejected)."""
@@ -300,7 +343,8 @@ class Database:
     def _queue(conn: sqlite3.Connection, instance_id: int, study: str, delivery: Delivery, now: float) -> None:
         """Queue one delivery. With ``stable_after`` it is held until its study has been quiet
         that long; each arrival pushes the study's release time back. Once a study has been
-        released, its late instances go out at once, as follow-ups."""
+        released, its late instances go out at once, as follow-ups. ``now`` is on the schedule
+        clock."""
         state = "pending"
         if delivery.stable_after:
             hold = conn.execute("SELECT state FROM holds WHERE study_instance_uid = ? AND destination = ?",
@@ -357,7 +401,8 @@ class Database:
             return conn.execute("UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'").rowcount
 
     def release_stable_studies(self, now: float) -> list[tuple[str, str]]:
-        """Release every held study whose quiet period has passed; returns (study, destination)."""
+        """Release every held study whose quiet period has passed by ``now`` (schedule clock);
+        returns (study, destination)."""
         with self.transaction() as conn:
             due = conn.execute(
                 "SELECT study_instance_uid, destination FROM holds WHERE state = 'waiting' AND release_at <= ?", (now,)
@@ -417,14 +462,16 @@ class Database:
         Not fsync'd (one per forwarded instance, on the forwarding path's critical path): a
         power cut can only lose the most recent outcomes, and a lost outcome means the instance
         is sent again — a duplicate, never a loss. Nothing is deleted on the strength of an
-        outcome until a durable commit (:meth:`mark_evicted`) has synced the WAL that holds it."""
+        outcome until a durable commit (:meth:`mark_evicted`) has synced the WAL that holds it.
+        ``next_attempt_at`` is on the schedule clock; the attempt's time is the wall clock's."""
         now = time.time()
+        scheduled = next_attempt_at or self.schedule_now()
         state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
         with self.transaction(durable=False) as conn:
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
                 " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ?",
-                (state, status, error, next_attempt_at or now, now if state == "delivered" else None,
+                (state, status, error, scheduled, now if state == "delivered" else None,
                  int(transcoded), work.delivery_id),
             )
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) VALUES (?, ?, ?, ?, ?)",
@@ -432,7 +479,7 @@ class Database:
 
     def retry_dead(self, destination: str | None) -> int:
         """Dead letters back to pending (all destinations when ``destination`` is None)."""
-        now = time.time()
+        now = self.schedule_now()
         with self.transaction() as conn:
             count = conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?, next_attempt_at = ?"
@@ -442,7 +489,7 @@ class Database:
 
     def queue_summaries(self, destinations: Sequence[str]) -> list[QueueSummary]:
         """Every configured destination, and any other that still has deliveries."""
-        now = time.time()
+        now = self.schedule_now()
         counts = {
             row["destination"]: row for row in self.query(
                 "SELECT destination, sum(state = 'pending') AS pending, sum(state = 'held') AS held,"
@@ -469,6 +516,7 @@ class Database:
         return result
 
     def holds(self) -> list[sqlite3.Row]:
+        """Stable-study holds; ``release_at`` is on the schedule clock."""
         return self.query("SELECT study_instance_uid, destination, release_at, state FROM holds"
                           " ORDER BY state DESC, release_at")
 
@@ -611,8 +659,8 @@ def update_print_job(db: Database, job_id: int, **changes: Any) -> None:
 
 
 def claim_print_job(db: Database, printers: Sequence[str], now: float) -> PrintJob | None:
-    """Take the next due queued job of these printers (HIGH before MED before LOW, then oldest)
-    and mark it sending, atomically."""
+    """Take the next job of these printers due by ``now`` (schedule clock; HIGH before MED
+    before LOW, then oldest) and mark it sending, atomically."""
     if not printers:
         return None
     marks = ", ".join("?" for _ in printers)
@@ -625,7 +673,7 @@ def claim_print_job(db: Database, printers: Sequence[str], now: float) -> PrintJ
         ).fetchone()
         if row is None:
             return None
-        conn.execute("UPDATE print_jobs SET state = 'sending', updated_at = ? WHERE id = ?", (now, row["id"]))
+        conn.execute("UPDATE print_jobs SET state = 'sending', updated_at = ? WHERE id = ?", (time.time(), row["id"]))
     return PrintJob(**{**dict(row), "state": "sending"})
 
 

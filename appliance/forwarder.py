@@ -38,7 +38,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
 
-from . import hotpath, outgoing, rules, statuses, wakeup
+from . import clock, hotpath, outgoing, rules, statuses, wakeup
 from .config import Config, Destination, Retry
 from .db import Database, Work
 from .dicomnet import application_entity, throttle_sends, tune_socket
@@ -189,9 +189,12 @@ class Forwarder:
     # ---- scheduler: stable studies and cache retention --------------------------------------
 
     def _schedule(self) -> None:
-        last_eviction = 0.0
+        last_eviction = last_seen = 0.0
         while not self._stop.is_set():
-            now = time.time()
+            now = self.db.schedule_now()
+            if now - last_seen >= clock.SEEN_EVERY:
+                last_seen = now
+                self.db.schedule_seen()
             next_release = self.db.next_release()
             if next_release is not None and next_release <= now:
                 released = self.db.release_stable_studies(now)
@@ -202,15 +205,16 @@ class Forwarder:
             if now - last_eviction >= 10.0:
                 last_eviction = now
                 try:
-                    self.evict(now)
+                    self.evict(time.time())
                 except OSError as exc:
                     log.error("cache eviction failed: %s", exc)
             next_release = self.db.next_release()
-            self._sleep(min(POLL, max(0.01, next_release - time.time())) if next_release else POLL)
+            self._sleep(min(POLL, max(0.01, next_release - self.db.schedule_now())) if next_release else POLL)
 
     def evict(self, now: float) -> int:
         """Remove delivered instances past ``retention.keep_delivered_for``; above the high
-        watermark, delivered ones oldest first whatever their age. Never anything undelivered."""
+        watermark, delivered ones oldest first whatever their age. Never anything undelivered.
+        ``now`` is the wall clock's, like the delivery times it is compared with."""
         removed = 0
         keep_for = self.config.retention.keep_delivered_for
         for instance_id, path in self.db.evictable(now - keep_for):
@@ -245,7 +249,7 @@ class Forwarder:
                 if destination is None or index >= destination.max_associations:
                     log.info("destination %s worker %d stops: no longer configured", name, index)
                     return
-                now = time.time()
+                now = self.db.schedule_now()
                 blocked = self._blocked_until.get(name, 0.0)
                 if now < blocked:
                     link = self._close(link)
@@ -255,7 +259,7 @@ class Forwarder:
                 due = self.db.next_due(name)
                 batch = self.db.claim(name, now, BATCH) if due is not None and due <= now else []
                 if not batch:
-                    if link is not None and now - link.last_used > IDLE_RELEASE:
+                    if link is not None and time.monotonic() - link.last_used > IDLE_RELEASE:
                         link = self._close(link)
                     self._sleep(min(POLL, due - now) if due is not None and due > now else POLL)
                     continue
@@ -270,7 +274,7 @@ class Forwarder:
         if link.assoc.is_established:
             link.assoc.release()
         log.info("association to %s closed after %.1f s: %d delivered, %d not", link.destination,
-                 time.time() - link.opened, link.delivered, link.failed)
+                 time.monotonic() - link.opened, link.delivered, link.failed)
         return None
 
     def _send_batch(self, name: str, destination: Destination, batch: list[Work], link: _Link | None) -> _Link | None:
@@ -316,14 +320,15 @@ class Forwarder:
                 link = self._close(link)
                 if outcome in ("retry", "unknown"):
                     self._failures[name] = self._failures.get(name, 0) + 1
-                    self._blocked_until[name] = time.time() + backoff(destination.retry, self._failures[name])
+                    self._blocked_until[name] = self.db.schedule_now() + backoff(destination.retry,
+                                                                                  self._failures[name])
                 interrupted = True
                 break
             position += 1
         if not interrupted:
             self._failures[name] = 0
         if link is not None:
-            link.last_used = time.time()
+            link.last_used = time.monotonic()
         log.debug("%s: %d delivered, %d to retry, %d dead, %d unknown of study %s in %.2f s", name,
                   counts["delivered"], counts["retry"], counts["dead"], counts["unknown"],
                   batch[0].study_instance_uid, time.monotonic() - started)
@@ -338,7 +343,7 @@ class Forwarder:
             return
         failures = self._failures[name] = self._failures.get(name, 0) + 1
         delay = backoff(destination.retry, failures)
-        self._blocked_until[name] = time.time() + delay
+        self._blocked_until[name] = self.db.schedule_now() + delay
         log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
                     name, error, delay, len(batch))
         for work in batch:
@@ -355,11 +360,12 @@ class Forwarder:
         policy gives up: then a dead letter."""
         policy = destination.retry
         attempts = work.attempts + 1
-        expired = time.time() - work.created_at >= policy.give_up_after
+        # Both on the schedule clock: a step of the wall clock, or days switched off, do not age it.
+        expired = self.db.schedule_now() - work.created_at >= policy.give_up_after
         if (policy.max_attempts and attempts >= policy.max_attempts) or expired:
             return self._dead(name, work, status, f"gave up after {attempts} attempts: {error}")
         if next_attempt_at is None:
-            next_attempt_at = time.time() + backoff(policy, attempts)
+            next_attempt_at = self.db.schedule_now() + backoff(policy, attempts)
         self.db.finish(work, outcome, status, error, next_attempt_at)
         return outcome
 
@@ -409,7 +415,7 @@ class Forwarder:
                                     f"{destination.port} (refused, timed out or aborted)")
         direct = StoreReceiver.attach(assoc)  # C-STORE responses taken by the DUL thread itself (pdata.py)
         proposed = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts}
-        now = time.time()
+        now = time.monotonic()
         return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now, direct=direct)
 
     def _send_one(self, name: str, destination: Destination, link: _Link, work: Work) -> str:

@@ -25,13 +25,16 @@ def queue_report(config: Config, as_json: bool = False) -> str:
         summaries = db.queue_summaries(list(config.destinations))
         holds = db.holds()
         unrouted = db.count_unrouted()
+        now = db.schedule_now()
+        to_wall = time.time() - now  # holds are kept on the schedule clock (clock.py)
     finally:
         db.close()
     if as_json:
         return json.dumps({
             "destinations": [s.__dict__ for s in summaries],
             "holds": [{"study_instance_uid": h["study_instance_uid"], "destination": h["destination"],
-                       "release_at": h["release_at"], "state": h["state"]} for h in holds],
+                       "release_at": h["release_at"] + to_wall,
+                       "releases_in": max(0.0, h["release_at"] - now), "state": h["state"]} for h in holds],
             "unrouted": unrouted,
         }, indent=2)
     lines = [f"{'DESTINATION':<16} {'PENDING':>8} {'HELD':>6} {'FLIGHT':>6} {'DELIVERED':>10} {'DEAD':>6}"
@@ -46,7 +49,7 @@ def queue_report(config: Config, as_json: bool = False) -> str:
         lines.append("studies waiting to become stable:")
         for h in waiting:
             lines.append(f"  {h['study_instance_uid']} -> {h['destination']}: releases in "
-                         f"{_age(max(0.0, h['release_at'] - time.time()))}")
+                         f"{_age(max(0.0, h['release_at'] - now))}")
     lines.append(f"\n{unrouted} unrouted instance(s) in the cache (matched no rule that sends them anywhere)")
     return "\n".join(lines)
 

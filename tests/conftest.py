@@ -24,8 +24,9 @@ def appliance_factory(tmp_path: Path) -> Iterator[Callable[..., ApplianceProcess
     """Make (and finally stop) appliances: ``appliance_factory(config_overrides)``."""
     made: list[ApplianceProcess] = []
 
-    def make(config: dict | None = None, name: str = "box", start: bool = True) -> ApplianceProcess:
-        box = ApplianceProcess(tmp_path / name, config)
+    def make(config: dict | None = None, name: str = "box", start: bool = True,
+             env: dict[str, str] | None = None) -> ApplianceProcess:
+        box = ApplianceProcess(tmp_path / name, config, env=env)
         made.append(box)
         return box.start() if start else box
 

@@ -136,8 +136,10 @@ def read_until_acknowledged(sender: subprocess.Popen[str], count: int) -> str:
 class ApplianceProcess:
     """``python -m appliance run`` with a generated configuration, as a modality would see it."""
 
-    def __init__(self, workdir: Path, config: dict | None = None, ae_title: str = "EDGE") -> None:
+    def __init__(self, workdir: Path, config: dict | None = None, ae_title: str = "EDGE",
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = env or {}  # added to the process's environment
         self.port = free_port()
         self.ae_title = ae_title
         self.data = workdir / "data"
@@ -172,7 +174,7 @@ class ApplianceProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "NOTIFY_SOCKET": self.notify.address},
+            env={**os.environ, **self.env, "NOTIFY_SOCKET": self.notify.address},
         )
         log.close()
         if wait:
@@ -209,7 +211,7 @@ class ApplianceProcess:
         """Run an ``appliance`` subcommand against this appliance's configuration."""
         proc = subprocess.run(
             [sys.executable, "-m", "appliance", *args, "--config", str(self.config_path)],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
+            cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **self.env},
         )
         if check:
             assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -72,3 +72,32 @@ def test_writers_in_several_processes_lose_no_update(tmp_path: Path) -> None:
         assert worker.exitcode == 0
     assert db.query("SELECT value FROM counter")[0][0] == 1000
     db.close()
+
+
+def test_the_schedule_clock_is_shared_within_a_boot_and_a_new_boot_resumes_where_the_last_was_seen(
+        tmp_path: Path, monkeypatch) -> None:
+    """Every process of a boot reads the same schedule clock; after a reboot it goes on from the
+    last time the appliance was seen running, whatever the wall clock says and however long the
+    box was off — so no retry, timer or give-up age counts the time it was switched off."""
+    from appliance import clock
+
+    boot, since_boot = ["boot-1"], [100.0]
+    monkeypatch.setattr(clock, "boot_id", lambda: boot[0])
+    monkeypatch.setattr(clock, "since_boot", lambda: since_boot[0])
+    monkeypatch.setattr("appliance.db.time.time", lambda: 1_000_000.0)
+    first, second = Database(tmp_path / "a.db"), Database(tmp_path / "a.db")
+    assert first.schedule_now() == 1_000_000.0  # a new database starts at the wall clock
+    since_boot[0] = 160.0
+    assert first.schedule_now() == second.schedule_now() == 1_000_060.0
+    first.schedule_seen()
+    since_boot[0] = 170.0  # runs 10 s more, unseen (a power cut)
+
+    # A week later, a new boot: the wall clock says anything at all.
+    boot[0], since_boot[0] = "boot-2", 5.0
+    monkeypatch.setattr("appliance.db.time.time", lambda: 1_000_000.0 + 7 * 86400)
+    rebooted = Database(tmp_path / "a.db")
+    assert rebooted.schedule_now() == 1_000_060.0
+    since_boot[0] = 35.0
+    assert rebooted.schedule_now() == 1_000_090.0
+    for db in (first, second, rebooted):
+        db.close()

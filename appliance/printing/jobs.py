@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,7 +14,10 @@ def list_jobs(root: Path, limit: int = 100) -> list[PrintJob]:
     db = open_database(Path(root))
     try:
         ensure_print_schema(db)
-        return list_print_jobs(db, limit)
+        # Retry times are kept on the schedule clock (clock.py); shown as wall-clock times.
+        to_wall = time.time() - db.schedule_now()
+        return [dataclasses.replace(job, next_attempt_at=job.next_attempt_at + to_wall) if job.next_attempt_at else job
+                for job in list_print_jobs(db, limit)]
     finally:
         db.close()
 

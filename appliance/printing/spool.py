@@ -137,8 +137,9 @@ class Spool:
     # ---- deliver (worker) ----
 
     def deliver_due(self, printer: str, now: float | None = None) -> bool:
-        """Send one due job of this printer, if any; True if a job was tried."""
-        job = dbmod.claim_print_job(self.db, [printer], time.time() if now is None else now)
+        """Send one due job of this printer, if any; True if a job was tried. (Retry times are on
+        the schedule clock, clock.py: a step of the wall clock neither stalls nor hurries them.)"""
+        job = dbmod.claim_print_job(self.db, [printer], self.db.schedule_now() if now is None else now)
         if job is None:
             return False
         self._deliver(job)
@@ -184,11 +185,11 @@ class Spool:
         LOG.warning("printer %s: job %d from %s not printed (attempt %d): %s; retry in %.0f s", job.printer,
                     job.id, job.calling_ae, attempts, error, delay)
         dbmod.update_print_job(self.db, job.id, state="queued", attempts=attempts, last_error=error,
-                               next_attempt_at=now + delay)
+                               next_attempt_at=self.db.schedule_now() + delay)
 
     def seconds_until_due(self, printer: str) -> float | None:
         due = dbmod.next_print_job_due(self.db, [printer])
-        return None if due is None else max(0.0, due - time.time())
+        return None if due is None else max(0.0, due - self.db.schedule_now())
 
     def retry_now(self, job_id: int) -> bool:
         """Make a waiting or failed job due at once (the CLI/status page 'retry' action)."""

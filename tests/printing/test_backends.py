@@ -21,6 +21,7 @@ import pytest
 
 from appliance.db import insert_print_job, open_database, print_jobs_in_state
 from appliance.printing.jobs import format_jobs, list_jobs
+from appliance.printing.settings import PrintRetry
 
 from .conftest import RunningPrinter, free_port, ghostscript, printer, wait_for
 from .scu import PrintSCU, gray_item
@@ -121,6 +122,35 @@ def test_offline_printer_keeps_the_job_queued_until_it_returns(
     appsocket.start()
     printed = box.wait_jobs(1)[0]
     assert len(appsocket.jobs) == 1 and hashlib.sha256(appsocket.jobs[0]).hexdigest() == printed.ps_sha256
+
+
+def test_a_step_back_of_the_wall_clock_does_not_stall_a_waiting_job(
+    print_server: Callable[..., RunningPrinter], appsocket: FakeAppSocketPrinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job waits out its retry delay for an offline printer when the clock steps back a day (a
+    box without a battery-backed clock meeting NTP, an admin's ``date -s``): once the printer is
+    back, the job prints within seconds, not a day later. Retry times are on the schedule clock
+    (appliance/clock.py), which a step of the wall clock does not move."""
+
+    class SteppedTime:
+        """The ``time`` module as the spool sees it, with the wall clock a day behind."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(time, name)
+
+        @staticmethod
+        def time() -> float:
+            return time.time() - 86400
+
+    box = print_server({"laser": printer("LASER", retry=PrintRetry(initial_delay=2.0, factor=1.0, max_delay=2.0),
+                                         **socket_printer(appsocket.port))})
+    print_one(box, "LASER")
+    wait_for(lambda: (jobs := box.jobs()) and jobs[0].attempts >= 1, what="a failed attempt")
+    monkeypatch.setattr("appliance.printing.spool.time", SteppedTime())
+    appsocket.start()
+    started = time.monotonic()
+    box.wait_jobs(1)
+    assert time.monotonic() - started < 10
 
 
 def test_queued_job_survives_a_restart(
