@@ -591,7 +591,9 @@ PRINT_JOBS_DDL = [
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         next_attempt_at REAL NOT NULL DEFAULT 0,
-        printed_at REAL
+        printed_at REAL,
+        -- When it was queued (or requeued by hand), on the schedule clock: what give_up_after counts from.
+        waiting_since REAL NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS print_jobs_due ON print_jobs(state, next_attempt_at)",
 ]
@@ -624,6 +626,7 @@ class PrintJob:
     updated_at: float
     next_attempt_at: float
     printed_at: float | None
+    waiting_since: float
 
 
 _PRINT_JOB_COLUMNS = ", ".join(PrintJob.__dataclass_fields__)
@@ -633,16 +636,21 @@ def ensure_print_schema(db: Database) -> None:
     with db.transaction() as conn:
         for statement in PRINT_JOBS_DDL:
             conn.execute(statement)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(print_jobs)")}
+        if "waiting_since" not in columns:  # a table made before the column was
+            conn.execute("ALTER TABLE print_jobs ADD COLUMN waiting_since REAL NOT NULL DEFAULT 0")
 
 
 def insert_print_job(db: Database, printer: str, called_ae: str, calling_ae: str, level: str,
                      film_box_uids: Sequence[str], copies: int, priority: str, title: str) -> int:
-    now = time.time()
+    now, scheduled = time.time(), db.schedule_now()
     with db.transaction() as conn:
         cursor = conn.execute(
             "INSERT INTO print_jobs (printer, called_ae, calling_ae, level, film_box_uids, copies, priority,"
-            " title, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'rendering', ?, ?)",
-            (printer, called_ae, calling_ae, level, "\\".join(film_box_uids), copies, priority, title, now, now),
+            " title, state, created_at, updated_at, waiting_since)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'rendering', ?, ?, ?)",
+            (printer, called_ae, calling_ae, level, "\\".join(film_box_uids), copies, priority, title, now, now,
+             scheduled),
         )
         return int(cursor.lastrowid or 0)
 

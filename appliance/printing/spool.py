@@ -172,9 +172,9 @@ class Spool:
         LOG.info("printer %s: job %d from %s printed (%d copies)", job.printer, job.id, job.calling_ae, job.copies)
 
     def _failed_attempt(self, job: PrintJob, policy: PrintRetry, attempts: int, error: str) -> None:
-        now = time.time()
+        now = self.db.schedule_now()
         give_up = (policy.max_attempts and attempts >= policy.max_attempts) or (
-            now - job.created_at > policy.give_up_after
+            now - job.waiting_since > policy.give_up_after
         )
         if give_up:
             LOG.error("printer %s: job %d from %s failed after %d attempts: %s", job.printer, job.id,
@@ -185,7 +185,7 @@ class Spool:
         LOG.warning("printer %s: job %d from %s not printed (attempt %d): %s; retry in %.0f s", job.printer,
                     job.id, job.calling_ae, attempts, error, delay)
         dbmod.update_print_job(self.db, job.id, state="queued", attempts=attempts, last_error=error,
-                               next_attempt_at=self.db.schedule_now() + delay)
+                               next_attempt_at=now + delay)
 
     def seconds_until_due(self, printer: str) -> float | None:
         due = dbmod.next_print_job_due(self.db, [printer])
@@ -210,12 +210,13 @@ class Spool:
 
 
 def requeue(db: Database, job_id: int) -> bool:
-    """Queue a queued or failed job for an immediate attempt (its attempts counted afresh); False
-    if it cannot be (printed, or its PostScript is gone)."""
+    """Queue a queued or failed job for an immediate attempt (its attempts and waiting time
+    counted afresh); False if it cannot be (printed, or its PostScript is gone)."""
     job = dbmod.get_print_job(db, job_id)
     if job is None or job.state not in ("queued", "failed") or not job.ps_path or not Path(job.ps_path).is_file():
         return False
-    dbmod.update_print_job(db, job_id, state="queued", next_attempt_at=0.0, attempts=0)
+    dbmod.update_print_job(db, job_id, state="queued", next_attempt_at=0.0, attempts=0,
+                           waiting_since=db.schedule_now())  # give_up_after counts afresh, too
     return True
 
 

@@ -124,33 +124,53 @@ def test_offline_printer_keeps_the_job_queued_until_it_returns(
     assert len(appsocket.jobs) == 1 and hashlib.sha256(appsocket.jobs[0]).hexdigest() == printed.ps_sha256
 
 
+class SteppedTime:
+    """The ``time`` module as the spool sees it, with the wall clock stepped by ``step`` seconds
+    (a box without a battery-backed clock meeting NTP, an admin's ``date -s``)."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.step
+
+
 def test_a_step_back_of_the_wall_clock_does_not_stall_a_waiting_job(
     print_server: Callable[..., RunningPrinter], appsocket: FakeAppSocketPrinter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A job waits out its retry delay for an offline printer when the clock steps back a day (a
-    box without a battery-backed clock meeting NTP, an admin's ``date -s``): once the printer is
-    back, the job prints within seconds, not a day later. Retry times are on the schedule clock
-    (appliance/clock.py), which a step of the wall clock does not move."""
-
-    class SteppedTime:
-        """The ``time`` module as the spool sees it, with the wall clock a day behind."""
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(time, name)
-
-        @staticmethod
-        def time() -> float:
-            return time.time() - 86400
-
+    """A job waits out its retry delay for an offline printer when the clock steps back a day:
+    once the printer is back, the job prints within seconds, not a day later. Retry times are on
+    the schedule clock (appliance/clock.py), which a step of the wall clock does not move."""
     box = print_server({"laser": printer("LASER", retry=PrintRetry(initial_delay=2.0, factor=1.0, max_delay=2.0),
                                          **socket_printer(appsocket.port))})
     print_one(box, "LASER")
     wait_for(lambda: (jobs := box.jobs()) and jobs[0].attempts >= 1, what="a failed attempt")
-    monkeypatch.setattr("appliance.printing.spool.time", SteppedTime())
+    monkeypatch.setattr("appliance.printing.spool.time", SteppedTime(-86400))
     appsocket.start()
     started = time.monotonic()
     box.wait_jobs(1)
     assert time.monotonic() - started < 10
+
+
+def test_a_step_forward_of_the_wall_clock_does_not_give_a_waiting_job_up(
+    print_server: Callable[..., RunningPrinter], appsocket: FakeAppSocketPrinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``give_up_after: 1d``; the clock steps four days forward while the printer is offline. The
+    failed attempts that follow leave the job queued: it has waited seconds, not days."""
+    box = print_server({"laser": printer("LASER", retry=PrintRetry(initial_delay=0.2, factor=1.0, max_delay=0.2,
+                                                                   give_up_after=86400.0),
+                                         **socket_printer(appsocket.port))})
+    print_one(box, "LASER")
+    wait_for(lambda: (jobs := box.jobs()) and jobs[0].attempts >= 1, what="a failed attempt")
+    monkeypatch.setattr("appliance.printing.spool.time", SteppedTime(4 * 86400))
+    tried = box.jobs()[0].attempts
+    wait_for(lambda: box.jobs()[0].attempts >= tried + 2 or box.jobs()[0].state == "failed", what="two more attempts")
+    assert box.jobs()[0].state in ("queued", "sending"), box.jobs()[0]
+    appsocket.start()
+    box.wait_jobs(1)
 
 
 def test_queued_job_survives_a_restart(
