@@ -20,6 +20,12 @@ waiting differs):
 * ``_is_paused``, which pynetdicom's SCU-side ``send_*()`` wait for, is handled so that a stale
   value can never let the user and the loop both take a response (see :func:`_assoc_run_reactor`).
 
+It also puts pynetdicom's ``Timer`` (the ARTIM timer and the network timeout's idle timer) on the
+monotonic clock. It measured with ``time.time()``: when the wall clock stepped forward (NTP's
+first answer on a box without a battery-backed clock), every association that was between two
+messages — a modality holding one open through an exam — was aborted at once as idle; a step
+back kept a vanished peer's association open for the size of the step.
+
 The DUL loop also moves the appliance's own traffic past pynetdicom's per-PDU machinery (see
 ``pdata.py`` and ``hotpath.py``): a P-DATA-TF received while established goes first to the
 association's direct C-STORE receiver, if it has one, and a C-STORE-RQ queued as one
@@ -39,9 +45,11 @@ import ssl
 import struct
 import threading
 import time
+import types
 from typing import Any
 
 import pynetdicom
+import pynetdicom.timer
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -61,6 +69,8 @@ _WRITTEN_FOR = ("3.0.",)
 _TICK = 0.02
 
 _installed = False
+# What pynetdicom's timer module sees as ``time``: its timers measure on the monotonic clock.
+_MONOTONIC = types.SimpleNamespace(time=time.monotonic)
 
 
 def install() -> bool:
@@ -72,6 +82,7 @@ def install() -> bool:
         log.warning("pynetdicom %s: keeping its polling loops (event-driven loops are for %s)",
                     pynetdicom.__version__, ", ".join(_WRITTEN_FOR))
         return False
+    pynetdicom.timer.time = _MONOTONIC  # type: ignore[assignment]  # Timer reads only .time()
     DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
     DULServiceProvider.send_pdu = _dul_send_pdu  # type: ignore[method-assign]
     DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]

@@ -14,6 +14,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import UltrasoundImageStorage  # type: ignore[attr-defined]
+
 from .corpus import Series, write_series
 from .pacs import RecordingSCP, attempts, deliveries, destination, queue, sop_uid, wait_until
 from .peers import free_port, storescu
@@ -87,3 +92,28 @@ def test_a_step_forward_of_eight_days_gives_nothing_up(appliance_factory, tmp_pa
 
         up = stack.enter_context(RecordingSCP("DOWN", port=down_port, keep_datasets=False))
         wait_until(lambda: len(up.stored()) == 1, 20, lambda: f"not delivered: {dict(deliveries(box, 'down')[uid])}")
+
+
+def test_an_association_held_open_between_images_survives_a_step_forward(appliance_factory, tmp_path: Path) -> None:
+    """A modality that keeps its association open through an exam (an ultrasound unit) sends an
+    image, the clock steps eight days forward, and its next image is stored on the same
+    association: the network timeout measures idle time on the monotonic clock, so the step does
+    not look like eight idle days."""
+    clock = WallClock(tmp_path / "clock")
+    box = appliance_factory({"node": {"timeouts": {"network": "60s"}}}, env=clock.env)
+    files = write_series(tmp_path / "us", "held-open", 1, 1, Series("US", 2, 64, 64))
+    ae = AE(ae_title="ULTRASOUND")
+    ae.add_requested_context(UltrasoundImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title=box.ae_title)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0x0000
+        time.sleep(0.5)
+        clock.step(8 * DAY)
+        time.sleep(1.0)  # the appliance's association loop looks at its timers every 20 ms
+        assert assoc.is_established, "the appliance aborted the association when its clock stepped"
+        status = assoc.send_c_store(pydicom.dcmread(files[1]))
+        assert getattr(status, "Status", None) == 0x0000
+    finally:
+        if assoc.is_established:
+            assoc.release()
