@@ -23,8 +23,9 @@ from pathlib import Path
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # How often a running appliance records that it is running (the point a next boot resumes
-# from): a power cut loses at most this much of the schedule clock.
-SEEN_EVERY = 10.0
+# from): a power cut loses at most this much of the schedule clock, so a retry or timer due then
+# waits at most this much longer. On an idle box this is the only periodic write to the SD card.
+SEEN_EVERY = 60.0
 
 
 def boot_id() -> str:
