@@ -394,10 +394,18 @@ class Forwarder:
             contexts.append(build_context(sop_class, [syntax]))
         tls_args = None
         if destination.tls is not None:
-            tls_args = (_ssl_context(destination), destination.host)
-        assoc = ae.associate(destination.host, destination.port, contexts=contexts, ae_title=destination.ae_title,
-                             tls_args=tls_args,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket), (evt.EVT_CONN_OPEN, throttle_sends)])
+            try:
+                tls_args = (_ssl_context(destination), destination.host)
+            except (OSError, ssl.SSLError) as exc:  # a missing or bad CA, certificate or key file
+                raise AssociationFailed(f"cannot set up TLS for {destination.ae_title}: {exc}") from exc
+        try:
+            assoc = ae.associate(destination.host, destination.port, contexts=contexts,
+                                 ae_title=destination.ae_title, tls_args=tls_args,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket), (evt.EVT_CONN_OPEN, throttle_sends)])
+        except OSError as exc:
+            # pynetdicom resolves the host name in this thread, before it connects: with the VPN
+            # (and so the clinic's DNS) down, that fails here, and is as transient as a refusal.
+            raise AssociationFailed(f"cannot resolve or reach {destination.host}: {exc}") from exc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
             result = getattr(rj, "result", None)

@@ -1,6 +1,7 @@
 """DICOM over TLS to a destination: mutual authentication with certificates made by openssl for
 the test, a pynetdicom Storage SCP that requires them, and a destination with the wrong CA that
-must not get the instance (it stays queued, never counted as delivered)."""
+must not get the instance (it stays queued, never counted as delivered), and one whose CA file is
+missing (it stays queued, with the reason)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def test_forwarding_over_mutual_tls(appliance_factory, pki: Path, tmp_path: Path
                                                   "key": str(pki / "client.key")}},
                 "impostor": {**destination, "tls": {"ca": str(pki / "other-ca.crt"), "cert": str(pki / "client.crt"),
                                                     "key": str(pki / "client.key")}},
+                # A CA file that is not there (a typo, a file not copied onto the box).
+                "misconfigured": {**destination, "tls": {"ca": str(pki / "missing-ca.crt")}},
             },
-            "routes": [{"send_to": ["secure", "impostor"]}],
+            "routes": [{"send_to": ["secure", "impostor", "misconfigured"]}],
         })
         files = write_series(tmp_path / "ct", "tls", 1, 1, Series("CT", 3, 64, 64))
         assert not storescu(box.port, files).failed
@@ -77,5 +80,10 @@ def test_forwarding_over_mutual_tls(appliance_factory, pki: Path, tmp_path: Path
         assert queue["impostor"]["delivered"] == 0
         assert queue["impostor"]["pending"] + queue["impostor"]["in_flight"] == 3
         assert "no association" in (queue["impostor"]["last_error"] or "")
+        # A TLS set-up that fails waits with the reason, like a destination that is down; it
+        # neither becomes a dead letter nor stops the forwarder (which served "secure").
+        assert queue["misconfigured"]["pending"] + queue["misconfigured"]["in_flight"] == 3
+        assert "cannot set up TLS for TLSPACS" in (queue["misconfigured"]["last_error"] or "")
+        assert "to be started again" not in box.log_path.read_text()
     finally:
         server.shutdown()
