@@ -214,12 +214,17 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
     arrived = {name: _median([r["arrived_s"] for r in runs[name]]) for name in SCENARIOS}
     large = runs.get("large-instance") or []
     appliance = runs["appliance"]
+    round_ratios = [a["arrived_s"] / d["arrived_s"] for a, d in zip(appliance, runs["direct"], strict=False)]
     summary: dict[str, Any] = {
         "instances": CT_COUNT,
         "rounds": ROUNDS,
         "median_arrived_s": arrived,
         "inst_per_s": {name: CT_COUNT / t if t == t and t else float("nan") for name, t in arrived.items()},
         "ratio_appliance_to_direct": arrived["appliance"] / arrived["direct"] if arrived["direct"] else None,
+        # Each round's own ratio: the two paths of a round ran minutes apart at most, so a change
+        # in the machine's other load between rounds cancels out of these.
+        "round_ratios_appliance_to_direct": round_ratios,
+        "median_round_ratio_appliance_to_direct": _median(round_ratios),
         "ratio_appliance_to_orthanc_router": (arrived["appliance"] / arrived["orthanc-router"]
                                               if arrived["orthanc-router"] else None),
         "appliance_intake_s": _median([r["sent_s"] for r in appliance]),
@@ -281,6 +286,8 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
         f"{m['cpus']} CPUs, so a path that takes t seconds has {m['cpus']}·t CPU-seconds available): "
         + "; ".join(f"{name}: machine busy {fmt(summary['machine_busy_cpu_s'][name])} CPU-s, the central Orthanc "
                     f"{fmt(summary['central_cpu_s'][name])}" for name in ("direct", "appliance", "orthanc-router")),
+        "- Appliance ÷ direct, round by round: " + " / ".join(fmt(r) for r in round_ratios)
+        + f" (median {fmt(summary['median_round_ratio_appliance_to_direct'])}).",
         "- Per run (s): " + "; ".join(f"{name} " + " / ".join(fmt(r["arrived_s"]) for r in runs[name])
                                       for name in SCENARIOS),
         *[f"- One {fmt(r['size_mb'], 0)} MB instance through the appliance to storescp: {fmt(r['arrived_s'])} s, "
