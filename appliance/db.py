@@ -455,7 +455,7 @@ class Database:
         return None if row[0] is None else float(row[0])
 
     def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
-               next_attempt_at: float | None = None, transcoded: bool = False) -> None:
+               next_attempt_at: float | None = None, transcoded: bool = False) -> bool:
         """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
         pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``).
 
@@ -463,19 +463,27 @@ class Database:
         power cut can only lose the most recent outcomes, and a lost outcome means the instance
         is sent again — a duplicate, never a loss. Nothing is deleted on the strength of an
         outcome until a durable commit (:meth:`mark_evicted`) has synced the WAL that holds it.
-        ``next_attempt_at`` is on the schedule clock; the attempt's time is the wall clock's."""
+        ``next_attempt_at`` is on the schedule clock; the attempt's time is the wall clock's.
+
+        The outcome moves the delivery on only while it is still this claim of this version of
+        the instance: a replacement (``node.on_duplicate: replace``) that arrived while the old
+        file was on its way has queued the delivery afresh, and the old file's "delivered" must
+        not stand for the new one. The attempt is recorded either way. Returns whether the
+        outcome was applied."""
         now = time.time()
         scheduled = next_attempt_at or self.schedule_now()
         state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
         with self.transaction(durable=False) as conn:
-            conn.execute(
+            applied = conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
-                " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ?",
+                " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ? AND state = 'in_flight'"
+                " AND (SELECT path FROM instances WHERE id = ?) = ?",
                 (state, status, error, scheduled, now if state == "delivered" else None,
-                 int(transcoded), work.delivery_id),
-            )
+                 int(transcoded), work.delivery_id, work.instance_id, work.path),
+            ).rowcount == 1
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) VALUES (?, ?, ?, ?, ?)",
                          (work.delivery_id, now, outcome, status, error))
+        return applied
 
     def retry_dead(self, destination: str | None) -> int:
         """Dead letters back to pending (all destinations when ``destination`` is None)."""

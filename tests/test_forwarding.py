@@ -16,6 +16,7 @@ import random
 import re
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -714,3 +715,42 @@ def test_sighup_reload_applies_to_new_work_keeps_associations_and_ignores_invali
     send(box, batch3)
     wait_until(lambda: len(second.stored()) >= len(batch2) + len(batch3), 30, lambda: f"queue: {queue(box)}")
     assert set(first.stored_uids()) == uids(batch1)
+
+
+def test_a_replacement_that_arrives_while_the_old_version_is_sent_is_sent_too(appliance_factory, stack,
+                                                                              tmp_path) -> None:
+    """A modality sends an image, then a corrected one with the same SOP Instance UID (another
+    patient name) while the first is still on its way to the PACS (the PACS has not answered
+    yet). The correction replaces the cached copy (``node.on_duplicate: replace``, the default)
+    and must reach the PACS too: the PACS's answer for the old version does not count as the
+    delivery of the new one."""
+    arrived, release = threading.Event(), threading.Event()
+
+    def respond(uid: str, nth: int) -> int:
+        if nth == 1:  # hold the answer to the first version until the correction is cached
+            arrived.set()
+            release.wait(30)
+        return 0x0000
+
+    scp = stack.enter_context(RecordingSCP("PACS"))
+    scp.respond = respond
+    box = appliance_factory({"destinations": {"pacs": destination(scp.ae_title, scp.port)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    first = write_series(tmp_path / "first", "corrected", 1, 1, Series("CT", 1, 64, 64))[0]
+    corrected = tmp_path / "corrected.dcm"
+    dataset = pydicom.dcmread(first)
+    dataset.PatientName = "CORRECTED^NAME"
+    dataset.save_as(corrected)
+    uid = sop_uid(first)
+
+    assert not storescu(box.port, [first]).failed
+    assert arrived.wait(20), "the first version never reached the PACS"
+    assert not storescu(box.port, [corrected]).failed
+    release.set()
+
+    wait_until(lambda: scp.stored_uids()[uid] == 2, 20,
+               lambda: f"the correction was not sent: {dict(deliveries(box, 'pacs')[uid])}")
+    names = [str(r.dataset.PatientName) for r in scp.stored() if r.dataset is not None]
+    assert names[-1] == "CORRECTED^NAME", names
+    wait_until(lambda: deliveries(box, "pacs")[uid]["state"] == "delivered", 10,
+               lambda: str(dict(deliveries(box, "pacs")[uid])))
