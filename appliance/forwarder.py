@@ -438,6 +438,11 @@ class Forwarder:
                 payload: Path | Dataset = Path(work.path)
             elif work.transfer_syntax in syntaxes:
                 payload = temporary = outgoing.edited_copy(Path(work.path), edits, self.store.outgoing)
+            elif UID(work.transfer_syntax).is_compressed and (
+                    target := next((s for s in _UNCOMPRESSED if str(s) in syntaxes), None)) is not None:
+                # Decoded into a file, a frame at a time, and sent from it in chunks: memory stays flat.
+                payload = temporary = outgoing.decoded_copy(Path(work.path), edits, target, self.store.outgoing)
+                transcoded = True
             elif any(s in syntaxes for s in map(str, _UNCOMPRESSED)):
                 payload, transcoded = outgoing.decoded(Path(work.path), edits)
             else:

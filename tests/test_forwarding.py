@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -312,6 +312,50 @@ def test_compressed_instances_are_decompressed_for_an_explicit_only_destination(
     assert state["transcoded"] == len(compressed) and state["delivered"] == len(compressed) + 1, state
     rows = deliveries(box, "explicit")
     assert {u for u, r in rows.items() if r["transcoded"]} == uids(compressed)
+
+
+def test_a_large_compressed_cine_is_decoded_for_an_explicit_only_destination_in_flat_memory(
+        appliance_factory, stack, tmp_path) -> None:
+    """An ultrasound cine loop, RLE-compressed, that decodes to 211 MiB (240 frames of 640×480
+    RGB) reaches a destination that accepts only Explicit VR Little Endian, decoded, frame for
+    frame; the forwarder's peak memory stays far below the decoded size (it decodes a frame at a
+    time into a file beside the cache and sends that in chunks)."""
+    from .test_processes import forwarder_pid
+
+    frames, rows, columns = 240, 480, 640
+    us = write_series(tmp_path / "us", "cine", 1, 1, Series("US", 1, rows, columns, rgb=True))[0]
+    dataset = pydicom.dcmread(us)
+    one = np.frombuffer(dataset.PixelData, np.uint8).reshape(rows, columns, 3)
+    dataset.NumberOfFrames = frames
+    dataset.PixelData = b"".join(np.roll(one, 4 * i, axis=1).tobytes() for i in range(frames))
+    dataset.compress(RLELossless)
+    cine = tmp_path / "cine.dcm"
+    dataset.save_as(cine, enforce_file_format=True)
+    del dataset
+
+    scp = stack.enter_context(RecordingSCP("EXPLICIT", transfer_syntaxes=[ExplicitVRLittleEndian]))
+    box = appliance_factory({
+        "destinations": {"explicit": destination(scp.ae_title, scp.port, timeouts={"dimse": "120s",
+                                                                                    "network": "120s"})},
+        "routes": [{"send_to": ["explicit"]}],
+    })
+    assert box.process is not None
+    forwarder = forwarder_pid(box.process.pid)
+    assert forwarder is not None
+    send(box, [cine])
+    wait_until(lambda: len(scp.stored()) == 1, 120, lambda: f"not delivered: {queue_of(box, 'explicit')}")
+    peak_mb = next(int(line.split()[1]) for line in Path(f"/proc/{forwarder}/status").read_text().splitlines()
+                   if line.startswith("VmHWM:")) / 1024
+    received = scp.stored()[0]
+    assert received.transfer_syntax == ExplicitVRLittleEndian
+    assert received.dataset is not None and received.dataset.NumberOfFrames == frames
+    expected = pydicom.dcmread(cine)
+    expected.decompress(generate_instance_uid=False)
+    assert received.dataset.PixelData == expected.PixelData
+    decoded_mb = frames * rows * columns * 3 / 2**20
+    assert peak_mb < decoded_mb / 2, f"forwarder peak {peak_mb:.0f} MB for a {decoded_mb:.0f} MB decoded instance"
+    assert queue_of(box, "explicit")["transcoded"] == 1
+    assert list((box.data / "outgoing").iterdir()) == [], "the decoded copy was left behind"
 
 
 def test_instance_that_cannot_be_transcoded_is_a_dead_letter_with_the_reason(appliance_factory, corpus,
