@@ -1,7 +1,8 @@
 """What goes on the wire when it cannot be the cached file: a compressed instance decoded for a
 destination that takes no compressed syntax is written frame by frame, and is what pydicom's own
 ``decompress()`` makes of it — the same pixel bytes and image attributes, the same UIDs — for
-RLE, JPEG-LS, JPEG 2000 and JPEG Baseline (encoded by DCMTK's ``dcmcjpeg``, YCbCr 4:2:2),
+RLE, JPEG-LS, JPEG 2000, JPEG Baseline (encoded by DCMTK's ``dcmcjpeg``, YCbCr 4:2:2) and JPEG
+Lossless SV1 (``dcmcjpeg`` too),
 single- and multi-frame, into Explicit and Implicit VR Little Endian."""
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, plain in (("us", us), ("cine", cine)):  # 8-bit colour: JPEG Baseline, YBR_FULL_422
         made[f"{name}-jpeg"] = out / f"{name}-jpeg.dcm"
         subprocess.run(["dcmcjpeg", "+eb", str(plain), str(made[f"{name}-jpeg"])], env=DCMTK_ENV, check=True)
+    # 16-bit grey: JPEG Lossless, first-order prediction (SV1), what CR and DX send most
+    made["ct-jpeg-lossless"] = out / "ct-jpeg-lossless.dcm"
+    subprocess.run(["dcmcjpeg", "+e1", str(ct), str(made["ct-jpeg-lossless"])], env=DCMTK_ENV, check=True)
     return made
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
-@pytest.mark.parametrize("name", ["ct-rle", "ct-jpegls", "ct-j2k", "us-rle", "us-jpegls", "us-j2k", "us-jpeg",
+@pytest.mark.parametrize("name", ["ct-rle", "ct-jpegls", "ct-j2k", "ct-jpeg-lossless",
+                                  "us-rle", "us-jpegls", "us-j2k", "us-jpeg",
                                   "cine-rle", "cine-jpegls", "cine-j2k", "cine-jpeg"])
 def test_a_decoded_copy_is_what_pydicom_decompress_makes(sources: dict[str, Path], name: str, syntax: UID,
                                                          tmp_path: Path) -> None:
