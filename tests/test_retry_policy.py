@@ -96,3 +96,26 @@ def test_above_high_watermark_delivered_are_evicted_oldest_first_undelivered_nev
         assert not kept or max(map(order.index, evicted)) < min(map(order.index, kept))
         files = {p.name for p in (small_disk / "data" / "cache").rglob("*.dcm")}
         assert len(files) == len(now) - len(evicted)
+
+
+def test_above_high_watermark_with_nothing_delivered_it_says_so_every_few_minutes_not_every_10_s(
+        appliance_factory, small_disk: Path, tmp_path: Path) -> None:
+    """A destination down for days fills the cache above ``evict_above`` with instances that
+    may not be evicted. The appliance says so once, and looks again (a scan of the whole cache)
+    only every few minutes — not every 10 s, which filled the journal and held the database the
+    workers share."""
+    import time
+
+    box = appliance_factory({
+        "storage": {"path": str(small_disk / "data"), "disk": {"min_free": "0%", "evict_above": "1%"}},
+        "destinations": {"down": destination("DOWN", closed_port())},
+        "routes": [{"send_to": ["down"]}],
+    })
+    assert not storescu(box.port, write_series(tmp_path / "ct", "stuck", 1, 1, Series("CT", 3, 512, 512))).failed
+
+    def warnings() -> int:
+        return box.log_path.read_text().count("nothing delivered is left to evict")
+
+    wait_until(lambda: warnings() >= 1, 30, "no warning above the watermark")
+    time.sleep(12)  # more than the 10 s between looks at the watermark
+    assert warnings() == 1, box.log_path.read_text()[-2000:]
