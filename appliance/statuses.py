@@ -9,6 +9,7 @@ OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk below the low water
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class
 CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (unreadable data set)
 DUPLICATE_SOP_INSTANCE = 0x0111  # Failure (PS3.7 C.4.5): a cached UID with on_duplicate: reject
+RESOURCE_LIMITATION = 0x0213  # Failure (PS3.7 C): not performed for lack of resources — as 0xA7xx
 
 WARNING_COERCION = 0xB000
 WARNING_ELEMENTS_DISCARDED = 0xB006
@@ -28,10 +29,11 @@ REJECTED_TRANSIENT = 0x02
 def store_outcome(status: int) -> str:
     """What a C-STORE response status from a destination means for its delivery:
     ``delivered`` (success, and warnings: the PACS has it, maybe coerced), ``retry``
-    (0xA7xx out of resources: try later) or ``dead`` (0xA9xx, 0xCxxx and every other failure:
-    sending the same data again will fail the same way, a person must look)."""
+    (0xA7xx out of resources, and the general 0x0213 resource limitation some PACS answer
+    instead: try later) or ``dead`` (0xA9xx, 0xCxxx and every other failure: sending the same
+    data again will fail the same way, a person must look)."""
     if status == SUCCESS or 0xB000 <= status <= 0xBFFF:
         return "delivered"
-    if 0xA700 <= status <= 0xA7FF:
+    if 0xA700 <= status <= 0xA7FF or status == RESOURCE_LIMITATION:
         return "retry"
     return "dead"
