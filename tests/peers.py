@@ -36,6 +36,14 @@ def require_tool(name: str) -> str:
     return path
 
 
+def build_preload_library(source: Path, library: Path, *libraries: str) -> Path:
+    """Compile a test's LD_PRELOAD fault injector (``tests/wallclock``, ``tests/resolver``) with
+    the C compiler the setup installs; ``libraries`` are linker flags such as ``-ldl``."""
+    subprocess.run([require_tool("gcc"), "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(library),
+                    str(source), *libraries], check=True, capture_output=True)
+    return library
+
+
 def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

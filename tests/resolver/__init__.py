@@ -6,8 +6,9 @@ the C compiler that the setup installs. No query leaves the machine: listed name
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
+
+from ..peers import build_preload_library
 
 SOURCE = Path(__file__).with_name("dns.c")
 
@@ -17,9 +18,7 @@ class Resolver:
 
     def __init__(self, workdir: Path, hosts: dict[str, str]) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.library = workdir / "resolver.so"
-        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(self.library), str(SOURCE),
-                        "-ldl"], check=True, capture_output=True)
+        self.library = build_preload_library(SOURCE, workdir / "resolver.so", "-ldl")
         self.file = workdir / "resolver-hosts"
         self.hosts = dict(hosts)
         self.up = True

@@ -6,8 +6,9 @@ setup installs. The monotonic and boot-time clocks stay as they are, as they do 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
+
+from ..peers import build_preload_library
 
 SOURCE = Path(__file__).with_name("shift.c")
 
@@ -17,9 +18,7 @@ class WallClock:
 
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.library = workdir / "wallclock-shift.so"
-        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(self.library), str(SOURCE),
-                        "-ldl", "-lpthread"], check=True, capture_output=True)
+        self.library = build_preload_library(SOURCE, workdir / "wallclock-shift.so", "-ldl", "-lpthread")
         self.file = workdir / "wallclock-shift"
         self.shift = 0.0
         self._write()
