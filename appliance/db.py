@@ -291,6 +291,12 @@ class Database:
             conn.execute("INSERT INTO schedule_clock (boot_id, base, seen) VALUES (?, ?, ?)", (boot, base, start))
         return base
 
+    def wall_time_of(self, scheduled: float) -> float:
+        """A time on the schedule clock as a wall-clock time, for people to read (``appliance
+        queue``, ``print-jobs``, the status page): where the wall clock is now plus how far
+        ahead (or behind) ``scheduled`` is on the schedule clock."""
+        return time.time() + (scheduled - self.schedule_now())
+
     def schedule_seen(self) -> None:
         """Record that the appliance is running now: where the next boot's schedule clock
         resumes. Not fsync'd: a power cut loses the latest of these with the other records of

@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,16 +24,16 @@ def queue_report(config: Config, as_json: bool = False) -> str:
         summaries = db.queue_summaries(list(config.destinations))
         holds = db.holds()
         unrouted = db.count_unrouted()
-        now = db.schedule_now()
-        to_wall = time.time() - now  # holds are kept on the schedule clock (clock.py)
+        now = db.schedule_now()  # holds are kept on the schedule clock (clock.py)
+        release_walls = [db.wall_time_of(h["release_at"]) for h in holds]
     finally:
         db.close()
     if as_json:
         return json.dumps({
             "destinations": [s.__dict__ for s in summaries],
             "holds": [{"study_instance_uid": h["study_instance_uid"], "destination": h["destination"],
-                       "release_at": h["release_at"] + to_wall,
-                       "releases_in": max(0.0, h["release_at"] - now), "state": h["state"]} for h in holds],
+                       "release_at": wall, "releases_in": max(0.0, h["release_at"] - now), "state": h["state"]}
+                      for h, wall in zip(holds, release_walls, strict=True)],
             "unrouted": unrouted,
         }, indent=2)
     lines = [f"{'DESTINATION':<16} {'PENDING':>8} {'HELD':>6} {'FLIGHT':>6} {'DELIVERED':>10} {'DEAD':>6}"

@@ -15,8 +15,8 @@ def list_jobs(root: Path, limit: int = 100) -> list[PrintJob]:
     try:
         ensure_print_schema(db)
         # Retry times are kept on the schedule clock (clock.py); shown as wall-clock times.
-        to_wall = time.time() - db.schedule_now()
-        return [dataclasses.replace(job, next_attempt_at=job.next_attempt_at + to_wall) if job.next_attempt_at else job
+        return [dataclasses.replace(job, next_attempt_at=db.wall_time_of(job.next_attempt_at))
+                if job.next_attempt_at else job
                 for job in list_print_jobs(db, limit)]
     finally:
         db.close()
