@@ -27,6 +27,16 @@ from typing import Any
 
 from . import clock
 
+# When a cached instance was done with (migration 4), worked out from its deliveries: the last
+# delivery's time once every one is delivered; its receive time if a rule discarded it and it
+# has none; otherwise NULL — something is still owed, or it is unrouted and kept.
+_DONE_AT = """done_at = CASE
+        WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id = instances.id)
+        THEN (SELECT CASE WHEN sum(d.state != 'delivered') = 0 THEN max(d.delivered_at) END
+              FROM deliveries d WHERE d.instance_id = instances.id)
+        WHEN json_extract(instances.decision, '$.status') = 'discarded' THEN instances.received_at
+    END"""
+
 # Each migration is a list of statements, applied in one transaction.
 MIGRATIONS: list[list[str]] = [
     # 1: the cache index and the log of repeated receptions.
@@ -117,6 +127,27 @@ MIGRATIONS: list[list[str]] = [
     # 3: the schedule clock's base for this boot, and when the appliance was last seen running
     # (clock.py). Retry times, give-up ages and stable-study timers are kept in it from here on.
     ["CREATE TABLE schedule_clock (boot_id TEXT PRIMARY KEY, base REAL NOT NULL, seen REAL NOT NULL)"],
+    # 4: when each cached instance was done with — delivered everywhere its rules sent it (the
+    # last delivery's time), or discarded by a rule (its receive time); NULL while anything is
+    # owed. Kept by triggers, so no code path can forget it; indexed, so the retention and
+    # eviction scans (Database.evictable) read the oldest few instead of the whole cache.
+    ["ALTER TABLE instances ADD COLUMN done_at REAL",
+     f"UPDATE instances SET {_DONE_AT} WHERE state = 'cached'",
+     "CREATE INDEX instances_done ON instances(done_at) WHERE state = 'cached' AND done_at IS NOT NULL",
+     # A new row has no deliveries yet (they are queued after it): done with only if discarded.
+     """CREATE TRIGGER instances_done_on_insert AFTER INSERT ON instances
+         WHEN json_extract(NEW.decision, '$.status') = 'discarded'
+         BEGIN UPDATE instances SET done_at = NEW.received_at WHERE id = NEW.id; END""",
+     f"""CREATE TRIGGER instances_done_on_update AFTER UPDATE OF decision, received_at, state ON instances
+         BEGIN UPDATE instances SET {_DONE_AT} WHERE id = NEW.id; END""",
+     f"""CREATE TRIGGER deliveries_done_on_insert AFTER INSERT ON deliveries
+         BEGIN UPDATE instances SET {_DONE_AT} WHERE id = NEW.instance_id; END""",
+     # Only when the delivery becomes, or stops being, delivered: not on every claim.
+     f"""CREATE TRIGGER deliveries_done_on_update AFTER UPDATE OF state, delivered_at ON deliveries
+         WHEN (OLD.state = 'delivered') != (NEW.state = 'delivered') OR OLD.delivered_at IS NOT NEW.delivered_at
+         BEGIN UPDATE instances SET {_DONE_AT} WHERE id = NEW.instance_id; END""",
+     f"""CREATE TRIGGER deliveries_done_on_delete AFTER DELETE ON deliveries
+         BEGIN UPDATE instances SET {_DONE_AT} WHERE id = OLD.instance_id; END"""],
 ]
 
 
@@ -545,17 +576,17 @@ class Database:
     def evictable(self, delivered_before: float, limit: int = 500) -> list[tuple[int, str]]:
         """Cached instances whose every delivery is confirmed (or that a rule discarded), done
         before ``delivered_before``; oldest first. Unrouted and undelivered ones never appear."""
+        # done_at (migration 4) picks the candidates from its index; the NOT EXISTS checks each
+        # one again against its deliveries, so that nothing owed is removed even if done_at
+        # were ever wrong.
         rows = self.query(
             """
             SELECT i.id, i.path FROM instances i
-            LEFT JOIN deliveries d ON d.instance_id = i.id
-            WHERE i.state = 'cached'
-            GROUP BY i.id
-            HAVING (count(d.id) > 0 AND sum(d.state != 'delivered') = 0 AND max(d.delivered_at) < ?)
-                OR (count(d.id) = 0 AND json_extract(i.decision, '$.status') = 'discarded' AND i.received_at < ?)
-            ORDER BY coalesce(max(d.delivered_at), i.received_at)
+            WHERE i.state = 'cached' AND i.done_at IS NOT NULL AND i.done_at < ?
+              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id = i.id AND d.state != 'delivered')
+            ORDER BY i.done_at
             LIMIT ?
-            """, (delivered_before, delivered_before, limit))
+            """, (delivered_before, limit))
         return [(int(r[0]), str(r[1])) for r in rows]
 
     def mark_evicted(self, instance_id: int, path: str) -> bool:

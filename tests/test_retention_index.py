@@ -1,0 +1,145 @@
+"""The cache's retention and eviction scans read the ``done_at`` index (migration 4) instead of
+grouping every cached instance's deliveries. What they return must be exactly what the
+definition says — and nothing owed to a destination, ever — after any sequence of receptions,
+replacements, claims, outcomes, retries and evictions, and for a cache that existed before
+the index did."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance import db as dbmod
+from appliance.db import Database, Delivery, Instance
+
+# The definition, as a query over every cached instance (what Database.evictable ran before
+# the index): every delivery delivered, the last before the cut-off; or discarded by a rule,
+# with no delivery, received before the cut-off.
+REFERENCE = """
+    SELECT i.id, i.path FROM instances i
+    LEFT JOIN deliveries d ON d.instance_id = i.id
+    WHERE i.state = 'cached'
+    GROUP BY i.id
+    HAVING (count(d.id) > 0 AND sum(d.state != 'delivered') = 0 AND max(d.delivered_at) < :cut)
+        OR (count(d.id) = 0 AND json_extract(i.decision, '$.status') = 'discarded' AND i.received_at < :cut)
+    ORDER BY coalesce(max(d.delivered_at), i.received_at)
+"""
+
+
+def reference(db: Database, cut: float) -> list[tuple[int, str]]:
+    return [(int(r[0]), str(r[1])) for r in db.query(REFERENCE, {"cut": cut})]
+
+
+def owed(db: Database) -> set[int]:
+    return {int(r[0]) for r in db.query("SELECT instance_id FROM deliveries WHERE state != 'delivered'")}
+
+
+class Clock:
+    """A wall clock that moves forward a second at each reading: every time is distinct."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def instance(uid: int, version: int, at: float, decision: dict | None) -> Instance:
+    return Instance(
+        sop_instance_uid=f"1.2.3.{uid}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid=f"1.2.9.{uid % 5}",
+        series_instance_uid="1.2.8", patient_id="P", patient_name="N", study_date="", accession_number="",
+        modality="CT", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="M", called_ae="EDGE", source_ip="127.0.0.1",
+        size=1, sha256=f"{uid}-{version}", path=f"/cache/{uid}.{version}.dcm", received_at=at,
+        decision=json.dumps(decision) if decision is not None else None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_index_finds_what_the_definition_says_after_any_history(tmp_path: Path, monkeypatch, seed: int) -> None:
+    clock = Clock()
+    monkeypatch.setattr("appliance.db.time.time", clock)
+    db = Database(tmp_path / "appliance.db")
+    rng = random.Random(seed)
+    versions: dict[int, int] = {}
+    checked = 0
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.35:  # a reception, or a replacement of a cached UID, routed any way
+            uid = rng.randrange(30)
+            versions[uid] = versions.get(uid, 0) + 1
+            kind = rng.choice(["routed", "routed", "discarded", "unrouted"])
+            destinations = rng.sample(["a", "b"], rng.randint(1, 2)) if kind == "routed" else []
+            held = rng.random() < 0.2
+            existing = db.find_instance(f"1.2.3.{uid}")
+            db.store_instance(instance(uid, versions[uid], clock(), {"status": kind}), existing,
+                              [Delivery(d, 30.0 if held else None) for d in destinations])
+        elif op < 0.75:  # a destination sends some: each comes back with any outcome
+            works = db.claim(rng.choice(["a", "b"]), db.schedule_now() + 10**9, rng.randint(1, 4))
+            for work in works:
+                outcome = rng.choice(["delivered", "delivered", "delivered", "retry", "dead", "unknown"])
+                db.finish(work, outcome, 0 if outcome == "delivered" else 0xA700, None, db.schedule_now())
+        elif op < 0.8:
+            db.retry_dead(rng.choice(["a", "b", None]))
+        elif op < 0.85:
+            db.release_stable_studies(db.schedule_now() + 10**9)
+        elif op < 0.9:
+            db.requeue_in_flight()
+        else:  # a scan, and some of what it found evicted
+            cut = clock.now - rng.uniform(0, 200)
+            found = db.evictable(cut, limit=10**6)
+            assert found == reference(db, cut)
+            assert not {i for i, _ in found} & owed(db), "an instance still owed to a destination is evictable"
+            checked += len(found)
+            for instance_id, path in found[: rng.randint(0, 3)]:
+                assert db.mark_evicted(instance_id, path)
+    for cut in (clock.now - 100, clock.now + 1):
+        assert db.evictable(cut, limit=10**6) == reference(db, cut)
+    assert checked > 10, "the history produced too few evictable instances to mean anything"
+    db.close()
+
+
+def test_a_cache_from_before_the_index_gets_it_filled_in(tmp_path: Path) -> None:
+    """The migration computes done_at for what is already cached: delivered, partly delivered,
+    dead, discarded and unrouted instances, and evicted ones."""
+    path = tmp_path / "appliance.db"
+    conn = sqlite3.connect(path)
+    for statements in dbmod.MIGRATIONS[:3]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=3")
+    columns = ", ".join(dbmod._INSTANCE_COLUMNS)
+    marks = ", ".join("?" for _ in dbmod._INSTANCE_COLUMNS)
+    cases = {  # uid: (decision status, [(destination, state, delivered_at)], instance state)
+        1: ("routed", [("a", "delivered", 500.0), ("b", "delivered", 700.0)], "cached"),
+        2: ("routed", [("a", "delivered", 100.0), ("b", "pending", None)], "cached"),
+        3: ("routed", [("a", "dead", None)], "cached"),
+        4: ("discarded", [], "cached"),
+        5: ("unrouted", [], "cached"),
+        6: ("routed", [("a", "delivered", 50.0)], "evicted"),
+        7: ("routed", [("a", "delivered", 300.0)], "cached"),
+    }
+    for uid, (status, deliveries, state) in cases.items():
+        row = instance(uid, 1, 200.0 + uid, {"status": status})
+        conn.execute(f"INSERT INTO instances ({columns}, state) VALUES ({marks}, ?)",
+                     [getattr(row, c) for c in dbmod._INSTANCE_COLUMNS] + [state])
+        for destination, delivery_state, delivered_at in deliveries:
+            conn.execute("INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at,"
+                         " next_attempt_at, delivered_at) VALUES (?, ?, ?, ?, 0, 0, ?)",
+                         (uid, destination, row.study_instance_uid, delivery_state, delivered_at))
+    conn.commit()
+    conn.close()
+
+    db = Database(path)
+    assert [i for i, _ in db.evictable(10**9, limit=100)] == [4, 7, 1]  # by done_at: 204, 300, 700
+    assert [i for i, _ in db.evictable(600.0, limit=100)] == [4, 7]
+    for cut in (0.0, 250.0, 600.0, 10**9):
+        assert db.evictable(cut, limit=100) == reference(db, cut)
+    plan = " ".join(str(r[-1]) for r in db.query("EXPLAIN QUERY PLAN SELECT id FROM instances WHERE state = 'cached'"
+                                                  " AND done_at IS NOT NULL AND done_at < 5 ORDER BY done_at"))
+    assert "instances_done" in plan, plan
+    db.close()
