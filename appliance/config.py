@@ -169,9 +169,13 @@ class Route:
 
 @dataclass(frozen=True)
 class Retention:
-    """How long delivered instances stay in the cache."""
+    """How long delivered instances stay in the cache, and their records in the database."""
 
     keep_delivered_for: Duration = 86400.0
+    # The records of an evicted instance (its deliveries and every attempt) answer "did it
+    # reach the PACS?" for this long after its delivery; then they go, so that the database of
+    # a box that runs for years stays the size of its recent work.
+    keep_history_for: Duration = 30 * 86400.0
 
 
 @dataclass(frozen=True)

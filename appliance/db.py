@@ -148,6 +148,11 @@ MIGRATIONS: list[list[str]] = [
          BEGIN UPDATE instances SET {_DONE_AT} WHERE id = NEW.instance_id; END""",
      f"""CREATE TRIGGER deliveries_done_on_delete AFTER DELETE ON deliveries
          BEGIN UPDATE instances SET {_DONE_AT} WHERE id = OLD.instance_id; END"""],
+    # 5: finding the history to prune (Database.prune_history): evicted instances by when they
+    # were done with, repeated receptions by time. Evicted before migration 4, done_at is filled in.
+    [f"UPDATE instances SET {_DONE_AT} WHERE state = 'evicted' AND done_at IS NULL",
+     "CREATE INDEX instances_evicted ON instances(done_at) WHERE state = 'evicted'",
+     "CREATE INDEX receptions_at ON receptions(at)"],
 ]
 
 
@@ -588,6 +593,30 @@ class Database:
             LIMIT ?
             """, (delivered_before, limit))
         return [(int(r[0]), str(r[1])) for r in rows]
+
+    def prune_history(self, done_before: float, released_before: float, limit: int = 500) -> int:
+        """Forget up to ``limit`` evicted instances done with before ``done_before`` (wall
+        clock), with their deliveries and attempts; repeated receptions older than that; and
+        stable-study holds released before ``released_before`` (schedule clock) — a late
+        instance of such a study is held and released again, like a new study. Returns how
+        many instances were forgotten: ``limit`` means there may be more.
+
+        Not fsync'd: a power cut can only bring back records that the next pass removes again.
+        Nothing here points at a file (an evicted instance's file is gone already)."""
+        with self.transaction(durable=False) as conn:
+            ids = [row[0] for row in conn.execute(
+                "SELECT id FROM instances WHERE state = 'evicted' AND done_at < ? ORDER BY done_at LIMIT ?",
+                (done_before, limit))]
+            if ids:
+                marks = ", ".join("?" for _ in ids)
+                conn.execute("DELETE FROM attempts WHERE delivery_id IN"
+                             f" (SELECT id FROM deliveries WHERE instance_id IN ({marks}))", ids)
+                conn.execute(f"DELETE FROM deliveries WHERE instance_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", ids)
+            conn.execute("DELETE FROM receptions WHERE id IN (SELECT id FROM receptions WHERE at < ? ORDER BY at"
+                         " LIMIT ?)", (done_before, limit))
+            conn.execute("DELETE FROM holds WHERE state = 'released' AND released_at < ?", (released_before,))
+        return len(ids)
 
     def mark_evicted(self, instance_id: int, path: str) -> bool:
         """True when the row still points at ``path`` (a replacement that arrived meanwhile has

@@ -54,7 +54,8 @@ IDLE_RELEASE = 5.0  # seconds an association stays open without work
 # nudge would miss, and retries coming due. An indexed read, cheap enough at this rate.
 POLL = 0.1
 CACHE_CHECK = 10.0  # seconds between looks at the disk's high watermark
-CACHE_SCAN_MAX = 300.0  # the longest between retention scans of the whole cache
+CACHE_SCAN_MAX = 300.0  # the longest between history prunes, and between watermark warnings
+PRUNE_BATCH, PRUNE_MAX = 500, 20_000  # evicted instances forgotten per transaction, and per pass
 MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -191,7 +192,7 @@ class Forwarder:
     # ---- scheduler: stable studies and cache retention --------------------------------------
 
     def _schedule(self) -> None:
-        last_eviction = last_retention = last_seen = 0.0
+        last_eviction = last_pruned = last_seen = 0.0
         next_eviction = CACHE_CHECK
         while not self._stop.is_set():
             now = self.db.schedule_now()
@@ -207,33 +208,30 @@ class Forwarder:
                     self.wake()
             if now - last_eviction >= next_eviction:
                 last_eviction = now
-                # The retention scan reads every cached instance (80 ms for 100 000 on the
-                # benchmark machine, several times that on a Pi), holding the database connection
-                # the workers record their deliveries on: as often as keep_delivered_for needs.
-                keep_for = self.config.retention.keep_delivered_for
-                retention = now - last_retention >= min(CACHE_SCAN_MAX, max(CACHE_CHECK, keep_for / 100))
-                if retention:
-                    last_retention = now
                 try:
-                    stuck = self.evict(time.time(), retention) < 0
+                    stuck = self.evict(time.time()) < 0
                 except OSError as exc:
                     log.error("cache eviction failed: %s", exc)
                     stuck = False
                 # Above the high watermark with nothing delivered to evict (a destination down
                 # for days): look again, and say so again, only every few minutes.
                 next_eviction = CACHE_SCAN_MAX if stuck else CACHE_CHECK
+            keep_history_for = self.config.retention.keep_history_for
+            if now - last_pruned >= min(CACHE_SCAN_MAX, max(CACHE_CHECK, keep_history_for / 100)):
+                last_pruned = now
+                self.prune_history(time.time() - keep_history_for, now - keep_history_for)
             next_release = self.db.next_release()
             self._sleep(min(POLL, max(0.01, next_release - self.db.schedule_now())) if next_release else POLL)
 
-    def evict(self, now: float, retention: bool = True) -> int:
-        """Remove delivered instances past ``retention.keep_delivered_for`` (unless not
-        ``retention``); above the high watermark, delivered ones oldest first whatever their
-        age. Never anything undelivered. ``now`` is the wall clock's, like the delivery times it
-        is compared with. Returns how many were removed, or -1 if the disk is still above the
-        watermark with nothing left that may be evicted."""
+    def evict(self, now: float) -> int:
+        """Remove delivered instances past ``retention.keep_delivered_for``; above the high
+        watermark, delivered ones oldest first whatever their age. Never anything undelivered.
+        ``now`` is the wall clock's, like the delivery times it is compared with. Returns how
+        many were removed, or -1 if the disk is still above the watermark with nothing left
+        that may be evicted."""
         removed = 0
         keep_for = self.config.retention.keep_delivered_for
-        for instance_id, path in self.db.evictable(now - keep_for) if retention else ():
+        for instance_id, path in self.db.evictable(now - keep_for):
             if self.db.mark_evicted(instance_id, path):
                 self.store.discard(Path(path))
                 removed += 1
@@ -256,6 +254,21 @@ class Forwarder:
         if removed:
             log.info("evicted %d delivered instance(s) from the cache", removed)
         return removed
+
+    def prune_history(self, done_before: float, released_before: float) -> int:
+        """Forget evicted instances done with before ``done_before`` (wall clock), in batches
+        that each hold the database only briefly (the workers record their outcomes on it);
+        at most :data:`PRUNE_MAX` a pass, so a box upgraded with years of history catches up
+        over a few passes. Returns how many were forgotten."""
+        forgotten = 0
+        while forgotten < PRUNE_MAX and not self._stop.is_set():
+            batch = self.db.prune_history(done_before, released_before, PRUNE_BATCH)
+            forgotten += batch
+            if batch < PRUNE_BATCH:
+                break
+        if forgotten:
+            log.info("forgot the records of %d evicted instance(s) past retention.keep_history_for", forgotten)
+        return forgotten
 
     # ---- workers --------------------------------------------------------------------------------
 

@@ -723,6 +723,34 @@ def test_delivered_instances_are_evicted_after_retention_undelivered_never(appli
     assert "evicted" in lines[ct_study] and "cached" in lines[mr_study], listing
 
 
+def test_records_of_evicted_instances_are_forgotten_after_keep_history_for(appliance_factory, stack,
+                                                                             tmp_path) -> None:
+    """With ``keep_history_for: 1s``, an evicted instance's record, deliveries and attempts leave
+    the database soon after; an instance still owed to a destination keeps all of its own."""
+    good = stack.enter_context(RecordingSCP("GOOD", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"good": destination(good.ae_title, good.port),
+                         "down": destination("DOWN", closed_port())},
+        "routes": [{"when": {"Modality": "CT"}, "send_to": ["good"]},
+                   {"when": {"Modality": "MR"}, "send_to": ["good", "down"]}],
+        "retention": {"keep_delivered_for": "0s", "keep_history_for": "1s"},
+    })
+    ct = write_series(tmp_path / "ct", "history", 1, 1, Series("CT", 3, 64, 64))
+    mr = write_series(tmp_path / "mr", "history", 2, 1, Series("MR", 2, 64, 64), patient="PAT002")
+    send(box, ct + mr)
+    wait_until(lambda: len(good.stored()) >= len(ct) + len(mr), 20, lambda: f"queue: {queue(box)}")
+    ct_uids, mr_uids = {sop_uid(p) for p in ct}, {sop_uid(p) for p in mr}
+    wait_until(lambda: not ct_uids & set(cache_rows(box)), 40, lambda: f"still recorded: {cache_rows(box).keys()}")
+
+    rows = cache_rows(box)
+    assert {rows[u]["state"] for u in mr_uids} == {"cached"} and all(Path(rows[u]["path"]).exists() for u in mr_uids)
+    assert set(deliveries(box, "down")) == mr_uids and set(deliveries(box, "good")) == mr_uids
+    waited = attempts(box, "down")
+    assert set(waited) == mr_uids and all(a["outcome"] == "retry" for u in mr_uids for a in waited[u])
+    assert not ct_uids & set(attempts(box, "good")), "attempts of a forgotten instance are left"
+    assert "forgot the records of 3 evicted instance(s)" in box.log_path.read_text()
+
+
 # ---- reload on SIGHUP -----------------------------------------------------------------------------
 
 def test_sighup_reload_applies_to_new_work_keeps_associations_and_ignores_invalid_config(appliance_factory, stack,

@@ -2,7 +2,8 @@
 grouping every cached instance's deliveries. What they return must be exactly what the
 definition says — and nothing owed to a destination, ever — after any sequence of receptions,
 replacements, claims, outcomes, retries and evictions, and for a cache that existed before
-the index did."""
+the index did. And the history of evicted instances is forgotten after
+``retention.keep_history_for``, never anything the box still owes or keeps."""
 
 from __future__ import annotations
 
@@ -142,4 +143,81 @@ def test_a_cache_from_before_the_index_gets_it_filled_in(tmp_path: Path) -> None
     plan = " ".join(str(r[-1]) for r in db.query("EXPLAIN QUERY PLAN SELECT id FROM instances WHERE state = 'cached'"
                                                   " AND done_at IS NOT NULL AND done_at < 5 ORDER BY done_at"))
     assert "instances_done" in plan, plan
+    db.close()
+
+
+def test_history_past_keep_history_for_is_forgotten_and_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    """Evicted instances done with before the cut-off go with their deliveries and attempts, as
+    do older repeated receptions and holds released long ago; everything the box still owes, or
+    keeps, stays: delivered but cached, dead letters, unrouted, pending with its attempts."""
+    clock = Clock()
+    monkeypatch.setattr("appliance.db.time.time", clock)
+    db = Database(tmp_path / "appliance.db")
+
+    def receive(uid: int, destinations: list[str], kind: str = "routed") -> None:
+        existing = db.find_instance(f"1.2.3.{uid}")
+        db.store_instance(instance(uid, 1, clock(), {"status": kind}), existing, [Delivery(d) for d in destinations])
+
+    def send_all(destination: str, outcome: str) -> None:
+        """One attempt for everything pending for ``destination`` (a claim takes one study)."""
+        claimed = []
+        while works := db.claim(destination, db.schedule_now() + 10**9, 100):
+            claimed += works
+        for work in claimed:
+            db.finish(work, outcome, 0 if outcome == "delivered" else 0xA700, None, db.schedule_now() + 10**6)
+
+    receive(1, ["a"])  # delivered, evicted: before the cut-off
+    receive(2, [], "discarded")  # discarded, evicted: before the cut-off
+    send_all("a", "delivered")
+    for instance_id, path in db.evictable(clock.now + 1):
+        db.mark_evicted(instance_id, path)
+    receive(1, ["a"])  # 1 again, after its eviction: its record is cached again, and owed
+    receive(3, ["b"])  # fails once (an attempt), then dead
+    send_all("b", "retry")
+    send_all("b", "dead")
+    receive(4, [], "unrouted")
+    receive(5, ["a"])  # delivered, still cached
+    receive(6, ["b"])  # pending, with an attempt
+    send_all("b", "retry")
+    db.store_instance(instance(4, 2, clock(), {"status": "unrouted"}), db.find_instance("1.2.3.4"))  # a reception
+    send_all("a", "delivered")
+    cut = clock()
+    db.store_instance(instance(4, 3, clock(), {"status": "unrouted"}), db.find_instance("1.2.3.4"))  # another
+    receive(7, ["a"])  # delivered and evicted after the cut-off
+    send_all("a", "delivered")
+    for instance_id, path in db.evictable(clock.now + 1):
+        if path.startswith("/cache/7."):
+            db.mark_evicted(instance_id, path)
+    attempts_before = {r[0]: r[1] for r in db.query(
+        "SELECT i.sop_instance_uid, count(a.id) FROM instances i JOIN deliveries d ON d.instance_id = i.id"
+        " JOIN attempts a ON a.delivery_id = d.id GROUP BY i.id")}
+
+    assert db.prune_history(cut, db.schedule_now() + 1) == 1  # 2; not 7, evicted after the cut-off
+    left = {r[0]: r[1] for r in db.query("SELECT sop_instance_uid, state FROM instances")}
+    assert left == {"1.2.3.1": "cached", "1.2.3.3": "cached", "1.2.3.4": "cached", "1.2.3.5": "cached",
+                    "1.2.3.6": "cached", "1.2.3.7": "evicted"}
+    attempts_after = {r[0]: r[1] for r in db.query(
+        "SELECT i.sop_instance_uid, count(a.id) FROM instances i JOIN deliveries d ON d.instance_id = i.id"
+        " JOIN attempts a ON a.delivery_id = d.id GROUP BY i.id")}
+    assert attempts_after == {u: n for u, n in attempts_before.items() if u in left}
+    assert attempts_after["1.2.3.3"] == 2 and attempts_after["1.2.3.6"] == 1
+    orphans = db.query("SELECT count(*) FROM deliveries WHERE instance_id NOT IN (SELECT id FROM instances)")[0][0]
+    orphans += db.query("SELECT count(*) FROM attempts WHERE delivery_id NOT IN (SELECT id FROM deliveries)")[0][0]
+    assert orphans == 0
+    assert [r[0] for r in db.query("SELECT sha256 FROM receptions")] == ["4-3"]  # the one after the cut-off
+    assert db.prune_history(cut, db.schedule_now() + 1) == 0
+    db.close()
+
+
+def test_holds_released_long_ago_are_forgotten_waiting_ones_never(tmp_path: Path) -> None:
+    db = Database(tmp_path / "appliance.db")
+    now = db.schedule_now()
+    for uid in (1, 2):  # studies 1.2.9.1 and 1.2.9.2, held for a minute, then released
+        db.store_instance(instance(uid, 1, 0.0, {"status": "routed"}), None, [Delivery("a", 60.0)])
+    assert len(db.release_stable_studies(now + 61)) == 2
+    db.store_instance(instance(3, 1, 0.0, {"status": "routed"}), None, [Delivery("a", 60.0)])  # 1.2.9.3 waits
+    assert db.prune_history(0.0, now + 61) == 0
+    assert len(db.holds()) == 3  # released at now + 61: not before it
+    db.prune_history(0.0, now + 10**6)
+    assert [(r["study_instance_uid"], r["state"]) for r in db.holds()] == [("1.2.9.3", "waiting")]
     db.close()
