@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
@@ -466,7 +465,7 @@ class Forwarder:
         temporary: Path | None = None
         try:
             if work.transfer_syntax in syntaxes and not edits:
-                payload: Path | Dataset = Path(work.path)
+                payload = Path(work.path)
             elif work.transfer_syntax in syntaxes:
                 payload = temporary = outgoing.edited_copy(Path(work.path), edits, self.store.outgoing)
             elif UID(work.transfer_syntax).is_compressed and (
@@ -474,8 +473,11 @@ class Forwarder:
                 # Decoded into a file, a frame at a time, and sent from it in chunks: memory stays flat.
                 payload = temporary = outgoing.decoded_copy(Path(work.path), edits, target, self.store.outgoing)
                 transcoded = True
-            elif any(s in syntaxes for s in map(str, _UNCOMPRESSED)):
-                payload, transcoded = outgoing.decoded(Path(work.path), edits)
+            elif (target := next((s for s in _UNCOMPRESSED if str(s) in syntaxes), None)) is not None:
+                # Uncompressed, in a syntax it does not accept (Explicit VR to an Implicit-only PACS):
+                # re-encoded into a file with the pixel data copied in chunks, and sent from it.
+                payload = temporary = outgoing.reencoded_copy(Path(work.path), edits, target, self.store.outgoing)
+                transcoded = True
             else:
                 error = (f"{destination.ae_title} accepted no presentation context for SOP class {work.sop_class_uid}"
                          f" ({UID(work.sop_class_uid).name}) with transfer syntax {work.transfer_syntax} or an"
@@ -569,23 +571,23 @@ class Forwarder:
         return delivered, self._conclude(name, destination, link, works[delivered], result, transcoded=False)
 
     @staticmethod
-    def _store(link: _Link, payload: Path | Dataset, work: Work) -> tuple[int, str] | None:
-        """C-STORE on the link: the response's status and error comment, None if none came.
+    def _store(link: _Link, payload: Path, work: Work) -> tuple[int, str] | None:
+        """C-STORE of a file on the link: the response's status and error comment, None if none came.
 
         A cached file sent as it is — the common case — goes out by ``hotpath.store_file``,
         which takes the UIDs from the queue instead of re-reading the file's meta and skips
         pynetdicom's primitives (a quarter of a millisecond per instance, on the path every
-        instance waits on); anything else by pynetdicom's ``send_c_store``."""
-        if isinstance(payload, Path):
-            context_id = link.context_id_for(work)
-            if context_id is not None:
-                try:
-                    primitive = hotpath.store_file(link.assoc, context_id, str(payload), work.sop_class_uid,
-                                                   work.sop_instance_uid, link.next_message_id())
-                except hotpath.StoreUnsupported as exc:
-                    log.debug("C-STORE of %s by pynetdicom: %s", work.sop_instance_uid, exc)
-                else:
-                    return None if primitive is None else _status_of(primitive)
+        instance waits on); a copy in another transfer syntax (outgoing.py) by pynetdicom's
+        chunked ``send_c_store`` of its path."""
+        context_id = link.context_id_for(work)
+        if context_id is not None:
+            try:
+                primitive = hotpath.store_file(link.assoc, context_id, str(payload), work.sop_class_uid,
+                                               work.sop_instance_uid, link.next_message_id())
+            except hotpath.StoreUnsupported as exc:
+                log.debug("C-STORE of %s by pynetdicom: %s", work.sop_instance_uid, exc)
+            else:
+                return None if primitive is None else _status_of(primitive)
         response = link.assoc.send_c_store(payload)
         if "Status" not in response:
             return None

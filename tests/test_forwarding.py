@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -356,6 +356,39 @@ def test_a_large_compressed_cine_is_decoded_for_an_explicit_only_destination_in_
     assert peak_mb < decoded_mb / 2, f"forwarder peak {peak_mb:.0f} MB for a {decoded_mb:.0f} MB decoded instance"
     assert queue_of(box, "explicit")["transcoded"] == 1
     assert list((box.data / "outgoing").iterdir()) == [], "the decoded copy was left behind"
+
+
+def test_explicit_vr_instances_are_reencoded_for_an_implicit_only_destination(appliance_factory, corpus,
+                                                                            stack) -> None:
+    """Uncompressed Explicit VR Little Endian instances (16-bit CT, 8-bit colour US) reach an SCP
+    that accepts only Implicit VR Little Endian (an old PACS) with every value and the pixel data
+    unchanged but for the rule's tag edit, and are recorded as transcoded; the re-encoded copies
+    are removed."""
+    scp = stack.enter_context(RecordingSCP("IMPLICIT", transfer_syntaxes=[ImplicitVRLittleEndian]))
+    box = appliance_factory({
+        "destinations": {"implicit": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["implicit"], "set": {"InstitutionName": "Routed By Edge"}}],
+    })
+    plain = [*corpus["ct"][:2], corpus["us"][0]]
+    send(box, plain)
+
+    wait_until(lambda: len(scp.stored()) >= len(plain), 60,
+               lambda: f"received {len(scp.stored())}; queue: {queue_of(box, 'implicit')}")
+    received = {r.sop_instance_uid: r for r in scp.stored()}
+    assert set(received) == uids(plain)
+    for path in plain:
+        reception = received[sop_uid(path)]
+        assert reception.transfer_syntax == ImplicitVRLittleEndian and reception.dataset is not None
+        expected = pydicom.dcmread(path)
+        expected.InstitutionName = "Routed By Edge"
+        assert reception.dataset.PixelData == expected.PixelData, path.name
+        for element in expected:
+            assert reception.dataset[element.tag].value == element.value, (path.name, element)
+        assert set(reception.dataset.keys()) == set(expected.keys())
+
+    state = queue_of(box, "implicit")
+    assert state["transcoded"] == len(plain) and state["delivered"] == len(plain), state
+    assert list((box.data / "outgoing").iterdir()) == [], "a re-encoded copy was left behind"
 
 
 def test_instance_that_cannot_be_transcoded_is_a_dead_letter_with_the_reason(appliance_factory, corpus,
