@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ class Intake:
             routed = bool(config.routes) and only_to is None
             tags, with_meta = _tags_to_read(config) if routed else (_HEADER_TAGS, False)
             header = _read_header(received, tags, transfer_syntax, dataset_offset, with_meta)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError) as exc:
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError, zlib.error) as exc:
+            # zlib.error: a deflated data set whose stream is damaged (pydicom inflates it whole)
             return Outcome("unreadable", detail=f"cannot read its data set: {exc}")
         sop_uid = sop_instance_uid or _text(header, "SOPInstanceUID") or _meta(header, "MediaStorageSOPInstanceUID")
         sop_class = sop_class_uid or _text(header, "SOPClassUID") or _meta(header, "MediaStorageSOPClassUID")

@@ -28,9 +28,12 @@ def queue_report(config: Config, as_json: bool = False) -> str:
         release_walls = [db.wall_time_of(h["release_at"]) for h in holds]
     finally:
         db.close()
+    # A destination taken out of the configuration (or renamed) keeps its deliveries: they
+    # go out if it comes back, and ``appliance retry NAME`` still works, so it stays listed.
+    configured = {s.name: s.name in config.destinations for s in summaries}
     if as_json:
         return json.dumps({
-            "destinations": [s.__dict__ for s in summaries],
+            "destinations": [{**s.__dict__, "configured": configured[s.name]} for s in summaries],
             "holds": [{"study_instance_uid": h["study_instance_uid"], "destination": h["destination"],
                        "release_at": wall, "releases_in": max(0.0, h["release_at"] - now), "state": h["state"]}
                       for h, wall in zip(holds, release_walls, strict=True)],
@@ -40,8 +43,14 @@ def queue_report(config: Config, as_json: bool = False) -> str:
              f" {'OLDEST':>8}  LAST ERROR"]
     for s in summaries:
         age = _age(s.oldest_pending_age) if s.oldest_pending_age is not None else "-"
+        last_error = s.last_error or "-"
+        if not configured[s.name]:
+            last_error = f"(not configured) {last_error}"
         lines.append(f"{s.name:<16} {s.pending:>8} {s.held:>6} {s.in_flight:>6} {s.delivered:>10} {s.dead:>6}"
-                     f" {age:>8}  {s.last_error or '-'}")
+                     f" {age:>8}  {last_error}")
+    if not all(configured.values()):
+        lines.append("(not configured): no longer in the configuration; its items wait until a destination of "
+                     "that name is configured again")
     waiting = [h for h in holds if h["state"] == "waiting"]
     if waiting:
         lines.append("")
@@ -99,22 +108,33 @@ def import_files(config: Config, paths: Sequence[Path], only_to: str | None = No
 def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_to: str | None) -> str | None:
     """Copy one file into ``incoming/`` and admit it; None if it is now in the cache, else why
     not. A file that cannot be read or copied (missing, unreadable, a full disk) is skipped
-    like one that is not DICOM: the rest of the import goes on."""
+    like one that is not DICOM, or not whole: the rest of the import goes on."""
+    from .diskfile import NotImportable, part10_file  # it loads pynetdicom, which `appliance queue` does without
+
     try:
         fd, temp = tempfile.mkstemp(dir=store.incoming, suffix=".dcm")
     except OSError as exc:
         return f"cannot create a file in {store.incoming}: {exc}"
     os.close(fd)
+    admitted: Path | None = None
     try:
         try:
             shutil.copyfile(path, temp)
         except OSError as exc:
             return f"cannot copy it into {store.incoming}: {exc}"
-        outcome = intake.admit(Path(temp), origin, only_to=only_to)
+        # The copy is what is checked and cached: the original may change while we look.
+        try:
+            admitted = part10_file(Path(temp), path.name)
+        except NotImportable as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot read it back from {store.incoming}: {exc}"
+        outcome = intake.admit(admitted, origin, only_to=only_to)
         return None if outcome.acknowledged else outcome.detail
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        for leftover in (Path(temp), admitted):  # the admitted one has gone into the cache if stored
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
 
 
 def _progress(done: int, total: int) -> None:

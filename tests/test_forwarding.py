@@ -705,7 +705,7 @@ def test_cli_send_skips_what_it_cannot_import_says_why_and_imports_the_rest(appl
     assert "imported 2, skipped 2" in result.stdout, result.stdout + result.stderr
     assert f"skipped {missing}: cannot copy it into" in result.stderr, result.stderr
     assert "No such file or directory" in result.stderr, result.stderr
-    assert f"skipped {tmp_path / 'import' / 'notes.txt'}: cannot read its data set" in result.stderr, result.stderr
+    assert f"skipped {tmp_path / 'import' / 'notes.txt'}: not a DICOM file" in result.stderr, result.stderr
     assert set(cache_rows(box)) == uids(files)
 
 

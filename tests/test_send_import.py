@@ -1,0 +1,203 @@
+"""``appliance send`` with what a CD, a USB stick or an old archive holds (truncated files, a
+DICOMDIR, stray files, bare data sets), and ``appliance queue`` after a destination was removed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from pydicom.fileset import FileSet
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+
+from appliance.config import loads
+from appliance.db import open_database
+from appliance.intake import Intake
+from appliance.rules import Origin
+from appliance.store import Store
+
+from .corpus import Series, compress, make_instance, write_series
+from .pacs import RecordingSCP, closed_port, destination, queue, sop_uid, wait_until
+from .peers import ApplianceProcess
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as peers:
+        yield peers
+
+
+def cached(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
+    """The cache index (``instances``) by SOP Instance UID."""
+    conn = sqlite3.connect(f"file:{box.data / 'appliance.db'}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["sop_instance_uid"]: r for r in conn.execute("SELECT * FROM instances")}
+    finally:
+        conn.close()
+
+
+def cut(source: Path, target: Path, keep: int) -> Path:
+    """``source``'s first ``keep`` bytes (``keep`` < 0: all but the last ``-keep``): a copy
+    interrupted, or a medium that filled up."""
+    data = source.read_bytes()
+    target.write_bytes(data[:keep])
+    return target
+
+
+def bare_data_set(target: Path, seed: str) -> pydicom.Dataset:
+    """An instance written as a bare data set, Implicit VR Little Endian, without preamble and
+    file meta, as older archives hold them."""
+    ds = make_instance(seed, 1, 9, 1, Series("CT", 1, 64, 64))
+    del ds.file_meta
+    pydicom.dcmwrite(target, ds, implicit_vr=True, little_endian=True)
+    assert target.read_bytes()[:2] == b"\x08\x00"  # the data set starts at byte 0
+    return ds
+
+
+def skipped_reasons(stderr: str) -> dict[str, str]:
+    """``skipped PATH: REASON`` lines (between progress bars) as {file name: reason}."""
+    reasons = {}
+    for line in stderr.replace("\r", "\n").splitlines():
+        if line.startswith("skipped "):
+            path, _, reason = line[len("skipped "):].partition(": ")
+            reasons[Path(path).name] = reason
+    return reasons
+
+
+def test_send_imports_only_whole_instances_and_says_why_it_skips_the_rest(appliance_factory, stack,
+                                                                          tmp_path) -> None:
+    """A directory as a medium holds it: two good CTs, a CT cut off in its pixel data, an RLE
+    one cut off in its fragments, a DICOMDIR, an empty file, a text file and a bare data set.
+    The good ones and the bare one reach the PACS whole; every other is named with its reason;
+    the exit status is 1. A second run adds nothing to the cache."""
+    pacs = stack.enter_context(RecordingSCP("PACS"))
+    box = appliance_factory({"destinations": {"pacs": destination(pacs.ae_title, pacs.port)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    medium = tmp_path / "medium"
+    good = write_series(medium / "good", "import", 1, 1, Series("CT", 2, 64, 64))
+    elsewhere = tmp_path / "elsewhere"
+    whole = write_series(elsewhere, "import", 1, 2, Series("CT", 2, 64, 64))
+    size = len(whole[0].read_bytes())
+    truncated = cut(whole[0], medium / "truncated.dcm", size // 2)
+    rle = compress(whole[1], elsewhere / "rle.dcm", RLELossless)
+    truncated_rle = cut(rle, medium / "truncated-rle.dcm", -40)
+    fileset = FileSet()
+    for path in good:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "fileset")
+    shutil.copy(tmp_path / "fileset" / "DICOMDIR", medium / "DICOMDIR")
+    (medium / "empty.dcm").write_bytes(b"")
+    (medium / "notes.txt").write_text("scanned on the old console\n")
+    bare = bare_data_set(medium / "bare", "import")
+
+    result = box.cli("send", str(medium), check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "imported 3, skipped 5" in result.stdout, result.stdout + result.stderr
+    pixels_at = size - 64 * 64 * 2  # the pixel data is the last element
+    assert skipped_reasons(result.stderr) == {
+        truncated.name: f"truncated: its Pixel Data needs 8192 bytes, the file ends after {size // 2 - pixels_at}",
+        truncated_rle.name: "truncated: the file ends inside its Pixel Data",
+        "DICOMDIR": "a DICOMDIR (the index of a DICOM medium), not an instance",
+        "empty.dcm": "empty file",
+        "notes.txt": "not a DICOM file: no DICM prefix after the 128-byte preamble, "
+                     "and it does not start like a data set either",
+    }, result.stderr
+
+    expected = {sop_uid(p) for p in good} | {bare.SOPInstanceUID}
+    assert set(cached(box)) == expected
+    wait_until(lambda: set(pacs.stored_uids()) == expected, 30, lambda: f"queue: {queue(box)}")
+    received = {r.sop_instance_uid: r.dataset for r in pacs.stored()}
+    for path in good:
+        assert received[sop_uid(path)].PixelData == pydicom.dcmread(path).PixelData
+    assert received[bare.SOPInstanceUID].PixelData == bare.PixelData
+    # The bare data set is cached as a PS3.10 file, its data set byte for byte.
+    cached_bare = Path(cached(box)[bare.SOPInstanceUID]["path"]).read_bytes()
+    assert cached_bare[128:132] == b"DICM"
+    assert cached_bare.endswith((medium / "bare").read_bytes())
+    assert pydicom.dcmread(cached(box)[bare.SOPInstanceUID]["path"]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+
+    again = box.cli("send", str(medium), check=False)
+    assert again.returncode == 1 and "skipped 5" in again.stdout, again.stdout + again.stderr
+    assert set(cached(box)) == expected  # the same instances, no new rows
+
+
+def test_send_refuses_what_cannot_be_read_whole(appliance_factory, tmp_path) -> None:
+    """Without a running forwarder: a deflated file cut short, a bare data set whose pixel data
+    is compressed (nothing says how), a file with a file meta but without the preamble, and
+    one that is only a file meta."""
+    box = appliance_factory(start=False)
+    source = tmp_path / "source"
+    plain = write_series(source, "refuse", 1, 1, Series("CT", 2, 64, 64))
+    ds = pydicom.dcmread(plain[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(source / "deflated.dcm", enforce_file_format=True)
+    medium = tmp_path / "medium"
+    medium.mkdir()
+    cut(source / "deflated.dcm", medium / "deflated-cut.dcm", -20)
+    compressed = pydicom.dcmread(compress(plain[0], source / "rle.dcm", RLELossless))
+    del compressed.file_meta
+    compressed.preamble = None
+    pydicom.dcmwrite(medium / "bare-rle", compressed, implicit_vr=False, little_endian=True)
+    (medium / "no-preamble.dcm").write_bytes(plain[1].read_bytes()[128:])
+    meta_end = 132 + 12 + int.from_bytes(plain[0].read_bytes()[140:144], "little")
+    cut(plain[0], medium / "only-meta.dcm", meta_end)
+
+    result = box.cli("send", str(medium), check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "imported 1, skipped 3" in result.stdout, result.stdout + result.stderr
+    assert skipped_reasons(result.stderr) == {
+        "deflated-cut.dcm": "truncated: the file ends inside its deflated (compressed) data set",
+        "bare-rle": "a data set without file meta whose pixel data is compressed: "
+                    "its transfer syntax cannot be known",
+        "only-meta.dcm": "truncated: nothing after its file meta",
+    }, result.stderr
+    assert set(cached(box)) == {sop_uid(plain[1])}
+    assert Path(cached(box)[sop_uid(plain[1])]["path"]).read_bytes()[128:132] == b"DICM"
+
+
+def test_queue_marks_a_destination_that_is_no_longer_configured(appliance_factory, tmp_path) -> None:
+    """Items queued for a destination that a new configuration no longer has stay in the queue;
+    ``appliance queue`` marks it "(not configured)" and ``--json`` says ``configured: false``."""
+    box = appliance_factory({"destinations": {"central": destination("CENTRAL", closed_port()),
+                                              "old": destination("OLD", closed_port())},
+                             "routes": [{"send_to": ["central"]}]}, start=False)
+    files = write_series(tmp_path / "import", "removed", 1, 1, Series("CT", 2, 64, 64))
+    assert "imported 2, skipped 0" in box.cli("send", str(files[0].parent), "--to", "old").stdout
+    assert "imported 1, skipped 0" in box.cli("send", str(files[0]), "--to", "central").stdout
+    config = yaml.safe_load(box.config_path.read_text())
+    del config["destinations"]["old"]
+    box.write_config(config)
+
+    entries = {d["name"]: d for d in json.loads(box.cli("queue", "--json").stdout)["destinations"]}
+    assert entries["old"]["configured"] is False and entries["old"]["pending"] == 2, entries
+    assert entries["central"]["configured"] is True and entries["central"]["pending"] == 1, entries
+    table = box.cli("queue").stdout
+    rows = {line.split()[0]: line for line in table.splitlines()[1:] if line and not line.startswith(" ")}
+    assert "(not configured)" in rows["old"], table
+    assert "(not configured)" not in rows["central"], table
+
+
+def test_a_damaged_deflated_data_set_is_refused_as_unreadable(tmp_path) -> None:
+    """The receiver's way in: a deflated data set whose compressed stream is damaged is answered
+    as unreadable (0xC000, logged as such), not with the handler's exception."""
+    config = loads(f"storage: {{path: {tmp_path / 'data'}, disk: {{min_free: '0%'}}}}\n")
+    store = Store(config.storage.root)
+    store.prepare()
+    db = open_database(config.storage.root)
+    try:
+        plain = write_series(tmp_path / "source", "deflated", 1, 1, Series("CT", 1, 64, 64))[0]
+        ds = pydicom.dcmread(plain)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+        received = cut(tmp_path / "deflated.dcm", store.incoming / "received.dcm", -30)
+        outcome = Intake(config, db, store).admit(received, Origin("MODALITY", "EDGE", "127.0.0.1"))
+    finally:
+        db.close()
+    assert outcome.kind == "unreadable" and "truncated stream" in outcome.detail, outcome
