@@ -182,6 +182,12 @@ class Instance:
 
 _INSTANCE_COLUMNS = [f for f in Instance.__dataclass_fields__]
 
+# For a pending delivery ``d``: no delivery of its study to its destination is in flight. In
+# flight are at most a few batches (deliveries_due finds them); what a stopped run left in
+# flight is put back at start-up (requeue_in_flight).
+_NOT_IN_FLIGHT = ("NOT EXISTS (SELECT 1 FROM deliveries f WHERE f.destination = d.destination AND f.state = 'in_flight'"
+                  " AND f.study_instance_uid = d.study_instance_uid)")
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -460,17 +466,29 @@ class Database:
         row = self.query("SELECT min(release_at) FROM holds WHERE state = 'waiting'")[0]
         return None if row[0] is None else float(row[0])
 
-    def claim(self, destination: str, now: float, limit: int) -> list[Work]:
+    def claim(self, destination: str, now: float, limit: int, prefer: str | None = None) -> list[Work]:
         """Take, atomically, the due pending deliveries of the study that has waited longest for
-        this destination, in arrival order, and mark them in flight.
+        this destination, in arrival order, and mark them in flight. A study that another
+        association to the destination has in flight is left to it: a study goes out on one
+        association at a time, in order, as the PACS expects to get it (the destination's
+        parallel associations carry different studies). ``prefer``: the study this association
+        sent last, taken first if it has more, so that a study arriving while it is forwarded
+        stays on one association.
 
         Not fsync'd, like :meth:`finish`: a claim lost to a power cut leaves its deliveries
         pending, which is what the start-up makes of in-flight ones anyway."""
         with self.transaction(durable=False) as conn:
-            first = conn.execute(
-                "SELECT study_instance_uid FROM deliveries WHERE destination = ? AND state = 'pending'"
-                " AND next_attempt_at <= ? ORDER BY id LIMIT 1", (destination, now),
-            ).fetchone()
+            first = None
+            if prefer is not None:
+                first = conn.execute(
+                    "SELECT study_instance_uid FROM deliveries d WHERE destination = ? AND study_instance_uid = ?"
+                    f" AND state = 'pending' AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} LIMIT 1",
+                    (destination, prefer, now)).fetchone()
+            if first is None:
+                first = conn.execute(
+                    "SELECT study_instance_uid FROM deliveries d WHERE destination = ? AND state = 'pending'"
+                    f" AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} ORDER BY id LIMIT 1", (destination, now),
+                ).fetchone()
             if first is None:
                 return []
             rows = conn.execute(
@@ -492,9 +510,24 @@ class Database:
                              [(w.delivery_id,) for w in works])
 
     def next_due(self, destination: str) -> float | None:
-        row = self.query("SELECT min(next_attempt_at) FROM deliveries WHERE destination = ? AND state = 'pending'",
-                         (destination,))[0]
+        """When the next pending delivery that :meth:`claim` could take is due (studies in
+        flight on another association are not: see there)."""
+        row = self.query(f"SELECT min(next_attempt_at) FROM deliveries d WHERE destination = ? AND state = 'pending'"
+                         f" AND {_NOT_IN_FLIGHT}", (destination,))[0]
         return None if row[0] is None else float(row[0])
+
+    def postpone(self, work: Work, until: float) -> None:
+        """Make a delivery back in the queue wait at least until ``until`` (schedule clock)."""
+        with self.transaction(durable=False) as conn:
+            conn.execute("UPDATE deliveries SET next_attempt_at = max(next_attempt_at, ?) WHERE id = ?"
+                         " AND state = 'pending'", (until, work.delivery_id))
+
+    def make_due(self, destination: str, now: float) -> int:
+        """Every pending delivery to ``destination`` due at ``now`` (its address changed)."""
+        with self.transaction() as conn:
+            return int(conn.execute("UPDATE deliveries SET next_attempt_at = ? WHERE destination = ?"
+                                    " AND state = 'pending' AND next_attempt_at > ?",
+                                    (now, destination, now)).rowcount)
 
     def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
                next_attempt_at: float | None = None, transcoded: bool = False) -> bool:

@@ -77,6 +77,7 @@ class _Link:
 
     assoc: Association
     destination: str
+    endpoint: tuple[object, ...]  # what it was opened with (_endpoint): a reload may change it
     proposed: set[tuple[str, str]]
     last_used: float
     opened: float
@@ -105,6 +106,14 @@ class _Link:
             if cx.transfer_syntax[0] == work.transfer_syntax and cx.context_id is not None:
                 return int(cx.context_id)
         return None
+
+
+def _endpoint(destination: Destination, config: Config) -> tuple[object, ...]:
+    """Everything an association to ``destination`` is opened with: when a reload changes any
+    of it, the associations open to the old one are closed (between batches) and new work
+    goes to the new one."""
+    return (destination.ae_title, destination.host, destination.port, destination.calling_ae or config.node.ae_title,
+            destination.timeouts, destination.tls)
 
 
 def backoff(policy: Retry, attempts: int) -> float:
@@ -144,8 +153,21 @@ class Forwarder:
         self.apply(self.config)
 
     def apply(self, config: Config) -> None:
-        """Take a (re)loaded configuration: workers for new destinations; the rest adapt."""
-        self.config = config
+        """Take a (re)loaded configuration: workers for new destinations; the rest adapt.
+
+        A destination whose address (or AE title, TLS, ...) changed is tried again at once: the
+        backoff it was waiting out was the old address's, and an admin who has just corrected
+        a wrong port should not wait up to ``max_delay`` to see whether it works."""
+        previous, self.config = self.config, config
+        for name, destination in config.destinations.items():
+            before = previous.destinations.get(name)
+            if before is None or _endpoint(before, previous) == _endpoint(destination, config):
+                continue
+            self._blocked_until.pop(name, None)
+            self._failures.pop(name, None)
+            due = self.db.make_due(name, self.db.schedule_now())
+            log.info("destination %s now %s@%s:%d: %d waiting instance(s) are tried now", name,
+                     destination.ae_title, destination.host, destination.port, due)
         for name, destination in config.destinations.items():
             for index in range(destination.max_associations):
                 worker = self._threads.get((name, index))
@@ -273,6 +295,7 @@ class Forwarder:
 
     def _work(self, name: str, index: int) -> None:
         link: _Link | None = None
+        last_study: str | None = None
         try:
             while not self._stop.is_set():
                 destination = self.config.destinations.get(name)
@@ -287,13 +310,17 @@ class Forwarder:
                     continue
                 # Look before claiming: an idle worker should not take the write lock every poll.
                 due = self.db.next_due(name)
-                batch = self.db.claim(name, now, BATCH) if due is not None and due <= now else []
+                # With parallel associations, each keeps to the study it is sending (see claim);
+                # with one, the study that has waited longest goes next, whatever was sent before.
+                prefer = last_study if destination.max_associations > 1 else None
+                batch = self.db.claim(name, now, BATCH, prefer) if due is not None and due <= now else []
                 if not batch:
                     if link is not None and time.monotonic() - link.last_used > IDLE_RELEASE:
                         link = self._close(link)
                     self._sleep(min(POLL, due - now) if due is not None and due > now else POLL)
                     continue
                 link = self._send_batch(name, destination, batch, link)
+                last_study = batch[0].study_instance_uid
         finally:
             self._close(link)
 
@@ -310,6 +337,10 @@ class Forwarder:
     def _send_batch(self, name: str, destination: Destination, batch: list[Work], link: _Link | None) -> _Link | None:
         started = time.monotonic()
         wanted = self._contexts_for(batch)
+        endpoint = _endpoint(destination, self.config)
+        if link is not None and link.endpoint != endpoint:
+            log.info("destination %s was reconfigured: closing the association to the old settings", name)
+            link = self._close(link)
         if link is not None and (not link.assoc.is_established or not wanted <= link.proposed):
             link = self._close(link)
         if link is None:
@@ -350,8 +381,13 @@ class Forwarder:
                 link = self._close(link)
                 if outcome in ("retry", "unknown"):
                     self._failures[name] = self._failures.get(name, 0) + 1
-                    self._blocked_until[name] = self.db.schedule_now() + backoff(destination.retry,
-                                                                                  self._failures[name])
+                    blocked_until = self.db.schedule_now() + backoff(destination.retry, self._failures[name])
+                    self._blocked_until[name] = blocked_until
+                    # Its own backoff grows with the destination's: were it due when the block
+                    # ends, it would lead the next association again, and one instance that
+                    # the PACS aborts on would hold back everything behind it for days. Later
+                    # than that, the others go first; it is tried again on its own turn.
+                    self.db.postpone(batch[position], blocked_until + destination.retry.initial_delay)
                 interrupted = True
                 break
             position += 1
@@ -454,7 +490,8 @@ class Forwarder:
         direct = StoreReceiver.attach(assoc)  # C-STORE responses taken by the DUL thread itself (pdata.py)
         proposed = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts}
         now = time.monotonic()
-        return _Link(assoc, destination.ae_title, proposed, last_used=now, opened=now, direct=direct)
+        return _Link(assoc, destination.ae_title, _endpoint(destination, self.config), proposed, last_used=now,
+                     opened=now, direct=direct)
 
     def _send_one(self, name: str, destination: Destination, link: _Link, work: Work) -> str:
         """Send one instance; record the attempt; return its outcome."""

@@ -43,6 +43,9 @@ from .corpus import CR, CT, DX, MG, MR, SC, US
 from .peers import DCMTK_ENV, ApplianceProcess, free_port, require_tool, wait_for_port
 
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+# What a RecordingSCP's ``respond`` returns to abort the association instead of answering (a PACS
+# that chokes on one instance).
+ABORT = -1
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, message: str | Callable[[], str],
@@ -318,7 +321,8 @@ class RecordingSCP:
 
     Faults, switchable while it runs:
       * ``status``: what to answer (``0xA900``, ``0xA700``, ``0xB000``...); or ``respond``, a
-        function ``(sop_instance_uid, nth_time_seen) -> status`` that overrides it;
+        function ``(sop_instance_uid, nth_time_seen) -> status`` that overrides it (``ABORT``:
+        abort the association instead);
       * ``delay``: seconds to wait before answering each C-STORE;
       * ``transfer_syntaxes`` (at construction): the only syntaxes it accepts;
       * ``max_associations`` (at construction): more at once are rejected (transient, local limit).
@@ -393,6 +397,9 @@ class RecordingSCP:
         finally:
             with self._lock:
                 self._active -= 1
+        if status == ABORT:
+            event.assoc.abort()
+            return 0xC000  # never sent: the association is gone
         reception = Reception(association, uid, str(event.request.AffectedSOPClassUID),
                               str(event.context.transfer_syntax), int(status), at,
                               event.assoc.requestor.ae_title, dataset)

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +35,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from .conftest import mounted_tmpfs
 from .corpus import Series, write_series
 from .pacs import (
+    ABORT,
     Blackhole,
     Orthanc,
     RecordingSCP,
@@ -820,6 +822,97 @@ def test_sighup_reload_applies_to_new_work_keeps_associations_and_ignores_invali
     send(box, batch3)
     wait_until(lambda: len(second.stored()) >= len(batch2) + len(batch3), 30, lambda: f"queue: {queue(box)}")
     assert set(first.stored_uids()) == uids(batch1)
+
+
+def test_a_reload_that_moves_a_destination_sends_new_work_to_the_new_address(appliance_factory, stack,
+                                                                             tmp_path) -> None:
+    """A reload that gives a destination another address (a PACS replaced) while its association
+    to the old one is open: what that association has in flight finishes there, and everything
+    queued after the reload goes to the new address — not on the old association, kept open by
+    the work that keeps coming."""
+    old = stack.enter_context(RecordingSCP("OLDPACS", delay=0.05, keep_datasets=False))
+    new = stack.enter_context(RecordingSCP("NEWPACS", keep_datasets=False))
+    box = appliance_factory({"destinations": {"pacs": destination(old.ae_title, old.port)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    before = write_series(tmp_path / "before", "moved", 1, 1, Series("CT", 30, 64, 64))
+    after = write_series(tmp_path / "after", "moved", 2, 1, Series("CT", 10, 64, 64), patient="PAT002")
+    send(box, before)
+    wait_until(lambda: len(old.stored()) >= 3, 20, "forwarding to the old address did not start")
+    edit_config(box, destinations={"pacs": destination(new.ae_title, new.port)})
+    box.reload()
+    wait_until(lambda: "destination pacs now NEWPACS" in box.log(), 10, "the reload was not applied")
+    send(box, after)
+    wait_until(lambda: len(old.stored()) + len(new.stored()) >= len(before) + len(after), 30,
+               lambda: f"queue: {queue(box)}")
+    assert not uids(after) & set(old.stored_uids()), "work queued after the reload went to the old address"
+    assert set(new.stored_uids()) >= uids(after)
+    assert old.stored_uids() + new.stored_uids() == Counter(uids(before) | uids(after)), "lost or sent twice"
+    assert old.aborts == 0
+
+
+def test_a_reload_that_corrects_an_address_is_tried_at_once(appliance_factory, stack, tmp_path) -> None:
+    """A destination configured with a wrong port waits out its backoff (here 60 s) between
+    attempts; the reload that corrects the port is tried at once, not after that backoff."""
+    pacs = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
+    retry = {"initial_delay": "60s", "max_delay": "60s", "jitter": 0}
+    box = appliance_factory({"destinations": {"pacs": destination(pacs.ae_title, closed_port(), retry=retry)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    files = write_series(tmp_path / "ct", "corrected-port", 1, 1, Series("CT", 2, 64, 64))
+    send(box, files)
+    wait_until(lambda: len(attempts(box, "pacs")) >= 1, 20, "no failed attempt was recorded")
+    edit_config(box, destinations={"pacs": destination(pacs.ae_title, pacs.port, retry=retry)})
+    reloaded = time.monotonic()
+    box.reload()
+    wait_until(lambda: set(pacs.stored_uids()) == uids(files), 20, lambda: f"queue: {queue(box)}")
+    assert time.monotonic() - reloaded < 15
+
+
+def test_an_instance_the_pacs_aborts_on_does_not_hold_back_the_others(appliance_factory, stack,
+                                                                      tmp_path) -> None:
+    """A PACS that aborts the association on one instance (one it cannot parse), every time:
+    that instance is retried with its backoff, and the rest of its study and the next study are
+    delivered meanwhile — not held behind it for as long as the retry policy lasts (7 days by
+    default). Without jitter, so that no luck lets the others through."""
+    pacs = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
+    retry = {"initial_delay": "1s", "factor": 2, "max_delay": "4s", "jitter": 0}
+    box = appliance_factory({"destinations": {"pacs": destination(pacs.ae_title, pacs.port, retry=retry)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    first = write_series(tmp_path / "s1", "poison", 1, 1, Series("CT", 5, 64, 64))
+    second = write_series(tmp_path / "s2", "poison", 2, 1, Series("CT", 5, 64, 64), patient="PAT002")
+    poison = sop_uid(first[0])
+    pacs.respond = lambda uid, nth: ABORT if uid == poison else 0x0000
+    send(box, first + second)
+    others = uids(first[1:] + second)
+    wait_until(lambda: set(pacs.stored_uids()) == others, 30,
+               lambda: f"delivered {len(pacs.stored_uids())} of {len(others)}; queue: {queue_of(box, 'pacs')}")
+    wait_until(lambda: len(attempts(box, "pacs").get(poison, [])) >= 3, 30, "the aborted instance is not retried")
+    row = deliveries(box, "pacs")[poison]
+    assert row["state"] in ("pending", "in_flight") and row["last_status"] is None, dict(row)
+
+
+def test_parallel_associations_carry_a_study_one_at_a_time_in_order(appliance_factory, stack, tmp_path) -> None:
+    """With ``max_associations: 3`` and studies arriving while they are forwarded, a study is
+    never on two associations at the same moment, and reaches the PACS in the order it arrived;
+    the associations carry different studies in parallel."""
+    pacs = stack.enter_context(RecordingSCP("PACS", delay=0.05, keep_datasets=False))
+    box = appliance_factory({"destinations": {"pacs": destination(pacs.ae_title, pacs.port, max_associations=3)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    studies = [write_series(tmp_path / f"s{n}", "parallel", n, 1, Series("CT", 10, 64, 64), patient=f"PAT{n}")
+               for n in range(1, 5)]
+    send(box, [f for study in studies for f in study])
+    total = sum(len(study) for study in studies)
+    wait_until(lambda: len(pacs.stored()) >= total, 60, lambda: f"queue: {queue(box)}")
+    receptions = pacs.stored()
+    assert len(receptions) == total and pacs.max_concurrent >= 2
+    for study in studies:
+        order = [sop_uid(f) for f in study]
+        got = [r for r in receptions if r.sop_instance_uid in set(order)]
+        assert [r.sop_instance_uid for r in got] == order, "a study reached the PACS out of order"
+        # Each C-STORE takes the PACS 0.05 s: one that follows on another association sooner
+        # was sent while the first was still in flight.
+        by_time = sorted(got, key=lambda r: r.at)
+        for a, b in zip(by_time, by_time[1:], strict=False):
+            assert a.association == b.association or b.at - a.at >= 0.045, "a study on two associations at once"
 
 
 def test_a_replacement_that_arrives_while_the_old_version_is_sent_is_sent_too(appliance_factory, stack,
