@@ -15,6 +15,7 @@ history. The schema is a list of migrations applied in order, tracked by ``PRAGM
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from . import clock
+from .store import release_reserve
+
+log = logging.getLogger(__name__)
 
 # When a cached instance was done with (migration 4), worked out from its deliveries: the last
 # delivery's time once every one is delivered; its receive time if a rule discarded it and it
@@ -285,10 +289,20 @@ class Database:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._conn
+                    self._conn.execute("COMMIT")
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    # A failed COMMIT (a full disk) may leave the transaction open: every
+                    # later BEGIN would then fail too.
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
                     raise
-                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    freed = release_reserve(self.path.parent)
+                    if freed:
+                        log.warning("the disk is full: removed the %d MiB reserve so that the database can"
+                                    " record evictions and deliveries", freed >> 20)
+                raise
             finally:
                 fcntl.flock(self._writers, fcntl.LOCK_UN)
                 if not durable:

@@ -24,6 +24,7 @@ import errno
 import functools
 import logging
 import random
+import sqlite3
 import ssl
 import threading
 import time
@@ -145,7 +146,13 @@ class Forwarder:
     def start(self) -> None:
         # Stream cached files to the socket instead of decoding them (flat memory, no re-encode).
         _config.STORE_SEND_CHUNKED_DATASET = True
-        requeued = self.db.requeue_in_flight()
+        self.store.keep_reserve(self.config.storage.disk.min_free)
+        try:
+            requeued = self.db.requeue_in_flight()
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            requeued = self.db.requeue_in_flight()  # the full disk's reserve is gone: room for this
         if requeued:
             log.warning("%d deliveries were in flight when the appliance stopped; sending them again", requeued)
         self._listener.start()
@@ -231,7 +238,10 @@ class Forwarder:
                 last_eviction = now
                 try:
                     stuck = self.evict(time.time()) < 0
-                except OSError as exc:
+                    self.store.keep_reserve(self.config.storage.disk.min_free)
+                except (OSError, sqlite3.OperationalError) as exc:
+                    # A full disk (the database cannot record an eviction): the failed write
+                    # has removed the reserve, so the next round has room to go on.
                     log.error("cache eviction failed: %s", exc)
                     stuck = False
                 # Above the high watermark with nothing delivered to evict (a destination down

@@ -5,6 +5,7 @@ Layout under the data directory::
     incoming/                      files being received (pynetdicom streams each C-STORE here)
     outgoing/                      edited copies being sent (removed after the send)
     cache/<StudyUID>/<SOPUID>.<sha256[:12]>.dcm
+    reserve                        space held back for the database on a full disk (see below)
 
 A file enters the cache durably: its data is fsync'd, it is renamed into its study directory
 (atomic on one filesystem, which is why ``incoming/`` sits beside ``cache/``), and the directory
@@ -31,6 +32,26 @@ log = logging.getLogger(__name__)
 
 _SAFE_UID = re.compile(r"[0-9][0-9.]{0,63}")
 _CHUNK = 1 << 20
+
+# The reserve: a file of allocated space beside the database. Freeing space on a full disk
+# takes database writes (an eviction is committed before its file is removed, and the workers
+# record every outcome), and SQLite needs room to write them. If something else fills the disk
+# (the print spool, logs, an admin's copy; or min_free: 0%), the first write that finds it full
+# removes the reserve (Database.transaction), eviction can then go on and free space, and the
+# forwarder lays the reserve down again once there is room. 1 % of the disk, 1 to 32 MiB.
+RESERVE_NAME = "reserve"
+_RESERVE_MIN, _RESERVE_MAX = 2**20, 32 * 2**20
+
+
+def release_reserve(root: Path) -> int:
+    """Remove the reserve in the data directory ``root``; its size, 0 if there was none."""
+    path = root / RESERVE_NAME
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,31 @@ class Store:
             if not any(study_dir.iterdir()):
                 study_dir.rmdir()
         return removed
+
+    def keep_reserve(self, min_free: Space) -> bool:
+        """Lay the reserve down if it is not there and the disk has room for it above the low
+        watermark (so that it never refuses an image by itself). Whether it is there."""
+        path = self.root / RESERVE_NAME
+        if path.exists():
+            return True
+        usage = self.usage()
+        size = max(_RESERVE_MIN, min(_RESERVE_MAX, usage.total // 100))
+        if usage.free - size < min_free.of(usage.total):
+            return False
+        temp = self.root / f".{RESERVE_NAME}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)  # blocks allocated, not a sparse promise
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            log.warning("cannot lay down the %d MiB reserve in %s: %s", size >> 20, self.root, exc)
+            return False
+        log.info("laid down a %d MiB reserve in %s for the database on a full disk", size >> 20, self.root)
+        return True
 
     def usage(self) -> DiskUsage:
         st = os.statvfs(self.root)

@@ -119,3 +119,48 @@ def test_above_high_watermark_with_nothing_delivered_it_says_so_every_few_minute
     wait_until(lambda: warnings() >= 1, 30, "no warning above the watermark")
     time.sleep(12)  # more than the 10 s between looks at the watermark
     assert warnings() == 1, box.log_path.read_text()[-2000:]
+
+
+def test_a_disk_filled_by_something_else_is_freed_by_evicting_delivered_instances(
+        appliance_factory, small_disk: Path, tmp_path: Path) -> None:
+    """Something else (the print spool, logs, an admin's copy) fills the data disk to the last
+    byte while the cache holds delivered instances. Evicting them takes database writes, which
+    a full disk refuses: the first one removes the reserve laid down for this, eviction frees
+    what it may, intake resumes, the forwarder is never restarted — and the reserve is laid
+    down again."""
+    import os
+    import subprocess
+
+    with ExitStack() as stack:
+        scp = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
+        data = small_disk / "data"
+        box = appliance_factory({
+            "storage": {"path": str(data), "disk": {"min_free": "5%", "evict_above": "60%"}},
+            "destinations": {"pacs": destination(scp.ae_title, scp.port)},
+            "routes": [{"send_to": ["pacs"]}],
+            "retention": {"keep_delivered_for": "1d"},
+        })
+        files = write_series(tmp_path / "ct", "full", 1, 1, Series("CT", 40, 512, 512))  # 21 MB of 64
+        assert not storescu(box.port, files).failed
+        wait_until(lambda: len(scp.stored_uids()) == len(files), 30, lambda: f"delivered {len(scp.stored_uids())}")
+        assert (data / "reserve").exists()
+
+        subprocess.run(["dd", "if=/dev/zero", f"of={small_disk / 'filler'}", "bs=1M", "count=100"],
+                       capture_output=True, check=False)  # until the disk is full
+
+        def free_share() -> float:
+            st = os.statvfs(small_disk)
+            return st.f_bavail / st.f_blocks
+
+        assert free_share() < 0.01
+        # The filler alone is above evict_above: every delivered instance goes (a third of the disk).
+        wait_until(lambda: not any((data / "cache").rglob("*.dcm")), 40,
+                   lambda: f"free {free_share():.0%}; log: {box.log()[-800:]}")
+        assert free_share() > 0.25
+        more = write_series(tmp_path / "more", "full", 2, 1, Series("CT", 1, 512, 512), patient="PAT002")
+        assert not storescu(box.port, more).failed, "intake did not resume"
+        wait_until(lambda: sop_uid(more[0]) in scp.stored_uids(), 30, "the new image was not forwarded")
+        log = box.log()
+        assert "the disk is full: removed the 1 MiB reserve" in log
+        assert "died with exit code" not in log and "exiting, to be started again" not in log, log[-2000:]
+        wait_until(lambda: (data / "reserve").exists(), 30, "the reserve was not laid down again")
