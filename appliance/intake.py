@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 import zlib
@@ -169,15 +170,43 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
         return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=specific)
     with open(path, "rb") as source:
         source.seek(offset)
+        pixels = _PixelsAt()
         header = read_dataset(source, encoding.is_implicit_VR, encoding.is_little_endian,
-                              stop_when=_at_pixels, specific_tags=specific)
+                              stop_when=pixels, specific_tags=specific)
+        if pixels.length is not None and pixels.length != 0xFFFFFFFF:
+            # A sender that streams a file's bytes as they are (a router, a bulk sender) passes
+            # a file cut short on its disk on as a data set cut short: its pixel data's length
+            # says so. Refused like any data set that cannot be read (what DCMTK answers), so
+            # that no corrupt image is acknowledged and forwarded. pydicom stops at the tag:
+            # the value follows an 8-byte header, or 12 in explicit VR (OB, OW, UN...).
+            header_size = 8 if encoding.is_implicit_VR or pixels.vr not in _LONG_VRS else 12
+            needed = source.tell() + header_size + pixels.length
+            size = os.fstat(source.fileno()).st_size
+            if needed > size:
+                raise EOFError(f"truncated: its {Tag(pixels.tag)} needs {needed - size} more bytes than it has")
     if with_meta:
         header.file_meta = read_file_meta_info(path)
     return header
 
 
-def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag >= 0x7FE00010
+# Explicit VRs with a 2-byte reserved field and a 32-bit length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+class _PixelsAt:
+    """``stop_when`` for ``read_dataset``: stops at the pixel data (or whatever comes at or
+    after its tag) and remembers that element's tag, VR and length."""
+
+    def __init__(self) -> None:
+        self.tag = 0
+        self.vr: str | None = None
+        self.length: int | None = None
+
+    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag < 0x7FE00010:
+            return False
+        self.tag, self.vr, self.length = int(tag), vr, length
+        return True
 
 
 # Attributes whose value is ASCII by their VR (UI, DA, CS): read from the raw bytes, without

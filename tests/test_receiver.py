@@ -316,3 +316,35 @@ def test_duplicate_policy(appliance_factory, policy: str, second_status: int, ke
         outcomes = [r[0] for r in conn.execute("SELECT outcome FROM receptions WHERE sop_instance_uid = ?",
                                                (first.SOPInstanceUID,))]
     assert outcomes == [{"replace": "replaced", "keep-first": "kept-first", "reject": "rejected"}[policy]]
+
+
+def test_a_data_set_cut_short_by_its_sender_is_refused_not_cached(appliance_factory, tmp_path) -> None:
+    """A sender that streams a file's bytes as they are (pynetdicom's chunked send here; routers
+    and bulk senders do the same) passes on a file cut short on its disk as a complete message
+    whose data set ends inside its pixel data. That is refused as unreadable (0xC000, as DCMTK
+    answers) and nothing is cached; the next, whole instance on the same association is stored."""
+    from pynetdicom import _config
+
+    box = appliance_factory()
+    whole, cut = (make_instance("cut-by-sender", 1, 1, n, Series("CT", 2, 256, 256)) for n in (1, 2))
+    whole_path, cut_path = tmp_path / "whole.dcm", tmp_path / "cut.dcm"
+    whole.save_as(whole_path, enforce_file_format=True)
+    cut.save_as(cut_path, enforce_file_format=True)
+    with open(cut_path, "r+b") as f:
+        f.truncate(cut_path.stat().st_size - 40_000)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+        assert assoc.is_established
+        refused = assoc.send_c_store(cut_path)
+        stored = assoc.send_c_store(whole_path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert int(refused.Status) == 0xC000, refused
+    assert "truncated" in str(refused.get("ErrorComment", "")) or "truncated" in box.log()
+    assert int(stored.Status) == 0x0000
+    assert set(rows(box)) == {str(whole.SOPInstanceUID)} and incoming_files(box) == []
+    assert len(cache_files(box)) == 1
