@@ -157,6 +157,9 @@ MIGRATIONS: list[list[str]] = [
     [f"UPDATE instances SET {_DONE_AT} WHERE state = 'evicted' AND done_at IS NULL",
      "CREATE INDEX instances_evicted ON instances(done_at) WHERE state = 'evicted'",
      "CREATE INDEX receptions_at ON receptions(at)"],
+    # 6: each delivery's tag edits, recorded with it (see Delivery.edits). NULL for deliveries
+    # queued before: their edits are still read from the instance's decision.
+    ["ALTER TABLE deliveries ADD COLUMN edits TEXT"],
 ]
 
 
@@ -199,6 +202,10 @@ class Delivery:
 
     destination: str
     stable_after: float | None = None
+    # The rule's tag edits for this destination (JSON, rules.TagEdit.to_dict each): kept with the
+    # delivery, so that whatever later replaces the instance's recorded decision (a correction
+    # routed elsewhere, `appliance send --to`) cannot change what this delivery sends.
+    edits: str = "[]"
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,7 @@ class Work:
     transfer_syntax: str
     path: str
     decision: str | None
+    edits: str | None = None  # the delivery's own (migration 6); None: queued before, see the decision
 
 
 @dataclass(frozen=True)
@@ -370,9 +378,15 @@ class Database:
         return Instance(**dict(rows[0])) if rows else None
 
     def store_instance(self, instance: Instance, replaced: Instance | None,
-                       deliveries: Sequence[Delivery] = ()) -> None:
+                       deliveries: Sequence[Delivery] = (), rerouted: bool = True) -> list[str]:
         """Index a newly cached file (or its replacement) and queue its deliveries, in one
-        durable commit."""
+        durable commit.
+
+        A replacement routed by the rules (``rerouted``; not `appliance send --to`, which adds
+        one destination to what the instance already has) supersedes the old version's
+        decision: its deliveries not yet made to destinations the new decision does not name
+        are cancelled — the new version is not for them (a correction that now matches
+        another rule, or a discard rule), and the old file is gone. Returns those destinations."""
         columns = ", ".join(_INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in _INSTANCE_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS if c != "sop_instance_uid")
@@ -386,11 +400,22 @@ class Database:
             )
             if replaced is not None:
                 self._log_reception(conn, instance, "replaced")
-            if deliveries:
+            cancelled: list[str] = []
+            if deliveries or (replaced is not None and rerouted):
                 instance_id = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ?",
                                            (instance.sop_instance_uid,)).fetchone()[0]
                 for delivery in deliveries:
                     self._queue(conn, instance_id, instance.study_instance_uid, delivery, scheduled)
+                if replaced is not None and rerouted:
+                    keep = [d.destination for d in deliveries]
+                    stale = conn.execute(
+                        f"SELECT id, destination FROM deliveries WHERE instance_id = ? AND state != 'delivered'"
+                        f" AND destination NOT IN ({', '.join('?' for _ in keep)})", (instance_id, *keep)).fetchall()
+                    for delivery_id, destination in stale:
+                        conn.execute("DELETE FROM attempts WHERE delivery_id = ?", (delivery_id,))
+                        conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+                        cancelled.append(str(destination))
+        return cancelled
 
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
         """A repeated C-STORE that did not replace the cached copy (kept-first or rejected)."""
@@ -408,25 +433,33 @@ class Database:
         released, its late instances go out at once, as follow-ups. ``now`` is on the schedule
         clock."""
         state = "pending"
-        if delivery.stable_after:
-            hold = conn.execute("SELECT state FROM holds WHERE study_instance_uid = ? AND destination = ?",
-                                (study, delivery.destination)).fetchone()
-            if hold is None or hold["state"] == "waiting":
-                state = "held"
-                conn.execute(
-                    "INSERT INTO holds (study_instance_uid, destination, stable_after, last_arrival, release_at, state)"
-                    " VALUES (?, ?, ?, ?, ?, 'waiting') ON CONFLICT (study_instance_uid, destination) DO UPDATE SET"
-                    " stable_after = excluded.stable_after, last_arrival = excluded.last_arrival,"
-                    " release_at = excluded.release_at",
-                    (study, delivery.destination, delivery.stable_after, now, now + delivery.stable_after),
-                )
+        hold = conn.execute("SELECT state FROM holds WHERE study_instance_uid = ? AND destination = ?",
+                            (study, delivery.destination)).fetchone()
+        # Held: with a stable_after of its own, until the study is released; without one, while
+        # another rule holds the study for this destination — else it would go out ahead of
+        # the study, which then arrives in pieces.
+        if (delivery.stable_after and (hold is None or hold["state"] == "waiting")) or (
+                hold is not None and hold["state"] == "waiting"):
+            state = "held"
+            # The study's window is the longest any of its rules asked for; each arrival
+            # pushes its release back by that much, never forward.
+            conn.execute(
+                "INSERT INTO holds (study_instance_uid, destination, stable_after, last_arrival, release_at, state)"
+                " VALUES (?, ?, ?, ?, ?, 'waiting') ON CONFLICT (study_instance_uid, destination) DO UPDATE SET"
+                " stable_after = max(holds.stable_after, excluded.stable_after),"
+                " last_arrival = excluded.last_arrival,"
+                " release_at = max(holds.release_at,"
+                "                  excluded.last_arrival + max(holds.stable_after, excluded.stable_after))",
+                (study, delivery.destination, delivery.stable_after or 0.0, now, now + (delivery.stable_after or 0.0)),
+            )
         # A replaced instance is sent again: its delivery starts over.
         conn.execute(
-            "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE SET state = excluded.state,"
-            " attempts = 0, created_at = excluded.created_at, next_attempt_at = excluded.next_attempt_at,"
-            " delivered_at = NULL, last_status = NULL, last_error = NULL, transcoded = 0",
-            (instance_id, delivery.destination, study, state, now, now),
+            "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at,"
+            " edits) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE SET"
+            " state = excluded.state, attempts = 0, created_at = excluded.created_at,"
+            " next_attempt_at = excluded.next_attempt_at, delivered_at = NULL, last_status = NULL, last_error = NULL,"
+            " transcoded = 0, edits = excluded.edits",
+            (instance_id, delivery.destination, study, state, now, now, delivery.edits),
         )
 
     @staticmethod
@@ -507,7 +540,7 @@ class Database:
                 return []
             rows = conn.execute(
                 "SELECT d.id AS delivery_id, d.attempts, d.created_at, i.id AS instance_id, i.sop_instance_uid,"
-                " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision"
+                " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision, d.edits"
                 " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
                 " WHERE d.destination = ? AND d.study_instance_uid = ? AND d.state = 'pending'"
                 " AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?",
@@ -570,8 +603,10 @@ class Database:
                 (state, status, error, scheduled, now if state == "delivered" else None,
                  int(transcoded), work.delivery_id, work.instance_id, work.path),
             ).rowcount == 1
-            conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) VALUES (?, ?, ?, ?, ?)",
-                         (work.delivery_id, now, outcome, status, error))
+            # Unless the delivery was cancelled meanwhile (a correction routed elsewhere).
+            conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) SELECT ?, ?, ?, ?, ?"
+                         " WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)",
+                         (work.delivery_id, now, outcome, status, error, work.delivery_id))
         return applied
 
     def retry_dead(self, destination: str | None) -> int:

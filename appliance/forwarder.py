@@ -647,7 +647,16 @@ def _status_of(response: C_STORE) -> tuple[int, str]:
 
 
 def _edits_for(work: Work, destination: str) -> tuple[rules.TagEdit, ...]:
+    """The delivery's own tag edits; for one queued before they were recorded with it, its
+    instance's decision's."""
+    if work.edits is not None:
+        return _recorded_edits(work.edits)
     return _edits(work.decision, destination) if work.decision else ()
+
+
+@functools.lru_cache(maxsize=256)
+def _recorded_edits(edits: str) -> tuple[rules.TagEdit, ...]:
+    return rules.edits_from_json(edits)
 
 
 @functools.lru_cache(maxsize=256)

@@ -112,14 +112,15 @@ class Intake:
             size=size, sha256=sha256, path="", received_at=time.time(),
             decision=decision.to_json() if decision is not None else None,
         )
-        deliveries = [Delivery(d.destination, d.stable_after) for d in (decision.deliveries if decision else ())]
+        deliveries = [Delivery(d.destination, d.stable_after, rules.edits_to_json(d.edits))
+                      for d in (decision.deliveries if decision else ())]
         with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
-            outcome = self._cache(received, instance, deliveries)
+            outcome = self._cache(received, instance, deliveries, rerouted=only_to is None)
         if deliveries and outcome.kind in ("stored", "replaced"):
             self._nudger.nudge()
         return outcome
 
-    def _cache(self, received: Path, instance: Instance, deliveries: list[Delivery]) -> Outcome:
+    def _cache(self, received: Path, instance: Instance, deliveries: list[Delivery], rerouted: bool) -> Outcome:
         existing = self.db.find_instance(instance.sop_instance_uid)
         policy = self.config.node.on_duplicate
         if existing is not None and policy != "replace":
@@ -132,7 +133,7 @@ class Intake:
             return Outcome("failed", detail=f"cannot write it durably into the cache: {exc}")
         instance = dataclasses.replace(instance, path=str(final))
         try:
-            self.db.store_instance(instance, existing, deliveries)
+            cancelled = self.db.store_instance(instance, existing, deliveries, rerouted)
         except Exception as exc:  # noqa: BLE001 - any database failure must refuse, and remove the file
             if existing is None or existing.path != str(final):
                 self.store.discard(final)
@@ -140,6 +141,9 @@ class Intake:
         if existing is not None:
             if existing.path != str(final):
                 self.store.discard(Path(existing.path))
+            if cancelled:
+                log.warning("%s was replaced by a version its rules no longer send to %s: not sent there",
+                            instance.sop_instance_uid, ", ".join(cancelled))
             return Outcome("replaced", instance.size, "replaced the cached copy (node.on_duplicate: replace)")
         return Outcome("stored", instance.size)
 

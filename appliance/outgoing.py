@@ -52,6 +52,7 @@ from pydicom.uid import (
 from . import rules
 
 _TRAILING_PADDING = 0xFFFCFFFC
+_PIXEL_DATA = 0x7FE00010
 _CHUNK = 1 << 20
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # VRs whose values pydicom keeps as bytes though they are words in the data set's byte order,
@@ -72,6 +73,9 @@ def edited_copy(source: Path, edits: Sequence[rules.TagEdit], directory: Path) -
                 whole.save_as(out, enforce_file_format=True)
                 return Path(temp)
             tail = src.tell()  # pydicom stops with the file at the pixel data's tag
+            if any(edit.element.tag > _PIXEL_DATA for edit in edits):
+                _edited_after_pixels(src, out, header, edits)
+                return Path(temp)
             rules.apply_edits(header, edits)
             header.save_as(out, enforce_file_format=True)
             src.seek(tail)
@@ -80,6 +84,34 @@ def edited_copy(source: Path, edits: Sequence[rules.TagEdit], directory: Path) -
         Path(temp).unlink(missing_ok=True)
         raise
     return Path(temp)
+
+
+def _edited_after_pixels(src: BinaryIO, out: BinaryIO, header: Dataset, edits: Sequence[rules.TagEdit]) -> None:
+    """:func:`edited_copy` when an edit is for an element after the pixel data (a private group
+    such as GE's (7FE1,xxxx)): the header written edited, the pixel data element copied byte for
+    byte (its header, its value, the fragments of a compressed one), then the elements after it
+    edited and re-encoded, in the file's own syntax. Data Set Trailing Padding is dropped."""
+    syntax = header.file_meta.TransferSyntaxUID
+    start = src.tell()
+    pixels = next(data_element_generator(src, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=0), None)
+    end = src.tell()  # after its value: pydicom skipped it (a compressed one to its delimiter)
+    if pixels is not None:
+        header.update(read_dataset(src, syntax.is_implicit_VR, syntax.is_little_endian,
+                                   parent_encoding=header.original_character_set))
+    header.pop(_TRAILING_PADDING, None)
+    rules.apply_edits(header, edits)
+    after = _split_after(header, pixels) if isinstance(pixels, RawDataElement) else Dataset()
+    header.save_as(out, enforce_file_format=True)
+    if pixels is not None:
+        src.seek(start)
+        left = end - start
+        while left:
+            chunk = src.read(min(left, _CHUNK))
+            if not chunk:
+                raise EOFError(f"the file ends {left} bytes into its pixel data")
+            out.write(chunk)
+            left -= len(chunk)
+        _write_elements(out, after, syntax, header)
 
 
 def decoded_copy(source: Path, edits: Sequence[rules.TagEdit], syntax: UID, directory: Path) -> Path:

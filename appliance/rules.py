@@ -854,6 +854,15 @@ class Delivery:
 Status = Literal["routed", "discarded", "unrouted"]
 
 
+def edits_to_json(edits: Sequence[TagEdit]) -> str:
+    """Tag edits as recorded with a delivery (see :func:`edits_from_json`)."""
+    return json.dumps([e.to_dict() for e in edits], separators=(",", ":"), ensure_ascii=False)
+
+
+def edits_from_json(text: str) -> tuple[TagEdit, ...]:
+    return tuple(TagEdit.from_dict(e) for e in json.loads(text))
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the rules decided for one instance; recorded (as JSON) when it is received."""

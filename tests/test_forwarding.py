@@ -915,6 +915,67 @@ def test_parallel_associations_carry_a_study_one_at_a_time_in_order(appliance_fa
             assert a.association == b.association or b.at - a.at >= 0.045, "a study on two associations at once"
 
 
+@pytest.mark.parametrize("change", ["rerouted", "discarded"])
+def test_a_correction_the_rules_send_elsewhere_does_not_go_where_the_first_version_was_going(
+        appliance_factory, stack, tmp_path, change: str) -> None:
+    """The first version of an image is held for a research destination, which gets it
+    anonymised; its correction (same SOP Instance UID) is an MR, which the rules send to the
+    central PACS only — or is marked a scout, which a rule discards. The correction must not
+    reach the research destination at all: not unedited, not in place of the first version."""
+    research = stack.enter_context(RecordingSCP("RESEARCH", keep_datasets=False))
+    central = stack.enter_context(RecordingSCP("CENTRAL", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"research": destination(research.ae_title, research.port),
+                         "central": destination(central.ae_title, central.port)},
+        "routes": [{"when": {"SeriesDescription": "SCOUT"}, "discard": True},
+                   {"when": {"Modality": "CT"}, "send_to": ["research"], "set": {"PatientName": "ANONYMOUS"},
+                    "stable_after": "3s"},
+                   {"when": {"Modality": "MR"}, "send_to": ["central"]}],
+    })
+    first = write_series(tmp_path / "ct", "rerouted", 1, 1, Series("CT", 1, 64, 64))[0]
+    corrected = tmp_path / "corrected.dcm"
+    dataset = pydicom.dcmread(first)
+    if change == "rerouted":
+        dataset.Modality = "MR"
+    else:
+        dataset.SeriesDescription = "SCOUT"
+    dataset.save_as(corrected)
+    send(box, [first])
+    send(box, [corrected])
+    if change == "rerouted":
+        wait_until(lambda: len(central.stored()) == 1, 20, lambda: f"queue: {queue(box)}")
+    time.sleep(5)  # past the research rule's stable_after
+    assert research.receptions() == [], "the correction went where only the first version was going"
+    assert set(deliveries(box)) <= {sop_uid(first)} and "research" not in {
+        r["destination"] for r in deliveries(box).values()}
+    assert "no longer send to research" in box.log()
+
+
+def test_send_to_one_destination_keeps_what_the_rules_queued_for_another(appliance_factory, stack,
+                                                                         tmp_path) -> None:
+    """An image waits for a destination that is busy (0xA700), to which the rules send it with
+    an edit; an admin sends the same file to a second destination by hand (``appliance send
+    --to``). The second gets it as it is; the first still gets it with its rule's edit."""
+    busy = stack.enter_context(RecordingSCP("BUSY", status=0xA700))
+    other = stack.enter_context(RecordingSCP("OTHER"))
+    box = appliance_factory({
+        "destinations": {"busy": destination(busy.ae_title, busy.port),
+                         "other": destination(other.ae_title, other.port)},
+        "routes": [{"send_to": ["busy"], "set": {"InstitutionName": "EDITED FOR BUSY"}}],
+    })
+    image = write_series(tmp_path / "ct", "send-to", 1, 1, Series("CT", 1, 64, 64))[0]
+    send(box, [image])
+    wait_until(lambda: len(busy.receptions()) >= 1, 20, "the busy destination was never tried")
+    result = box.cli("send", str(image), "--to", "other")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: len(other.stored()) == 1, 20, lambda: f"queue: {queue(box)}")
+    busy.status = 0x0000
+    wait_until(lambda: len(busy.stored()) == 1, 30, lambda: f"queue: {queue(box)}")
+    original = pydicom.dcmread(image).InstitutionName
+    assert other.stored()[0].dataset.InstitutionName == original
+    assert busy.stored()[0].dataset.InstitutionName == "EDITED FOR BUSY"
+
+
 def test_a_replacement_that_arrives_while_the_old_version_is_sent_is_sent_too(appliance_factory, stack,
                                                                               tmp_path) -> None:
     """A modality sends an image, then a corrected one with the same SOP Instance UID (another

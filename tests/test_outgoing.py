@@ -296,3 +296,27 @@ def test_a_large_instance_is_reencoded_in_flat_memory(tmp_path: Path) -> None:
     assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian and copy.NumberOfFrames == frames
     assert implicit_pixel_data_digest(Path(copy_path)) == digest
     assert peak_mb < 100, f"peak {peak_mb:.0f} MB to re-encode {pixel_mb:.0f} MiB of pixel data"
+
+
+@pytest.mark.parametrize("name", ["plain", "ct-rle"])
+def test_an_edited_copy_applies_edits_to_elements_after_the_pixel_data(sources: dict[str, Path], name: str,
+                                                                       tmp_path: Path) -> None:
+    """A rule that removes a private group stored after the pixel data (as GE's (7FE1,xxxx)),
+    and sets a header element: both apply; the pixel data (plain, or compressed fragments) is
+    the source's byte for byte; the copy stays in the source's transfer syntax."""
+    ds = make_instance("edited-after", 1, 1, 1, Series("CT", 1, 64, 64)) if name == "plain" \
+        else pydicom.dcmread(sources[name])
+    source = tmp_path / f"{name}-private.dcm"
+    with_trailing_elements(ds).save_as(source, enforce_file_format=True)
+    edits = [rules.TagEdit("remove", rules.TagRef(PRIVATE_TAG)),
+             rules.TagEdit("set", rules.TagRef(0x00080080, "InstitutionName"), "LO", ("Klinik Süd",))]
+    copy = pydicom.dcmread(outgoing.edited_copy(source, edits, tmp_path))
+    expected = pydicom.dcmread(source)
+    del expected[PRIVATE_TAG], expected[TRAILING_PADDING]
+    expected.InstitutionName = "Klinik Süd"
+    expected.SpecificCharacterSet = copy.SpecificCharacterSet  # the edit chose one that holds "ü"
+    assert copy.file_meta.TransferSyntaxUID == expected.file_meta.TransferSyntaxUID
+    assert copy.PixelData == expected.PixelData
+    assert copy.InstitutionName == "Klinik Süd"
+    assert PRIVATE_TAG not in copy and 0x7FE10010 in copy  # the creator was not asked to go
+    assert_same_elements(copy, expected)

@@ -136,3 +136,45 @@ def test_restart_while_a_study_waits_keeps_its_timer(appliance_factory, stack, t
     assert 6 - 0.5 <= delay <= 8.5, f"released {delay:.1f} s after the last instance"
     assert scp.stored_uids() == {sop_uid(p): 1 for p in files}
     assert len({r.association for r in scp.stored()}) == 1
+
+
+def test_a_shorter_window_of_another_rule_does_not_release_the_study_early(appliance_factory, stack,
+                                                                           tmp_path) -> None:
+    """Two rules hold the same study for the same destination, CT for 6 s and its other images
+    for 1 s: the study waits the longer window after its last instance, and goes out whole."""
+    scp = stack.enter_context(RecordingSCP("STABLE", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"central": destination(scp.ae_title, scp.port)},
+        "routes": [{"when": {"Modality": "CT"}, "send_to": ["central"], "stable_after": "6s", "continue": True},
+                   {"when": {"Modality": "OT"}, "send_to": ["central"], "stable_after": "1s"}],
+    })
+    ct = write_series(tmp_path / "ct", "windows", 1, 1, Series("CT", 4, 64, 64))
+    other = write_series(tmp_path / "ot", "windows", 1, 2, Series("OT", 1, 64, 64))
+    assert study_uid(ct[0]) == study_uid(other[0])
+    send(box, ct)
+    last = send(box, other)
+    wait_until(lambda: len(scp.stored()) >= len(ct) + len(other), 20, lambda: f"queue: {queue(box)}")
+    stored = scp.stored()
+    assert min(r.at for r in stored) >= last + 6 - 1.0, "released on the shorter window"
+    assert len({r.association for r in stored}) == 1
+
+
+def test_an_instance_without_a_window_waits_with_its_held_study(appliance_factory, stack, tmp_path) -> None:
+    """A default rule sends everything to the destination at once, a CT rule holds CT studies
+    for 4 s: an image of a held CT study that only the default rule matches waits with the
+    study and goes out with it — not ahead of it, which would send the study in pieces."""
+    scp = stack.enter_context(RecordingSCP("STABLE", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"central": destination(scp.ae_title, scp.port)},
+        "routes": [{"when": {"Modality": "CT"}, "send_to": ["central"], "stable_after": "4s"},
+                   {"send_to": ["central"]}],
+    })
+    ct = write_series(tmp_path / "ct", "unheld", 1, 1, Series("CT", 4, 64, 64))
+    other = write_series(tmp_path / "ot", "unheld", 1, 2, Series("OT", 1, 64, 64))
+    send(box, ct)
+    last = send(box, other)
+    wait_until(lambda: len(scp.stored()) >= len(ct) + len(other), 20, lambda: f"queue: {queue(box)}")
+    stored = scp.stored()
+    assert min(r.at for r in stored) >= last + 4 - 1.0, "an image of the held study went out ahead of it"
+    assert [r.sop_instance_uid for r in stored] == [sop_uid(p) for p in ct + other]
+    assert len({r.association for r in stored}) == 1
