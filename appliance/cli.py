@@ -83,8 +83,9 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args)
     origin = Origin(args.calling_ae or "", args.called_ae or "", args.source_ip or "")
-    print(route_test(args.files, config, origin), end="")
-    return 0
+    report = route_test(args.files, config, origin)
+    print(report.text, end="")
+    return 1 if report.unreadable else 0
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

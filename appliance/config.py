@@ -215,8 +215,12 @@ def loads(text: str, filename: str = "<config>", base_dir: Path | None = None) -
     root = compose(text, ctx)
     if ctx.problems:
         raise ConfigError(ctx.problems)
-    if root is None:
-        root = MappingNode("tag:yaml.org,2002:map", [], None, None)  # type: ignore[arg-type]
+    if root is None or (isinstance(root, ScalarNode) and root.tag.endswith(":null")) \
+            or (isinstance(root, MappingNode) and not root.value):
+        # Every key has a default, so an empty file would be a valid box that forwards
+        # nothing; it is a file cut short or blanked far more often than a wish.
+        ctx.error(None, "", "the file has no settings")
+        raise ConfigError(ctx.problems)
     config = read_section(Config, root, "", ctx)
     if ctx.problems or config is INVALID:
         raise ConfigError(ctx.problems)

@@ -63,10 +63,11 @@ class _Layout:
     meta_sop_instance: str = ""
 
 
-def part10_file(copy: Path, name: str) -> Path:
+def part10_file(copy: Path, name: str, directory: Path | None = None) -> Path:
     """``copy`` (a file from disk copied into ``incoming/``, ``name`` its original name) as a
-    complete PS3.10 file to cache: ``copy`` itself, or a new file beside it with a preamble and
-    file meta in front of the data set when ``copy`` has none. Raises :class:`NotImportable`."""
+    complete PS3.10 file to cache: ``copy`` itself, or a new file in ``directory`` (default:
+    beside ``copy``) with a preamble and file meta in front of the data set when ``copy`` has
+    none. ``copy`` is only read. Raises :class:`NotImportable`."""
     if name.upper() == "DICOMDIR":
         raise NotImportable(_NOT_AN_INSTANCE)
     size = copy.stat().st_size
@@ -84,7 +85,7 @@ def part10_file(copy: Path, name: str) -> Path:
             raise NotImportable("a data set without file meta whose pixel data is compressed: "
                                 "its transfer syntax cannot be known")
         meta = _meta_for(source, layout)
-        return _with_meta(source, layout.dataset_offset, meta, copy.parent)
+        return _with_meta(source, layout.dataset_offset, meta, directory or copy.parent)
 
 
 def _layout(source: BinaryIO) -> _Layout:

@@ -39,6 +39,10 @@ HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientNam
                "AccessionNumber", "Modality", "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID"]
 _HEADER_TAGS = frozenset(int(Tag(keyword)) for keyword in HEADER_TAGS)
 
+# What reading a header raises when its data set cannot be read. zlib.error: a deflated data
+# set whose stream is damaged (pydicom inflates it whole).
+UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError, zlib.error)
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -80,11 +84,11 @@ class Intake:
             return Outcome("no-room", detail=f"{free / 1e6:.0f} MB free is below storage.disk.min_free "
                                              f"({config.storage.disk.min_free})")
         try:
-            routed = bool(config.routes) and only_to is None
-            tags, with_meta = _tags_to_read(config) if routed else (_HEADER_TAGS, False)
-            header = _read_header(received, tags, transfer_syntax, dataset_offset, with_meta)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError, zlib.error) as exc:
-            # zlib.error: a deflated data set whose stream is damaged (pydicom inflates it whole)
+            if config.routes and only_to is None:
+                header = read_for_routing(received, config, transfer_syntax, dataset_offset)
+            else:
+                header = _read_header(received, _HEADER_TAGS, transfer_syntax, dataset_offset)
+        except UNREADABLE as exc:
             return Outcome("unreadable", detail=f"cannot read its data set: {exc}")
         sop_uid = sop_instance_uid or _text(header, "SOPInstanceUID") or _meta(header, "MediaStorageSOPInstanceUID")
         sop_class = sop_class_uid or _text(header, "SOPClassUID") or _meta(header, "MediaStorageSOPClassUID")
@@ -148,6 +152,15 @@ class Intake:
         return Outcome("stored", instance.size)
 
 
+def read_for_routing(path: Path, config: Config, syntax: str | None = None, offset: int | None = None
+                     ) -> pydicom.Dataset:
+    """The header of ``path`` as intake reads it to index and route it under ``config``: what
+    ``route-test`` shows must be what a received instance is routed on. ``syntax`` and
+    ``offset``, when the caller knows them, say how and where its data set starts."""
+    tags, with_meta = _tags_to_read(config)
+    return _read_header(path, tags, syntax, offset, with_meta)
+
+
 _tags_for_config: tuple[Config, frozenset[int], bool] | None = None
 
 
@@ -158,8 +171,22 @@ def _tags_to_read(config: Config) -> tuple[frozenset[int], bool]:
     known = _tags_for_config
     if known is None or known[0] is not config:
         tested = rules.tested_tags(config.routes)
-        known = _tags_for_config = (config, _HEADER_TAGS | tested, any(tag >> 16 == 0x0002 for tag in tested))
+        creators = {creator for creator in map(_private_creator, tested) if creator is not None}
+        known = _tags_for_config = (config, _HEADER_TAGS | tested | creators,
+                                    any(tag >> 16 == 0x0002 for tag in tested))
     return known[1], known[2]
+
+
+def _private_creator(tag: int) -> int | None:
+    """The private creator element (gggg,00xx) that reserves the block of a private element
+    (gggg,xxee), or None when there is none (a public element, or a creator itself). In
+    Implicit VR only the creator's text lets pydicom look the element's VR up in its private
+    dictionary; without it the value stays raw bytes, and a rule on a private number would see
+    other text than in the whole header."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if group % 2 == 0 or element < 0x1000:
+        return None
+    return group << 16 | element >> 8
 
 
 def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | None, offset: int | None,

@@ -41,11 +41,13 @@ Conditions (``when``)
 A mapping: every entry must hold (``all``). Each key is one of
 
 * a DICOM keyword as pydicom spells it (``Modality``, ``StudyDescription``) or a tag written
-  ``(gggg,eeee)`` in hexadecimal — needed for private tags. File meta elements (group 0002,
+  ``(gggg,eeee)`` in hexadecimal — needed for private tags. A private element is read with
+  its private creator, so that its VR is known (in Implicit VR too) when pydicom's private
+  dictionary has it; otherwise its bytes are read as text. File meta elements (group 0002,
   e.g. ``TransferSyntaxUID``) are looked up in the file meta information. Pixel data is not
   read when routing, so it cannot be tested;
 * ``calling_ae`` / ``called_ae``: the AE titles of the association that sent the instance
-  (trailing spaces ignored);
+  (spaces around a title are not significant, on either side: ``"CT1 "`` is ``CT1``);
 * ``source_ip``: an address or network (``10.1.0.0/16``, ``fd00::/8``, ``192.168.5.20``), or a
   list of them: matches when the sender's address is inside one of them. IPv4 senders that
   reach an IPv6 socket (``::ffff:10.1.2.3``) are matched as IPv4;
@@ -62,15 +64,27 @@ operators, all of which must hold:
 ``regex: "(?i)scout"``    Python regular expression found anywhere in the value (anchor
                           with ``^...$``); ``(?i)`` makes it case-insensitive
 ``lt/le/gt/ge: N``        numeric comparison; a value that is not a number does not match
+                          (dates and times: see below)
 ``present: true|false``   the element exists and has a non-empty value (or not)
 ========================  ===================================================================
 
 Values are compared as the text written in the file: YAML's guesses do not apply, so
 ``PatientID: 00123`` means the text ``00123`` and ``BurnedInAnnotation: NO`` the text ``NO``.
+The spaces that pad a DICOM value are not part of it, in the file or in the rule (trailing ones
+for LT, ST and UT, leading ones too for the others).
 Comparisons are case-sensitive (code strings such as ``Modality`` are upper case by definition,
 and AE titles are case-sensitive); use ``regex`` with ``(?i)`` when case must not matter. For numeric elements (VR
 IS, DS, US, SS, UL, SL, UV, SV, FL, FD), ``eq``/``ne``/``in`` compare numbers, so ``SliceThickness:
-2.5`` matches ``2.50``. Dates (``StudyDate: {ge: 20240101}``) and times compare as numbers.
+2.5`` matches ``2.50``. A float is seen as the shortest text its precision holds: an FL (32
+bits) of 29.97 is ``29.97``, not ``29.969999313354492``.
+
+Dates (DA, ``StudyDate: {ge: 20240101}``), times (TM) and date-times (DT) compare as numbers
+with ``lt``/``le``/``gt``/``ge``, each side written out in full first: a date as YYYYMMDD; a time
+as HHMMSS.FFFFFF, so ``1015`` (10:15, a valid short form) is ``101500`` and ``StudyTime: {ge:
+100000}`` holds for it, and ``{ge: 1000}`` means 10:00 too; a date-time as
+YYYYMMDDHHMMSS.FFFFFF, a missing month or day taken as 01 and missing time as 00, its UTC offset
+left aside. An operand that is no such date or time is an error at load; ``eq``, ``in`` and the
+text operators see the value as written.
 
 An absent element never makes a rule fail with an error: it simply matches nothing except
 ``present: false`` and ``ne``. An element that is present but empty (a DICOM type 2 element)
@@ -90,12 +104,15 @@ Actions
   matching rules send to the same destination, their edits apply in rule order (the later
   rule wins for the same tag). Non-ASCII text switches the copy to UTF-8 (``ISO_IR 192``) when
   its character set cannot hold it. File meta, sequences, binary elements, private tags (for
-  ``set``), ``SOPClassUID``, ``SOPInstanceUID`` and ``SpecificCharacterSet`` cannot be edited.
+  ``set``), pixel data (``PixelData``, ``FloatPixelData``, ``DoubleFloatPixelData``: sent as
+  they are), ``SOPClassUID``, ``SOPInstanceUID`` and ``SpecificCharacterSet`` cannot be edited;
+  elements after the pixel data (a private group 7FE1) can.
 * ``discard: true`` — the instance is sent nowhere, not even to destinations named by earlier
   ``continue`` rules; evaluation stops.
 * ``continue: true`` — keep evaluating the following rules after this one matched.
 * ``stable_after: 2m`` — recorded per destination (the longest of the matching rules) for the
-  forwarder to hold a series until it has been quiet that long.
+  forwarder to hold the instance's study until no new instance of it has arrived for that long;
+  it needs ``send_to``.
 """
 
 from __future__ import annotations
@@ -109,6 +126,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydicom import config as pydicom_config
@@ -121,6 +139,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .valuetypes import is_ae_title
 from .yamlschema import INVALID, Context, describe, join, mapping_items, scalar_value
 
 if TYPE_CHECKING:
@@ -211,7 +230,7 @@ _NUMERIC_OPERATORS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 @dataclass(frozen=True)
 class ValueTest:
     """One operator and its operand: text for eq/ne/glob, a tuple of texts for in, a compiled
-    pattern for regex, a float for lt/le/gt/ge, a bool for present."""
+    pattern for regex, the number as written for lt/le/gt/ge, a bool for present."""
 
     operator: Operator
     operand: Any
@@ -225,7 +244,7 @@ class ValueTest:
         if op == "regex":
             return f"regex {_quote(value.pattern)}"
         if op in _NUMERIC_OPERATORS:
-            return f"{_NUMERIC_OPERATORS[op]} {value:g}"
+            return f"{_NUMERIC_OPERATORS[op]} {value}"
         return f"{op} {_quote(value)}"
 
 
@@ -329,6 +348,10 @@ _PROTECTED = {
     0x00080018: "the SOP Instance UID addresses the C-STORE and cannot be edited",
     0x00080005: "the character set is chosen by the appliance when an edit needs it",
 }
+# The forwarder copies the pixel data from the cached file as it is (streamed, or decoded a
+# frame at a time); an edit of it would be silently left out. Float Pixel Data, Double Float
+# Pixel Data, Pixel Data.
+_PIXEL_DATA = {0x7FE00008, 0x7FE00009, 0x7FE00010}
 
 
 def _failed(value: object) -> bool:
@@ -378,6 +401,16 @@ def _read_one(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
         tests = _read_tests(key_node, node, path, ctx, key, None)
         if _failed(tests):
             return INVALID
+        # Spaces around an AE title are not significant (PS3.5 6.2), and the association's
+        # titles are compared without them.
+        tests = _without_padding(tests, str.strip)
+        for test in tests:
+            titles = test.operand if test.operator == "in" else (test.operand,)
+            if test.operator in ("eq", "ne", "in") and not all(is_ae_title(t) for t in titles):
+                bad = next(t for t in titles if not is_ae_title(t))
+                ctx.error(key_node, path, f'expected an AE title (1-16 printable ASCII characters, no backslash), '
+                                          f'got "{bad}"')
+                return INVALID
         return OriginCondition(key, tests)  # type: ignore[arg-type]
     try:
         element = parse_tag(key)
@@ -390,7 +423,20 @@ def _read_one(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
     tests = _read_tests(key_node, node, path, ctx, str(element), element.vr)
     if _failed(tests):
         return INVALID
-    return ElementCondition(element, tests)
+    # The element's values are compared without their padding; so is what the rule says.
+    return ElementCondition(element, _without_padding(tests, str.rstrip if element.vr in _FREE_TEXT_VRS
+                                                               else str.strip))
+
+
+def _without_padding(tests: tuple[ValueTest, ...], strip: Callable[[str], str]) -> tuple[ValueTest, ...]:
+    """``tests`` with the spaces around their values (not their patterns) taken off."""
+    def stripped(test: ValueTest) -> ValueTest:
+        if test.operator in ("eq", "ne", "glob"):
+            return ValueTest(test.operator, strip(test.operand))
+        if test.operator == "in":
+            return ValueTest("in", tuple(strip(v) for v in test.operand))
+        return test
+    return tuple(stripped(t) for t in tests)
 
 
 def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, vr: str | None
@@ -412,7 +458,7 @@ def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, 
         if not node.value:
             ctx.error(key_node, path, "expected at least one operator, got an empty mapping")
             return INVALID
-        read = [_read_test(op, op_node, value, join(path, op), ctx) for op, op_node, value in items]
+        read = [_read_test(op, op_node, value, join(path, op), ctx, name, vr) for op, op_node, value in items]
         if any(t is INVALID for t in read) or len(read) < len(node.value):
             return INVALID
         tests = tuple(read)
@@ -425,7 +471,8 @@ def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, 
     return tests
 
 
-def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context) -> ValueTest:
+def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context, name: str, vr: str | None
+               ) -> ValueTest:
     if op not in OPERATORS:
         ctx.error(op_node, path, f'unknown operator "{op}" (operators: {", ".join(OPERATORS)})')
         return INVALID
@@ -451,11 +498,14 @@ def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context) -> V
             ctx.error(op_node, path, f"invalid regular expression: {exc}")
             return INVALID
     if op in _NUMERIC_OPERATORS:
-        number = _number(text)
-        if number is None:
+        if vr in _TIME_VRS:
+            if _comparable(text, vr) is None:
+                ctx.error(op_node, path, f"expected {_VR_FORMS[vr]} to compare {name} with, got {describe(node)}")
+                return INVALID
+        elif _comparable(text, None) is None:
             ctx.error(op_node, path, f"expected a number, got {describe(node)}")
             return INVALID
-        return ValueTest(op, number)  # type: ignore[arg-type]
+        return ValueTest(op, text)  # type: ignore[arg-type]
     return ValueTest(op, text)  # type: ignore[arg-type]
 
 
@@ -531,6 +581,9 @@ def _editable(key: str, at: Node, path: str, ctx: Context) -> TagRef:
         return INVALID
     if element.tag in _PROTECTED:
         ctx.error(at, path, _PROTECTED[element.tag])
+        return INVALID
+    if element.tag in _PIXEL_DATA:
+        ctx.error(at, path, f"{element} is sent as it is; pixel data cannot be edited")
         return INVALID
     return element
 
@@ -658,6 +711,9 @@ def route_problems(route: Route) -> list[tuple[str, str]]:
         problems.append((key, "tag edits apply to this rule's send_to destinations, and it has none"))
     if route.discard and route.continue_:
         problems.append(("continue", "a rule that discards stops evaluation; it cannot continue"))
+    if route.stable_after is not None and not route.send_to:
+        problems.append(("stable_after", "stable_after needs send_to: it holds the study for this rule's "
+                                         "destinations, and it has none"))
     return problems
 
 
@@ -688,7 +744,7 @@ class _Observed:
     name: str
     present: bool
     texts: tuple[str, ...]
-    numeric: bool
+    vr: str  # "" for an AE title of the association
     shown: str
 
 
@@ -707,7 +763,7 @@ def check(condition: Condition, dataset: Dataset, origin: OriginLike) -> Trace:
         return _check_source_ip(condition, origin.source_ip)
     if isinstance(condition, OriginCondition):
         value = str(getattr(origin, condition.field) or "").strip()
-        observed = _Observed(condition.field, bool(value), (value,) if value else (), False,
+        observed = _Observed(condition.field, bool(value), (value,) if value else (), "",
                              f"{condition.field} = {_quote(value)}" if value else f"{condition.field} not given")
         return _check_tests(condition.tests, observed)
     return _check_tests(condition.tests, _observe(dataset, condition.element))
@@ -728,18 +784,20 @@ def _test(test: ValueTest, observed: _Observed) -> bool:
         return not _test(ValueTest("eq", operand), observed)
     values = observed.texts
     if op in _NUMERIC_OPERATORS:
-        compare: Callable[[float, float], bool] = {
+        compare: Callable[[Decimal, Decimal], bool] = {
             "lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
             "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
         }[op]
-        numbers = (_number(v) for v in values)
-        return any(n is not None and compare(n, operand) for n in numbers)
+        bound = _comparable(operand, observed.vr)
+        numbers = (_comparable(v, observed.vr) for v in values)
+        return bound is not None and any(n is not None and compare(n, bound) for n in numbers)
     # Text operators also see the whole multi-valued value, so a backslash pattern can match it.
     candidates = values + ("\\".join(values),) if len(values) > 1 else values
+    numeric = observed.vr in _NUMERIC_VRS
     if op == "eq":
-        return any(_equal(v, operand, observed.numeric) for v in candidates)
+        return any(_equal(v, operand, numeric) for v in candidates)
     if op == "in":
-        return any(_equal(v, o, observed.numeric) for v in candidates for o in operand)
+        return any(_equal(v, o, numeric) for v in candidates for o in operand)
     if op == "glob":
         return any(fnmatch.fnmatchcase(v, operand) for v in candidates)
     if op == "regex":
@@ -751,9 +809,58 @@ def _equal(value: str, expected: str, numeric: bool) -> bool:
     if value == expected:
         return True
     if numeric:
-        a, b = _number(value), _number(expected)
+        a, b = _comparable(value, None), _comparable(expected, None)
         return a is not None and b is not None and a == b
     return False
+
+
+_TIME_VRS = {"DA", "TM", "DT"}
+_DIGITS = re.compile(r"[0-9]+")
+_FRACTION = re.compile(r"(?:\.[0-9]*)?")
+_UTC_OFFSET = re.compile(r"[+-][0-9]{4}$")
+
+
+def _comparable(text: str, vr: str | None) -> Decimal | None:
+    """``text`` as the number lt/le/gt/ge compare, or None if it is none. Decimal, so that a
+    date and time with its fraction of a second keeps every digit. A date, time or date-time
+    is first written out in full (see :func:`_time_in_full`)."""
+    if vr in _TIME_VRS:
+        full = _time_in_full(text, vr)
+        if full is None:
+            return None
+        text = full
+    try:
+        number = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    return None if number.is_nan() else number
+
+
+def _time_in_full(text: str, vr: str) -> str | None:
+    """A DA, TM or DT value in its one full form, so that its digits compare as a number: DA
+    YYYYMMDD; TM HHMMSS.FFFFFF, from HH, HHMM or HHMMSS with or without a fraction (PS3.5 6.2;
+    10:15 may be written 1015), and the colons of the retired HH:MM:SS taken out; DT
+    YYYYMMDDHHMMSS.FFFFFF, its missing month and day taken as 01 and its missing time as 00,
+    its UTC offset (&ZZXX) left aside. None when ``text`` is none of these."""
+    text = text.strip()
+    if vr == "DT":
+        text = _UTC_OFFSET.sub("", text)
+    elif vr == "TM":
+        text = text.replace(":", "")
+    whole, dot, fraction = text.partition(".")
+    if not _DIGITS.fullmatch(whole) or not _FRACTION.fullmatch(dot + fraction):
+        return None
+    if vr == "DA":
+        return whole if len(whole) == 8 and not dot else None
+    if vr == "TM":
+        if len(whole) not in (2, 4, 6):
+            return None
+        whole = whole.ljust(6, "0")
+    else:
+        if len(whole) not in (4, 6, 8, 10, 12, 14):
+            return None
+        whole += "0101000000"[len(whole) - 4:]
+    return whole + dot + fraction
 
 
 def _number(text: str) -> float | None:
@@ -777,20 +884,20 @@ def _observe(dataset: Dataset, element: TagRef) -> _Observed:
     # The receiver reads the file with its meta information; group 0002 lives there.
     source = getattr(dataset, "file_meta", None) if element.tag >> 16 == 0x0002 else dataset
     if source is None or element.tag not in source:
-        return _Observed(name, False, (), False, f"{name} absent")
+        return _Observed(name, False, (), "", f"{name} absent")
     try:
         elem = source[element.tag]
         value = elem.value
     except _UNREADABLE as exc:
         # A value pydicom cannot decode is "not matching", never a refused C-STORE.
-        return _Observed(name, False, (), False, f"{name} unreadable: {exc}")
+        return _Observed(name, False, (), "", f"{name} unreadable: {exc}")
     vr = str(elem.VR)
     if vr == "SQ" or isinstance(value, DicomSequence):
         count = len(value or ())
-        return _Observed(name, count > 0, (), False, f"{name} is a sequence of {count} item(s)")
+        return _Observed(name, count > 0, (), vr, f"{name} is a sequence of {count} item(s)")
     if isinstance(value, bytes | bytearray):
         if vr != "UN":
-            return _Observed(name, len(value) > 0, (), False, f"{name} = {len(value)} bytes")
+            return _Observed(name, len(value) > 0, (), vr, f"{name} = {len(value)} bytes")
         # An element pydicom does not know (private, implicit VR): read it as text.
         value = [v for v in value.decode("latin-1").rstrip("\x00 ").split("\\")] if value else []
     if value is None or value == "":
@@ -800,8 +907,10 @@ def _observe(dataset: Dataset, element: TagRef) -> _Observed:
     else:
         values = [value]
     strip = str.rstrip if vr in _FREE_TEXT_VRS else str.strip
-    # A plain float (FL, FD) prints as Python's shortest repr; DS and IS keep their text.
-    texts = tuple(repr(v) if type(v) is float else strip(str(v)).strip("\x00") for v in values)
+    # A float (FD, FL) is shown and compared as the shortest text that reads back as the same
+    # value at its precision, so that an FL of 29.97 reads 29.97 and not 29.969999313354492;
+    # DS and IS keep their text.
+    texts = tuple(_float_text(v, vr) if type(v) is float else strip(str(v)).strip("\x00") for v in values)
     present = any(texts)
     if not present:
         shown = f"{name} empty"
@@ -809,7 +918,21 @@ def _observe(dataset: Dataset, element: TagRef) -> _Observed:
         shown = f"{name} = {_quote(texts[0])}"
     else:
         shown = f"{name} = [" + ", ".join(_quote(t) for t in texts) + "]"
-    return _Observed(name, present, texts, vr in _NUMERIC_VRS, shown)
+    return _Observed(name, present, texts, vr, shown)
+
+
+def _float_text(value: float, vr: str) -> str:
+    """The shortest decimal text of ``value`` that an FL (32 bits) or an FD holds as ``value``."""
+    if vr != "FL" or not math.isfinite(value):
+        return repr(value)
+    try:
+        for digits in range(1, 10):  # 9 significant digits tell any two float32 apart
+            candidate = float(f"{value:.{digits}g}")
+            if struct.unpack("<f", struct.pack("<f", candidate))[0] == value:
+                return repr(candidate)
+    except OverflowError:  # not a 32-bit float after all (a value set in memory)
+        pass
+    return repr(value)
 
 
 def _check_source_ip(condition: SourceIPCondition, source_ip: str) -> Trace:
@@ -1104,7 +1227,8 @@ def explain(evaluation: Evaluation, routes: Sequence[Route]) -> list[str]:
     lines.append(f"decision: {decision.describe()}")
     for delivery in decision.deliveries:
         edits = "; ".join(str(e) for e in delivery.edits) or "no edits"
-        wait = f" (after the series is stable for {delivery.stable_after:g} s)" if delivery.stable_after else ""
+        wait = (f" (held until its study has had no new instance for {delivery.stable_after:g} s)"
+                if delivery.stable_after else "")
         lines.append(f"    {delivery.destination}: {edits}{wait}")
     if decision.status == "unrouted":
         lines.append("    the instance is kept in the cache and shown as unrouted")

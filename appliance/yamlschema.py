@@ -14,6 +14,9 @@ hint says how its YAML value is read:
 * ``Literal[...]``, ``tuple[T, ...]`` (a YAML list), ``Mapping[str, T]`` (a YAML mapping of
   names), ``T | None`` and nested dataclasses.
 
+YAML anchors and aliases (``&retry`` ... ``*retry``) and merge keys (``<<: *central``, which
+give a mapping the entries it does not set itself) mean what YAML 1.1 says.
+
 A field with a default is optional; one without is required. Unknown keys are errors. Every
 error carries the file, line and column (1-based) of the offending key or item and the dotted
 key path, e.g. ``appliance.yaml:14:5: destinations.central.port: expected an integer 1-65535,
@@ -272,12 +275,83 @@ def read_section(cls: type[T], node: Node, path: str, ctx: Context, where: Node 
 
 
 def compose(text: str, ctx: Context) -> Node | None:
-    """Parse YAML text into a node tree; a syntax error becomes a located problem."""
+    """Parse YAML text into a node tree, its merge keys expanded; a syntax error becomes a
+    located problem."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         column = mark.column + 1 if mark else 1
         ctx.problems.append(Problem(ctx.filename, line, column, "", f"YAML syntax error: {exc.problem}"))
         return None
+    if root is not None:
+        _MergeKeys(ctx).expand(root, "")
+    return root
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _MergeKeys:
+    """Expands YAML's merge keys (``<<: *defaults``, or ``<<: [*a, *b]``) in a node tree, in
+    place, as YAML 1.1's merge key type defines them: a mapping gets the entries of the merged
+    mappings that it does not set itself, and of several merged mappings the first that has a
+    key gives it. (PyYAML builds Python objects from the node tree only; this file is read
+    from the tree itself.) The readers then see plain mappings, and each merged entry keeps the
+    line and column where it is written, for errors to point at."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.done: set[int] = set()
+        self.open: set[int] = set()  # being expanded: an alias back to one of them is a loop
+
+    def expand(self, node: Node, path: str) -> None:
+        if id(node) in self.done or id(node) in self.open:
+            return
+        self.open.add(id(node))
+        if isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                self.expand(item, f"{path}[{i}]")
+        elif isinstance(node, MappingNode):
+            for key_node, value_node in node.value:
+                if not _is_merge(key_node):
+                    self.expand(value_node, join(path, str(getattr(key_node, "value", "?"))))
+            node.value = self._merged(node, path)
+        self.open.discard(id(node))
+        self.done.add(id(node))
+
+    def _merged(self, node: MappingNode, path: str) -> list[tuple[Node, Node]]:
+        own = [(k, v) for k, v in node.value if not _is_merge(k)]
+        if len(own) == len(node.value):
+            return own
+        where = join(path, "<<")
+        sources: list[MappingNode] = []
+        for key_node, value_node in node.value:
+            if not _is_merge(key_node):
+                continue
+            items = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+            for item in items:
+                if not isinstance(item, MappingNode):
+                    self.ctx.error(item, where, f"expected a mapping (or a list of mappings) to merge, "
+                                                f"got {describe(item)}")
+                elif id(item) in self.open:
+                    self.ctx.error(key_node, where, "a mapping cannot merge itself (an alias to a mapping "
+                                                    "it is part of)")
+                else:
+                    self.expand(item, where)
+                    sources.append(item)
+        taken = {k.value for k, _ in own if isinstance(k, ScalarNode)}
+        merged: list[tuple[Node, Node]] = []
+        for source in sources:
+            for key_node, value_node in source.value:
+                key = key_node.value if isinstance(key_node, ScalarNode) else None
+                if key is None or key not in taken:
+                    merged.append((key_node, value_node))
+                    if key is not None:
+                        taken.add(key)
+        return merged + own
+
+
+def _is_merge(key_node: Node) -> bool:
+    return isinstance(key_node, ScalarNode) and key_node.tag == _MERGE_TAG

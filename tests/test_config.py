@@ -88,6 +88,21 @@ BAD = [
      '2:3: logging.level: expected one of debug, info, warning, error, got "verbose"'),
     ("YAML syntax", "node:\n  port: [104\n", "3:1: YAML syntax error:"),
     ("tab indentation", "node:\n\tport: 104\n", "2:1: YAML syntax error:"),
+    # every key has a default: a file with none would be a box that forwards nothing
+    ("empty file", "", "1:1: the file has no settings"),
+    ("only comments", "# the editor saved this\n# and this\n", "1:1: the file has no settings"),
+    ("only document markers", "---\n...\n", "1:1: the file has no settings"),
+    ("empty mapping", "{}\n", "1:1: the file has no settings"),
+    # merge keys (<<)
+    ("merged value wrong", "destinations:\n  a: &a {ae_title: A, host: h, port: 104a}\n  b: {<<: *a, ae_title: B}\n",
+     '2:32: destinations.a.port: expected an integer 1-65535, got "104a"'),
+    ("merge of a scalar", "destinations:\n  a: {ae_title: A, host: h, port: 104, <<: 5}\n",
+     '2:44: destinations.a.<<: expected a mapping (or a list of mappings) to merge, got "5"'),
+    ("merge of itself", "destinations:\n  a: &a {ae_title: A, host: h, port: 104, <<: *a}\n",
+     "2:43: destinations.a.<<: a mapping cannot merge itself"),
+    ("merged key unknown", "destinations:\n  a: &a {ae_title: A, host: h, port: 104}\n"
+     "  b:\n    <<: [{prot: 105}, *a]\n    ae_title: B\n",
+     "4:11: destinations.b.prot: unknown key (known keys: ae_title, host, port,"),
 ]
 
 
@@ -97,6 +112,49 @@ def test_bad_file_names_line_column_and_key(case: str, text: str, expected: str)
         loads(text, "appliance.yaml")
     first = str(info.value.problems[0])
     assert first.startswith(f"appliance.yaml:{expected}"), first
+
+
+def test_a_merged_entry_that_fails_is_reported_once_for_each_mapping_that_has_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(BAD[-4][1], "appliance.yaml")
+    assert [(p.line, p.column, p.path) for p in info.value.problems] == [
+        (2, 32, "destinations.a.port"), (2, 32, "destinations.b.port")]
+
+
+MERGED = """\
+destinations:
+  central: &central
+    ae_title: PACS
+    host: pacs.example.org
+    port: 104
+    retry: {initial_delay: 5s, max_delay: 10m}
+  backup:
+    <<: *central
+    ae_title: PACS2
+    port: 105
+  third:
+    <<: [{host: third.example.org, port: 106}, *central]
+    ae_title: PACS3
+routes:
+  - &ct {when: {Modality: CT}, send_to: [central]}
+  - {<<: *ct, send_to: [backup, third]}
+"""
+
+SPELLED_OUT = """\
+destinations:
+  central: {ae_title: PACS, host: pacs.example.org, port: 104, retry: {initial_delay: 5s, max_delay: 10m}}
+  backup: {ae_title: PACS2, host: pacs.example.org, port: 105, retry: {initial_delay: 5s, max_delay: 10m}}
+  third: {ae_title: PACS3, host: third.example.org, port: 106, retry: {initial_delay: 5s, max_delay: 10m}}
+routes:
+  - {when: {Modality: CT}, send_to: [central]}
+  - {when: {Modality: CT}, send_to: [backup, third]}
+"""
+
+
+def test_merge_keys_read_as_the_settings_spelled_out() -> None:
+    """A mapping takes from ``<<`` what it does not set itself; of a list of merged mappings the
+    first that has a key gives it (YAML's merge key type)."""
+    assert loads(MERGED, "appliance.yaml") == loads(SPELLED_OUT, "appliance.yaml")
 
 
 def test_every_problem_is_reported_not_just_the_first() -> None:
@@ -162,6 +220,10 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert fail.stdout.strip() == f'{bad}:7:5: destinations.central.port: expected an integer 1-65535, got "104a"'
     missing = check_config(tmp_path / "nope.yaml")
     assert missing.returncode == 1 and "cannot read the file" in missing.stdout
+    blank = tmp_path / "blank.yaml"
+    blank.write_text("# to be filled in\n")
+    empty = check_config(blank)
+    assert empty.returncode == 1 and empty.stdout.strip() == f"{blank}:1:1: the file has no settings"
 
 
 def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
@@ -179,6 +241,17 @@ def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
         time.sleep(0.1)
     assert "reload refused, keeping the running configuration" in box.log()
     assert "node_typo: unknown key" in box.log()
+    assert echoscu(box.port, "CT1", "EDGE").returncode == 0
+    assert echoscu(box.port, "OTHER", "EDGE").returncode != 0
+
+    # A file blanked by an editor or cut short: all defaults would forward nothing.
+    box.config_path.write_text("# nothing here yet\n")
+    box.reload()
+    deadline = time.monotonic() + 10
+    while "the file has no settings" not in box.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"reload refused, keeping the running configuration: {box.config_path}:1:1: the file has no settings" \
+        in box.log()
     assert echoscu(box.port, "CT1", "EDGE").returncode == 0
     assert echoscu(box.port, "OTHER", "EDGE").returncode != 0
 

@@ -4,17 +4,23 @@ would run it; the report names every rule, the values it saw, and what would be 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import split_dataset
 
-from appliance.config import load
+from appliance.config import load, loads
+from appliance.db import open_database
+from appliance.intake import Intake
 from appliance.routetest import route_test
-from appliance.rules import Origin
+from appliance.rules import Decision, Origin
+from appliance.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -185,7 +191,7 @@ def test_the_report_of_each_file(workdir: Path) -> None:
 def test_the_report_of_one_file_in_process(workdir: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     config = load(workdir / "appliance.yaml")
     monkeypatch.chdir(workdir)  # the report names files as they were given
-    assert route_test([name], config, Origin("CT1", "EDGE", "10.1.2.3")) == EXPECTED[name]
+    assert route_test([name], config, Origin("CT1", "EDGE", "10.1.2.3")).text == EXPECTED[name]
 
 
 @needs_cli
@@ -212,13 +218,114 @@ def test_where_the_instance_came_from_changes_the_decision(
 
 
 @needs_cli
-def test_a_file_that_is_not_dicom_is_reported_and_the_rest_go_on(workdir: Path) -> None:
-    result = run_cli(workdir, "route-test", "notes.txt", "mr.dcm", "missing.dcm", "--config", "appliance.yaml")
-    assert result.returncode == 0, result.stderr
+def test_a_file_that_cannot_be_routed_says_why_the_rest_go_on_and_the_exit_status_is_1(workdir: Path) -> None:
+    cut = workdir / "cut.dcm"
+    cut.write_bytes((workdir / "ct.dcm").read_bytes()[:-3])  # a copy that ran out of room
+    result = run_cli(workdir, "route-test", "notes.txt", "mr.dcm", "cut.dcm", "missing.dcm", "--config",
+                     "appliance.yaml")
+    assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("notes.txt: cannot read it as DICOM: ")
+    assert lines[0] == ("notes.txt: cannot route it: not a DICOM file: no DICM prefix after the 128-byte "
+                        "preamble, and it does not start like a data set either")
     assert "  decision: send to central (by routes[4] default)" in lines
-    assert lines[-1].startswith("missing.dcm: cannot read it as DICOM: ")
+    assert "cut.dcm: cannot route it: truncated: its Pixel Data needs 4 bytes, the file ends after 1" in lines
+    assert lines[-1] == "missing.dcm: cannot route it: No such file or directory"
+    alone = run_cli(workdir, "route-test", "mr.dcm", "--config", "appliance.yaml")
+    assert alone.returncode == 0, alone.stderr
+
+
+def bare_data_set(path: Path, number: int, attributes: dict[str, str]) -> Path:
+    """An instance as older archives hold it: its data set alone, Implicit VR Little Endian,
+    without preamble and file meta."""
+    ds = pydicom.dcmread(write_instance(path, number, attributes))
+    del ds.file_meta
+    ds.preamble = None
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
+    assert path.read_bytes()[:2] == b"\x08\x00"
+    return path
+
+
+def test_a_bare_data_set_is_routed_as_appliance_send_routes_it(workdir: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """send gives a bare data set the file meta the receiver writes (its transfer syntax read from
+    the data set), and routes it on that: route-test says the same."""
+    config = load(workdir / "appliance.yaml")
+    bare_data_set(workdir / "bare.dcm", 5, {"Modality": "MR", "BodyPartExamined": "HEAD"})
+    monkeypatch.chdir(workdir)
+    before = sorted(p.name for p in workdir.iterdir())
+    report = route_test(["bare.dcm"], config)
+    assert report.unreadable == ()
+    assert "  decision: send to central (by routes[4] default)" in report.text.splitlines()
+
+    syntax = loads(CONFIG.split("routes:")[0] + "routes:\n"
+                   "  - when: {TransferSyntaxUID: 1.2.840.10008.1.2, SOPInstanceUID: 1.2.826.0.1.3680043.10.1.5}\n"
+                   "    send_to: [archive]\n", "appliance.yaml")
+    assert '      yes TransferSyntaxUID eq "1.2.840.10008.1.2"  (TransferSyntaxUID = "1.2.840.10008.1.2")' \
+        in route_test(["bare.dcm"], syntax).text.splitlines()
+    assert sorted(p.name for p in workdir.iterdir()) == before  # the file with meta was made elsewhere
+
+
+# A private element whose VR only the private dictionary knows: Siemens' NumberOfImagesInMosaic
+# (0019,xx0A), US, in the block that (0019,0010) "SIEMENS MR HEADER" reserves.
+PRIVATE_ROUTES = """\
+storage: {path: data, disk: {min_free: 0%}}
+destinations:
+  central: {ae_title: PACS, host: pacs.example, port: 104}
+routes:
+  - name: mosaic
+    when: {"(0019,100A)": 16, "(0019,100C)": {gt: 500}}
+    send_to: [central]
+"""
+
+
+def private_instance(path: Path, syntax: UID) -> Path:
+    ds = pydicom.dcmread(write_instance(path, 7 if syntax == ImplicitVRLittleEndian else 8, {"Modality": "MR"}))
+    block = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    block.add_new(0x0A, "US", 16)
+    block.add_new(0x0C, "IS", "1000")
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian], ids=["implicit", "explicit"])
+def test_a_private_number_is_routed_live_as_route_test_shows(tmp_path: Path, syntax: UID) -> None:
+    """In Implicit VR a private element's VR comes from the private dictionary, under its
+    creator's name: intake must read that creator too, or the rule sees raw bytes."""
+    config_path = tmp_path / "appliance.yaml"
+    config_path.write_text(PRIVATE_ROUTES)
+    config = load(config_path)
+    source = private_instance(tmp_path / "mosaic.dcm", syntax)
+
+    report = route_test([source], config)
+    assert "      yes (0019,100A) eq \"16\"  ((0019,100A) = \"16\")" in report.text.splitlines(), report.text
+    assert "  decision: send to central (by routes[0] mosaic)" in report.text.splitlines()
+
+    store = Store(config.storage.root)
+    store.prepare()
+    db = open_database(config.storage.root)
+    try:
+        intake = Intake(config, db, store)
+        meta, offset = split_dataset(source)
+        for way, offset_known in (("received", True), ("sent", False)):  # the receiver's way, send's way
+            received = store.incoming / f"{way}.dcm"
+            shutil.copyfile(source, received)
+            outcome = intake.admit(received, Origin(), transfer_syntax=str(meta.TransferSyntaxUID) if offset_known
+                                   else None, dataset_offset=offset if offset_known else None)
+            assert outcome.kind in ("stored", "replaced"), outcome
+            instance = db.find_instance(str(meta.MediaStorageSOPInstanceUID))
+            assert instance is not None and instance.decision is not None
+            assert Decision.from_json(instance.decision).destinations == ("central",), way
+    finally:
+        db.close()
+
+
+def test_a_held_destination_is_explained_per_study(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = loads(CONFIG.split("routes:")[0] + "routes:\n  - {send_to: [central], stable_after: 90s}\n",
+                   "appliance.yaml")
+    monkeypatch.chdir(workdir)
+    assert "      central: no edits (held until its study has had no new instance for 90 s)" \
+        in route_test(["mr.dcm"], config).text.splitlines()
 
 
 @needs_cli

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def make_dataset() -> Dataset:
     ds.BurnedInAnnotation = "NO"
     ds.AccessionNumber = "A123"
     ds.StudyDate = "20240315"
+    ds.StudyTime = "1015"  # 10:15, a valid short form (PS3.5 6.2 TM)
+    ds.AcquisitionDateTime = "20240315101500.123456+0100"
+    # An FL as read from a file: the float32 nearest 29.97.
+    ds.RecommendedDisplayFrameRateInFloat = struct.unpack("<f", struct.pack("<f", 29.97))[0]
     ds.SeriesDescription = "Scout 2"
     ds.ReferencedImageSequence = DicomSequence([Dataset()])
     ds.private_block(0x0009, "ACME 1.0", create=True).add_new(0x01, "LO", "EDGE-PRIVATE")
@@ -113,6 +118,21 @@ CONDITIONS = [
     ("{PatientID: 123}", CT1_V4, False),
     ("{BurnedInAnnotation: NO}", CT1_V4, True),  # YAML 1.1 would have read a boolean
     ("{StudyDate: {ge: 20240101, lt: 20250101}}", CT1_V4, True),
+    ("{StudyDate: {gt: 20240315}}", CT1_V4, False),
+    # times compare written out in full: 1015 is 10:15:00
+    ("{StudyTime: {ge: 100000}}", CT1_V4, True),
+    ("{StudyTime: {ge: 1000, lt: 1016}}", CT1_V4, True),
+    ("{StudyTime: {gt: 101500}}", CT1_V4, False),
+    ("{StudyTime: {le: '10:15:00'}}", CT1_V4, True),
+    ("{AcquisitionDateTime: {gt: 20240315101500.123455}}", CT1_V4, True),  # every digit counts
+    ("{AcquisitionDateTime: {lt: 20240315101500.123456}}", CT1_V4, False),
+    ("{AcquisitionDateTime: {ge: 2024, lt: 2025}}", CT1_V4, True),
+    # an FL compares at its own precision
+    ("{RecommendedDisplayFrameRateInFloat: 29.97}", CT1_V4, True),
+    ("{RecommendedDisplayFrameRateInFloat: {in: ['29.970', 30]}}", CT1_V4, True),
+    ("{RecommendedDisplayFrameRateInFloat: {ge: 29.97, le: 29.97}}", CT1_V4, True),
+    ("{RecommendedDisplayFrameRateInFloat: {gt: 29.97}}", CT1_V4, False),
+    ("{RecommendedDisplayFrameRateInFloat: {glob: '29.97'}}", CT1_V4, True),
     ("{AccessionNumber: {gt: 5}}", CT1_V4, False),  # not a number: no match, no crash
     # presence; absent and empty elements
     ("{Manufacturer: {present: false}}", CT1_V4, True),
@@ -140,6 +160,12 @@ CONDITIONS = [
     ("{called_ae: EDGE}", CT1_V4, True),
     ("{called_ae: {in: [PACS, ARCHIVE]}}", CT1_V4, False),
     ("{calling_ae: CT1}", UNKNOWN, False),
+    # the spaces that pad an AE title or a value count on neither side
+    ('{calling_ae: "CT1 "}', CT1_V4, True),
+    ('{calling_ae: {in: [" CT1", CT2]}}', CT1_V4, True),
+    ('{calling_ae: {ne: "CT1  "}}', CT1_V4, False),
+    ('{Modality: "CT "}', CT1_V4, True),
+    ('{"(0009,1001)": {glob: "EDGE-* "}}', CT1_V4, True),
     ("{calling_ae: {present: false}}", UNKNOWN, True),
     # source networks, IPv4 and IPv6
     ("{source_ip: 10.1.0.0/16}", CT1_V4, True),
@@ -167,6 +193,17 @@ def test_a_failed_condition_shows_the_value_it_saw() -> None:
         '    no  Modality eq "MR"  (Modality = "CT")',
         '    no  Manufacturer eq "ACME"  (Manufacturer absent)',
         '    no  ImageType eq "LOCALIZER"  (ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"])',
+    ]
+
+
+def test_a_comparison_shows_its_operand_as_written() -> None:
+    trace = check(condition("{StudyDate: {ge: 20240101}, SliceThickness: {ge: 1.5e1}, "
+                            "RecommendedDisplayFrameRateInFloat: {lt: 30}}"), make_dataset(), CT1_V4)
+    assert trace.lines() == [
+        "no  all of:",
+        '    yes StudyDate >= 20240101  (StudyDate = "20240315")',
+        '    no  SliceThickness >= 1.5e1  (SliceThickness = "2.50")',
+        '    yes RecommendedDisplayFrameRateInFloat < 30  (RecommendedDisplayFrameRateInFloat = "29.97")',
     ]
 
 
@@ -459,6 +496,25 @@ BAD_ROUTES = [
     ("- {send_to: [a], remove: [PatientComments, PatientComments]}",
      "6:44: routes[0].remove[1]: PatientComments is already listed at routes[0].remove[0]"),
     ("- {send_to: [a], remove: [SOPClassUID]}", "6:27: routes[0].remove[0]: the SOP Class UID addresses"),
+    # pixel data is sent as it is
+    ("- {send_to: [a], set: {PixelData: x}}",
+     "6:24: routes[0].set.PixelData: PixelData is sent as it is; pixel data cannot be edited"),
+    ("- {send_to: [a], remove: [Rows, PixelData]}",
+     "6:33: routes[0].remove[1]: PixelData is sent as it is; pixel data cannot be edited"),
+    ('- {send_to: [a], remove: ["(7FE0,0008)"]}',
+     "6:27: routes[0].remove[0]: FloatPixelData is sent as it is; pixel data cannot be edited"),
+    ("- {send_to: [a], remove: [DoubleFloatPixelData]}",
+     "6:27: routes[0].remove[0]: DoubleFloatPixelData is sent as it is; pixel data cannot be edited"),
+    # dates and times compared must be dates and times
+    ("- when: {StudyTime: {ge: 100}}", '6:22: routes[0].when.StudyTime.ge: expected a time HHMMSS.FFFFFF '
+                                      '(trailing parts optional) to compare StudyTime with, got "100"'),
+    ("- when: {StudyDate: {lt: 2024}}",
+     '6:22: routes[0].when.StudyDate.lt: expected a date YYYYMMDD to compare StudyDate with, got "2024"'),
+    # AE titles that cannot exist
+    ("- when: {calling_ae: ABCDEFGHIJKLMNOPQ}",
+     '6:10: routes[0].when.calling_ae: expected an AE title (1-16 printable ASCII characters, no backslash), '
+     'got "ABCDEFGHIJKLMNOPQ"'),
+    ('- when: {called_ae: {in: [EDGE, "  "]}}', '6:10: routes[0].when.called_ae: expected an AE title'),
 ]
 
 
@@ -486,7 +542,12 @@ def test_every_bad_rule_of_a_file_is_reported() -> None:
     ("- {set: {StationName: X}}", [("set", "tag edits apply to this rule's send_to destinations, and it has none")]),
     ("- {when: {Modality: CT}, discard: true, continue: true}",
      [("continue", "a rule that discards stops evaluation; it cannot continue")]),
+    ("- {when: {Modality: CT}, stable_after: 30s}",
+     [("stable_after", "stable_after needs send_to: it holds the study for this rule's destinations, "
+                       "and it has none")]),
     ("- {send_to: [a], set: {StationName: X}, remove: [PatientComments], continue: true}", []),
+    # elements after the pixel data stay editable (the forwarder applies those edits)
+    ('- {send_to: [a], remove: ["(7FE1,1010)"]}', []),
 ])
 def test_contradictions_within_a_rule(snippet: str, expected: list[tuple[str, str]]) -> None:
     """Contradictions are configuration errors, located at the rule's key."""
