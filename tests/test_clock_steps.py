@@ -45,7 +45,7 @@ def test_a_step_back_of_a_day_neither_stalls_a_retry_nor_a_stable_study(applianc
                        {"when": {"Modality": "MR"}, "send_to": ["stable"], "stable_after": "3s"}],
         }, env=clock.env)
         ct = write_series(tmp_path / "ct", "step-back", 1, 1, Series("CT", 1, 64, 64))
-        mr = write_series(tmp_path / "mr", "step-back", 1, 1, Series("MR", 4, 64, 64))
+        mr = write_series(tmp_path / "mr", "step-back", 1, 2, Series("MR", 4, 64, 64))  # instances of their own
         assert not storescu(box.port, ct).failed
         uid = sop_uid(ct[0])
         wait_until(lambda: uid in attempts(box, "down"), 20, "the down destination was never tried")
