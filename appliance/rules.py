@@ -420,6 +420,11 @@ def _read_one(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
     if element.tag >> 16 == 0x7FE0:
         ctx.error(key_node, path, "pixel data is not read when routing and cannot be tested")
         return INVALID
+    if element.tag > 0x7FE00010:
+        # The header is read up to the pixel data (reading on would walk every frame).
+        ctx.error(key_node, path, f"{element} comes after the pixel data, which is not read when routing:"
+                                  " it cannot be tested")
+        return INVALID
     tests = _read_tests(key_node, node, path, ctx, str(element), element.vr)
     if _failed(tests):
         return INVALID

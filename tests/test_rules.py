@@ -461,6 +461,8 @@ BAD_ROUTES = [
     ("- when: {ReferencedImageSequence: CT}",
      "6:10: routes[0].when.ReferencedImageSequence: ReferencedImageSequence is a sequence; it can only be tested"),
     ("- when: {PixelData: {present: true}}", "6:10: routes[0].when.PixelData: pixel data is not read when routing"),
+    ('- when: {"(7FE1,1001)": {present: true}}',
+     '6:10: routes[0].when.(7FE1,1001): (7FE1,1001) comes after the pixel data, which is not read when routing'),
     ("- when: CT", '6:9: routes[0].when: expected a mapping of conditions, got "CT"'),
     ("- when:\n  send_to: [a]", "6:8: routes[0].when: expected a mapping of conditions, got nothing"),
     ("- when: {}", "6:9: routes[0].when: expected at least one condition, got an empty mapping"),
