@@ -346,7 +346,7 @@ class Forwarder:
 
     def _send_batch(self, name: str, destination: Destination, batch: list[Work], link: _Link | None) -> _Link | None:
         started = time.monotonic()
-        wanted = self._contexts_for(batch)
+        batch, wanted = self._fitting(batch)
         endpoint = _endpoint(destination, self.config)
         if link is not None and link.endpoint != endpoint:
             log.info("destination %s was reconfigured: closing the association to the old settings", name)
@@ -446,6 +446,21 @@ class Forwarder:
         return outcome
 
     # ---- one association, one instance -----------------------------------------------------
+
+    def _fitting(self, batch: list[Work]) -> tuple[list[Work], set[tuple[str, str]]]:
+        """The front of ``batch`` whose contexts fit in one association (MAX_CONTEXTS), and
+        those contexts; the rest goes back to the queue, for the next association. A study of
+        many SOP classes (a release of a held study, a backlog after an outage: up to BATCH
+        instances) can need more; proposing only some would make a PACS that takes them all
+        look as if it refused the others."""
+        wanted: set[tuple[str, str]] = set()
+        for index, work in enumerate(batch):
+            more = wanted | self._contexts_for([work])
+            if len(more) > MAX_CONTEXTS and wanted:
+                self.db.unclaim(batch[index:])
+                return batch[:index], wanted
+            wanted = more
+        return batch, wanted
 
     def _contexts_for(self, batch: Sequence[Work]) -> set[tuple[str, str]]:
         """For each SOP class: the instances' own transfer syntaxes first, then the uncompressed

@@ -976,6 +976,45 @@ def test_send_to_one_destination_keeps_what_the_rules_queued_for_another(applian
     assert busy.stored()[0].dataset.InstitutionName == "EDITED FOR BUSY"
 
 
+def test_a_study_of_more_sop_classes_than_one_association_can_propose_is_delivered_whole(
+        appliance_factory, stack, tmp_path, monkeypatch) -> None:
+    """A held study of 65 instances of 65 SOP classes (private ones, as some vendors' objects
+    are) is released as one batch: 130 (class, syntax) pairs, more than the 128 presentation
+    contexts one association may carry. Every instance reaches the PACS, which accepts all of
+    them; none is a dead letter for a class that was never proposed to it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+    from pynetdicom import _config
+
+    classes = [f"1.2.826.0.1.3680043.9.9999.2.{n}" for n in range(1, 66)]
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", True)  # the test PACS stores private classes
+    pacs = stack.enter_context(RecordingSCP("MANY", sop_classes=classes, keep_datasets=False))
+    box = appliance_factory({"destinations": {"many": destination(pacs.ae_title, pacs.port)},
+                             "routes": [{"send_to": ["many"], "stable_after": "2s"}]})
+    study = generate_uid()
+    datasets = []
+    for number, sop_class in enumerate(classes, start=1):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.PatientID, ds.Modality, ds.InstanceNumber = "MANY", "OT", number
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        datasets.append(ds)
+    ae = AE(ae_title="VENDOR")
+    for sop_class in classes:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title=box.ae_title)
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    assert statuses == [0] * len(datasets)
+    wait_until(lambda: len(pacs.stored_uids()) == len(datasets), 30, lambda: f"queue: {queue_of(box, 'many')}")
+    state = queue_of(box, "many")
+    assert state["dead"] == 0 and state["delivered"] == len(datasets), state
+    assert set(pacs.stored_uids()) == {str(ds.SOPInstanceUID) for ds in datasets}
+
+
 def test_a_replacement_that_arrives_while_the_old_version_is_sent_is_sent_too(appliance_factory, stack,
                                                                               tmp_path) -> None:
     """A modality sends an image, then a corrected one with the same SOP Instance UID (another
