@@ -189,11 +189,14 @@ class Instance:
 
 _INSTANCE_COLUMNS = [f for f in Instance.__dataclass_fields__]
 
-# For a pending delivery ``d``: no delivery of its study to its destination is in flight. In
-# flight are at most a few batches (deliveries_due finds them); what a stopped run left in
-# flight is put back at start-up (requeue_in_flight).
-_NOT_IN_FLIGHT = ("NOT EXISTS (SELECT 1 FROM deliveries f WHERE f.destination = d.destination AND f.state = 'in_flight'"
-                  " AND f.study_instance_uid = d.study_instance_uid)")
+# For a pending delivery ``d`` to the destination given as its parameter: no delivery of its
+# study there is in flight. Not correlated, so SQLite lists the studies in flight once (at most
+# a few batches, found by deliveries_due) instead of once per pending row (a correlated NOT
+# EXISTS made each poll 200 us with 500 pending, 200 in flight). With nothing in flight (one
+# association) a poll costs what it did, 7 us here. What a stopped run left in flight is put back
+# at start-up (requeue_in_flight).
+_NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries"
+                  " WHERE destination = ? AND state = 'in_flight')")
 
 
 @dataclass(frozen=True)
@@ -530,11 +533,12 @@ class Database:
                 first = conn.execute(
                     "SELECT study_instance_uid FROM deliveries d WHERE destination = ? AND study_instance_uid = ?"
                     f" AND state = 'pending' AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} LIMIT 1",
-                    (destination, prefer, now)).fetchone()
+                    (destination, prefer, now, destination)).fetchone()
             if first is None:
                 first = conn.execute(
                     "SELECT study_instance_uid FROM deliveries d WHERE destination = ? AND state = 'pending'"
-                    f" AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} ORDER BY id LIMIT 1", (destination, now),
+                    f" AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} ORDER BY id LIMIT 1",
+                    (destination, now, destination),
                 ).fetchone()
             if first is None:
                 return []
@@ -559,9 +563,10 @@ class Database:
     def next_due(self, destination: str) -> float | None:
         """When the next pending delivery that :meth:`claim` could take is due (studies in
         flight on another association are not: see there)."""
-        row = self.query(f"SELECT min(next_attempt_at) FROM deliveries d WHERE destination = ? AND state = 'pending'"
-                         f" AND {_NOT_IN_FLIGHT}", (destination,))[0]
-        return None if row[0] is None else float(row[0])
+        # The index's order, to its first row that qualifies (a min() over a filter reads them all).
+        rows = self.query(f"SELECT next_attempt_at FROM deliveries d WHERE destination = ? AND state = 'pending'"
+                          f" AND {_NOT_IN_FLIGHT} ORDER BY next_attempt_at LIMIT 1", (destination, destination))
+        return float(rows[0][0]) if rows else None
 
     def postpone(self, work: Work, until: float) -> None:
         """Make a delivery back in the queue wait at least until ``until`` (schedule clock)."""
