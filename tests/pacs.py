@@ -511,6 +511,15 @@ def _db(box: ApplianceProcess) -> sqlite3.Connection:
     return conn
 
 
+def cache_rows(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
+    """The cache index (``instances``) by SOP Instance UID, read-only."""
+    conn = _db(box)
+    try:
+        return {r["sop_instance_uid"]: r for r in conn.execute("SELECT * FROM instances")}
+    finally:
+        conn.close()
+
+
 def deliveries(box: ApplianceProcess, name: str | None = None) -> dict[str, sqlite3.Row]:
     """Delivery rows by SOP Instance UID (of one destination, or all when each instance has one)."""
     sql = ("SELECT d.*, i.sop_instance_uid FROM deliveries d JOIN instances i ON i.id = d.instance_id"

@@ -42,6 +42,7 @@ from .pacs import (
     StoreSCP,
     as_status,
     attempts,
+    cache_rows,
     closed_port,
     deliveries,
     destination,
@@ -94,16 +95,6 @@ def send(box: ApplianceProcess, files: list[Path]) -> StoreResult:
         total.succeeded += result.succeeded
         total.output += result.output
     return total
-
-
-def cache_rows(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
-    """The cache index (``instances``) by SOP Instance UID, read-only."""
-    conn = sqlite3.connect(f"file:{box.data / 'appliance.db'}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["sop_instance_uid"]: r for r in conn.execute("SELECT * FROM instances")}
-    finally:
-        conn.close()
 
 
 def edit_config(box: ApplianceProcess, **sections: Any) -> None:
@@ -713,18 +704,23 @@ def test_cli_send_skips_what_it_cannot_import_says_why_and_imports_the_rest(appl
 
 # ---- cache lifecycle ---------------------------------------------------------------------------------
 
+def ct_to_good_mr_also_to_down(good: RecordingSCP, retention: dict[str, str]) -> dict[str, Any]:
+    """CT goes to ``good``; MR to ``good`` and to a destination that is down for good."""
+    return {
+        "destinations": {"good": destination(good.ae_title, good.port),
+                         "down": destination("DOWN", closed_port())},
+        "routes": [{"when": {"Modality": "CT"}, "send_to": ["good"]},
+                   {"when": {"Modality": "MR"}, "send_to": ["good", "down"]}],
+        "retention": retention,
+    }
+
+
 def test_delivered_instances_are_evicted_after_retention_undelivered_never(appliance_factory, stack,
                                                                           tmp_path) -> None:
     """With ``keep_delivered_for: 1s``, instances delivered everywhere leave the cache a second
     after delivery (``appliance ls`` shows them evicted); instances whose destination is down stay."""
     good = stack.enter_context(RecordingSCP("GOOD", keep_datasets=False))
-    box = appliance_factory({
-        "destinations": {"good": destination(good.ae_title, good.port),
-                         "down": destination("DOWN", closed_port())},
-        "routes": [{"when": {"Modality": "CT"}, "send_to": ["good"]},
-                   {"when": {"Modality": "MR"}, "send_to": ["good", "down"]}],
-        "retention": {"keep_delivered_for": "1s"},
-    })
+    box = appliance_factory(ct_to_good_mr_also_to_down(good, {"keep_delivered_for": "1s"}))
     ct = write_series(tmp_path / "ct", "evict", 1, 1, Series("CT", 3, 64, 64))
     mr = write_series(tmp_path / "mr", "evict", 2, 1, Series("MR", 2, 64, 64), patient="PAT002")
     send(box, ct + mr)
@@ -763,13 +759,7 @@ def test_records_of_evicted_instances_are_forgotten_after_keep_history_for(appli
     """With ``keep_history_for: 1s``, an evicted instance's record, deliveries and attempts leave
     the database soon after; an instance still owed to a destination keeps all of its own."""
     good = stack.enter_context(RecordingSCP("GOOD", keep_datasets=False))
-    box = appliance_factory({
-        "destinations": {"good": destination(good.ae_title, good.port),
-                         "down": destination("DOWN", closed_port())},
-        "routes": [{"when": {"Modality": "CT"}, "send_to": ["good"]},
-                   {"when": {"Modality": "MR"}, "send_to": ["good", "down"]}],
-        "retention": {"keep_delivered_for": "0s", "keep_history_for": "1s"},
-    })
+    box = appliance_factory(ct_to_good_mr_also_to_down(good, {"keep_delivered_for": "0s", "keep_history_for": "1s"}))
     ct = write_series(tmp_path / "ct", "history", 1, 1, Series("CT", 3, 64, 64))
     mr = write_series(tmp_path / "mr", "history", 2, 1, Series("MR", 2, 64, 64), patient="PAT002")
     send(box, ct + mr)

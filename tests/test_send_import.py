@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,24 +22,13 @@ from appliance.rules import Origin
 from appliance.store import Store
 
 from .corpus import Series, compress, make_instance, write_series
-from .pacs import RecordingSCP, closed_port, destination, queue, sop_uid, wait_until
-from .peers import ApplianceProcess
+from .pacs import RecordingSCP, cache_rows, closed_port, destination, queue, sop_uid, wait_until
 
 
 @pytest.fixture
 def stack() -> Iterator[ExitStack]:
     with ExitStack() as peers:
         yield peers
-
-
-def cached(box: ApplianceProcess) -> dict[str, sqlite3.Row]:
-    """The cache index (``instances``) by SOP Instance UID."""
-    conn = sqlite3.connect(f"file:{box.data / 'appliance.db'}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["sop_instance_uid"]: r for r in conn.execute("SELECT * FROM instances")}
-    finally:
-        conn.close()
 
 
 def cut(source: Path, target: Path, keep: int) -> Path:
@@ -111,21 +99,22 @@ def test_send_imports_only_whole_instances_and_says_why_it_skips_the_rest(applia
     }, result.stderr
 
     expected = {sop_uid(p) for p in good} | {bare.SOPInstanceUID}
-    assert set(cached(box)) == expected
+    assert set(cache_rows(box)) == expected
     wait_until(lambda: set(pacs.stored_uids()) == expected, 30, lambda: f"queue: {queue(box)}")
     received = {r.sop_instance_uid: r.dataset for r in pacs.stored()}
     for path in good:
         assert received[sop_uid(path)].PixelData == pydicom.dcmread(path).PixelData
     assert received[bare.SOPInstanceUID].PixelData == bare.PixelData
     # The bare data set is cached as a PS3.10 file, its data set byte for byte.
-    cached_bare = Path(cached(box)[bare.SOPInstanceUID]["path"]).read_bytes()
+    cached_bare = Path(cache_rows(box)[bare.SOPInstanceUID]["path"]).read_bytes()
     assert cached_bare[128:132] == b"DICM"
     assert cached_bare.endswith((medium / "bare").read_bytes())
-    assert pydicom.dcmread(cached(box)[bare.SOPInstanceUID]["path"]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    cached_meta = pydicom.dcmread(cache_rows(box)[bare.SOPInstanceUID]["path"]).file_meta
+    assert cached_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
 
     again = box.cli("send", str(medium), check=False)
     assert again.returncode == 1 and "skipped 5" in again.stdout, again.stdout + again.stderr
-    assert set(cached(box)) == expected  # the same instances, no new rows
+    assert set(cache_rows(box)) == expected  # the same instances, no new rows
 
 
 def test_send_refuses_what_cannot_be_read_whole(appliance_factory, tmp_path) -> None:
@@ -158,8 +147,8 @@ def test_send_refuses_what_cannot_be_read_whole(appliance_factory, tmp_path) -> 
                     "its transfer syntax cannot be known",
         "only-meta.dcm": "truncated: nothing after its file meta",
     }, result.stderr
-    assert set(cached(box)) == {sop_uid(plain[1])}
-    assert Path(cached(box)[sop_uid(plain[1])]["path"]).read_bytes()[128:132] == b"DICM"
+    assert set(cache_rows(box)) == {sop_uid(plain[1])}
+    assert Path(cache_rows(box)[sop_uid(plain[1])]["path"]).read_bytes()[128:132] == b"DICM"
 
 
 def test_queue_marks_a_destination_that_is_no_longer_configured(appliance_factory, tmp_path) -> None:
