@@ -1,10 +1,10 @@
 """A DICOM file found on disk (a CD, a USB stick, an archive), before ``appliance send``
 imports it: whether it is a complete instance, and why not when it is not.
 
-A C-STORE arrives whole — the receiver reads its data set to the last fragment and removes the
-file of an association that ends first — but a file on disk may have been cut short by an
-interrupted copy or a full stick. Intake reads the header only up to the pixel data, so without
-this check a truncated image would be cached and forwarded. Media also hold files that are no
+A file on disk may have been cut short by an interrupted copy or a full stick. Intake reads the
+header only up to the pixel data and checks that a plain pixel data's value fits in the file;
+this walks everything else too — compressed fragments, sequences, the elements after the pixel
+data — so that no truncated image is cached and forwarded. Media also hold files that are no
 instance (a DICOMDIR, a desktop's index files) and, from older archives, bare data sets without
 the preamble and file meta of PS3.10; those are given the meta the receiver writes, so that
 every cached file is laid out alike.

@@ -223,35 +223,43 @@ class Forwarder:
         last_eviction = last_pruned = last_seen = 0.0
         next_eviction = CACHE_CHECK
         while not self._stop.is_set():
-            now = self.db.schedule_now()
-            if now - last_seen >= clock.SEEN_EVERY:
-                last_seen = now
-                self.db.schedule_seen()
-            next_release = self.db.next_release()
-            if next_release is not None and next_release <= now:
-                released = self.db.release_stable_studies(now)
-                for study, destination in released:
-                    log.info("study %s is stable: released to %s", study, destination)
-                if released:
-                    self.wake()
-            if now - last_eviction >= next_eviction:
-                last_eviction = now
-                try:
-                    stuck = self.evict(time.time()) < 0
-                    self.store.keep_reserve(self.config.storage.disk.min_free)
-                except (OSError, sqlite3.OperationalError) as exc:
-                    # A full disk (the database cannot record an eviction): the failed write
-                    # has removed the reserve, so the next round has room to go on.
-                    log.error("cache eviction failed: %s", exc)
-                    stuck = False
-                # Above the high watermark with nothing delivered to evict (a destination down
-                # for days): look again, and say so again, only every few minutes.
-                next_eviction = CACHE_SCAN_MAX if stuck else CACHE_CHECK
-            keep_history_for = self.config.retention.keep_history_for
-            if now - last_pruned >= min(CACHE_SCAN_MAX, max(CACHE_CHECK, keep_history_for / 100)):
-                last_pruned = now
-                self.prune_history(time.time() - keep_history_for, now - keep_history_for)
-            next_release = self.db.next_release()
+            try:
+                now = self.db.schedule_now()
+                if now - last_seen >= clock.SEEN_EVERY:
+                    last_seen = now
+                    self.db.schedule_seen()
+                next_release = self.db.next_release()
+                if next_release is not None and next_release <= now:
+                    released = self.db.release_stable_studies(now)
+                    for study, destination in released:
+                        log.info("study %s is stable: released to %s", study, destination)
+                    if released:
+                        self.wake()
+                if now - last_eviction >= next_eviction:
+                    last_eviction = now
+                    try:
+                        stuck = self.evict(time.time()) < 0
+                        self.store.keep_reserve(self.config.storage.disk.min_free)
+                    except OSError as exc:
+                        log.error("cache eviction failed: %s", exc)
+                        stuck = False
+                    # Above the high watermark with nothing delivered to evict (a destination
+                    # down for days): look again, and say so again, only every few minutes.
+                    next_eviction = CACHE_SCAN_MAX if stuck else CACHE_CHECK
+                keep_history_for = self.config.retention.keep_history_for
+                if now - last_pruned >= min(CACHE_SCAN_MAX, max(CACHE_CHECK, keep_history_for / 100)):
+                    last_pruned = now
+                    self.prune_history(time.time() - keep_history_for, now - keep_history_for)
+                next_release = self.db.next_release()
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                # Any write of the round (an eviction, the history, a release): the failed write
+                # has removed the reserve (Database.transaction), so the next round has room to
+                # evict, rather than the process ending and starting over on the same full disk.
+                log.error("the disk is full (%s): the scheduler tries again in %.0f s", exc, CACHE_CHECK)
+                self._sleep(CACHE_CHECK)
+                continue
             self._sleep(min(POLL, max(0.01, next_release - self.db.schedule_now())) if next_release else POLL)
 
     def evict(self, now: float) -> int:
@@ -453,7 +461,10 @@ class Forwarder:
         many SOP classes (a release of a held study, a backlog after an outage: up to BATCH
         instances) can need more; proposing only some would make a PACS that takes them all
         look as if it refused the others."""
-        wanted: set[tuple[str, str]] = set()
+        wanted = self._contexts_for(batch)
+        if len(wanted) <= MAX_CONTEXTS:  # nearly always
+            return batch, wanted
+        wanted = set()
         for index, work in enumerate(batch):
             more = wanted | self._contexts_for([work])
             if len(more) > MAX_CONTEXTS and wanted:

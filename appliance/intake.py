@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from . import rules
 from .config import Config
@@ -210,7 +211,7 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
             # says so. Refused like any data set that cannot be read (what DCMTK answers), so
             # that no corrupt image is acknowledged and forwarded. pydicom stops at the tag:
             # the value follows an 8-byte header, or 12 in explicit VR (OB, OW, UN...).
-            header_size = 8 if encoding.is_implicit_VR or pixels.vr not in _LONG_VRS else 12
+            header_size = 8 if encoding.is_implicit_VR or pixels.vr not in EXPLICIT_VR_LENGTH_32 else 12
             needed = source.tell() + header_size + pixels.length
             size = os.fstat(source.fileno()).st_size
             if needed > size:
@@ -220,8 +221,6 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
     return header
 
 
-# Explicit VRs with a 2-byte reserved field and a 32-bit length (PS3.5 7.1.2).
-_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 
 
 class _PixelsAt:
