@@ -91,27 +91,14 @@ def _edited_after_pixels(src: BinaryIO, out: BinaryIO, header: Dataset, edits: S
     such as GE's (7FE1,xxxx)): the header written edited, the pixel data element copied byte for
     byte (its header, its value, the fragments of a compressed one), then the elements after it
     edited and re-encoded, in the file's own syntax. Data Set Trailing Padding is dropped."""
-    syntax = header.file_meta.TransferSyntaxUID
     start = src.tell()
-    pixels = next(data_element_generator(src, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=0), None)
-    end = src.tell()  # after its value: pydicom skipped it (a compressed one to its delimiter)
-    if pixels is not None:
-        header.update(read_dataset(src, syntax.is_implicit_VR, syntax.is_little_endian,
-                                   parent_encoding=header.original_character_set))
-    header.pop(_TRAILING_PADDING, None)
+    pixels, end = _read_past_pixels(src, header)
     rules.apply_edits(header, edits)
-    after = _split_after(header, pixels) if isinstance(pixels, RawDataElement) else Dataset()
+    after = _split_after(header, pixels) if pixels is not None else Dataset()
     header.save_as(out, enforce_file_format=True)
     if pixels is not None:
-        src.seek(start)
-        left = end - start
-        while left:
-            chunk = src.read(min(left, _CHUNK))
-            if not chunk:
-                raise EOFError(f"the file ends {left} bytes into its pixel data")
-            out.write(chunk)
-            left -= len(chunk)
-        _write_elements(out, after, syntax, header)
+        _copy_range(src, out, start, end - start, 1)
+        _write_elements(out, after, header.file_meta.TransferSyntaxUID, header)
 
 
 def decoded_copy(source: Path, edits: Sequence[rules.TagEdit], syntax: UID, directory: Path) -> Path:
@@ -127,7 +114,7 @@ def decoded_copy(source: Path, edits: Sequence[rules.TagEdit], syntax: UID, dire
     try:
         with open(source, "rb") as src, os.fdopen(fd, "w+b") as out:
             dataset = pydicom.dcmread(src, stop_before_pixels=True)
-            pixels = _read_past_pixels(src, dataset)
+            pixels, _ = _read_past_pixels(src, dataset)
             if pixels is None:
                 raise ValueError("it has no pixel data to decode")
             frames_expected = int(dataset.get("NumberOfFrames", 1) or 1)
@@ -201,7 +188,7 @@ def reencoded_copy(source: Path, edits: Sequence[rules.TagEdit], syntax: UID, di
             # between them goes the pixel data element, by hand: in both little endian syntaxes
             # its value is the same bytes, copied from src in chunks, and only its header differs
             # (Implicit VR: tag, 32-bit length; Explicit VR: tag, VR, 2 reserved bytes, 32-bit length).
-            pixels = _read_past_pixels(src, dataset)
+            pixels, _ = _read_past_pixels(src, dataset)
             dataset.file_meta.TransferSyntaxUID = syntax
             rules.apply_edits(dataset, edits)
             after = _split_after(dataset, pixels) if pixels is not None else Dataset()
@@ -222,22 +209,24 @@ def reencoded_copy(source: Path, edits: Sequence[rules.TagEdit], syntax: UID, di
     return Path(temp)
 
 
-def _read_past_pixels(src: BinaryIO, dataset: Dataset) -> RawDataElement | None:
+def _read_past_pixels(src: BinaryIO, dataset: Dataset) -> tuple[RawDataElement | None, int]:
     """Read on in ``src`` from where ``stop_before_pixels`` left it (at the pixel data's tag):
     return the pixel data element without its value — ``value_tell`` and ``length`` say where
-    it is — and add the elements after it to ``dataset``; take Data Set Trailing Padding out.
-    None if there is no pixel data (then ``stop_before_pixels`` read to the end)."""
+    it is — and where the element ends in ``src`` (after the fragments of a compressed one);
+    add the elements after it to ``dataset``; take Data Set Trailing Padding out. None if there
+    is no pixel data (then ``stop_before_pixels`` read to the end)."""
     syntax = dataset.file_meta.TransferSyntaxUID
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     # defer_size=0: pydicom skips the value instead of reading it, also an encapsulated one of
     # undefined length (it walks its fragments), and leaves the file after it.
     pixels = next(data_element_generator(src, implicit, little, defer_size=0), None)
+    end = src.tell()
     if pixels is not None:
         if not isinstance(pixels, RawDataElement):
             raise ValueError(f"its pixel data {pixels.tag} is a sequence")
         dataset.update(read_dataset(src, implicit, little, parent_encoding=dataset.original_character_set))
     dataset.pop(_TRAILING_PADDING, None)
-    return pixels
+    return pixels, end
 
 
 def _split_after(dataset: Dataset, pixels: RawDataElement) -> Dataset:
@@ -272,8 +261,14 @@ def _copy_value(src: BinaryIO, out: BinaryIO, element: RawDataElement, word_size
         raise ValueError("its pixel data is encapsulated in an uncompressed transfer syntax")
     if element.length % word_size:
         raise ValueError(f"its pixel data's length {element.length} is not a whole number of {word_size}-byte words")
-    src.seek(element.value_tell)
-    left = element.length
+    _copy_range(src, out, element.value_tell, element.length, word_size)
+
+
+def _copy_range(src: BinaryIO, out: BinaryIO, start: int, length: int, word_size: int) -> None:
+    """Copy ``length`` bytes of the pixel data from ``start`` in ``src`` to ``out`` in chunks,
+    swapping the byte order of each word of ``word_size`` bytes (1: copied as they are)."""
+    src.seek(start)
+    left = length
     while left:
         chunk = src.read(min(left, _CHUNK))  # a multiple of every word size
         if not chunk:
