@@ -616,20 +616,20 @@ class Forwarder:
     def _send_chain(self, name: str, destination: Destination, link: _Link,
                     run: list[tuple[Work, hotpath.ChainItem]]) -> tuple[int, str | None]:
         """Send ``run`` back to back: each delivery is recorded by the DUL thread as its
-        response comes in, and only then is the next request sent (so a crash leaves at most
-        one instance sent and unrecorded, as one at a time does). Returns how many were
+        response comes in, while the next request goes out but for its last byte, which waits
+        for the record (so a crash leaves at most one instance stored by the peer and
+        unrecorded, as one at a time does). Returns how many were
         delivered and recorded, and the outcome of the next one if it was sent (None if the
         chain stopped before it: the caller goes on from there)."""
         works = [work for work, _ in run]
 
-        def accept(index: int, response: C_STORE) -> bool:  # DUL thread
-            status = int(response.Status)  # type: ignore[arg-type]
-            if statuses.store_outcome(status) != "delivered":
-                return False  # the worker records it, its usual way
-            self.db.finish(works[index], "delivered", status, None)
-            return True
+        def goes_on(response: C_STORE) -> bool:  # DUL thread; if not, the worker records it its usual way
+            return statuses.store_outcome(int(response.Status)) == "delivered"  # type: ignore[arg-type]
 
-        chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.next_message_id(), accept,
+        def record(index: int, response: C_STORE) -> None:  # DUL thread
+            self.db.finish(works[index], "delivered", int(response.Status), None)  # type: ignore[arg-type]
+
+        chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.next_message_id(), goes_on, record,
                                    self._stop.is_set)
         try:
             delivered, response, sent = chain.run()

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import queue
+import socket
 import struct
 import tempfile
 import threading
@@ -313,30 +314,55 @@ class FileMessage:
         self.source = source
         self.length = length  # bytes of data set from the source's current position
         self.max_pdu = max_pdu  # the peer's limit; 0 = none
+        self._held = b""  # the end of the message, while send(hold_back=True) keeps it
 
     @staticmethod
     def usable(assoc: Any) -> bool:
         """Whether an association can send this way (nobody watches its PDUs one by one)."""
         return not any(assoc.get_handlers(event) for event in _REPORTING_SENT)
 
-    def send(self, dul: Any) -> None:
+    def send(self, dul: Any, hold_back: bool = False) -> None:
         """Write all its PDUs (DUL thread). On a connection error the DUL gets Evt17, as
         pynetdicom's ``AssociationSocket.send`` gives it; outside the established state the
-        message is dropped (the association is ending: the sender gets no response)."""
+        message is dropped (the association is ending: the sender gets no response).
+
+        ``hold_back`` keeps the last byte of the last PDU for :meth:`send_rest`: until it goes
+        out, the peer has all of the request but cannot act on it."""
         try:
             if dul.state_machine.current_state != "Sta6":
                 log.debug("dropped a C-STORE-RQ queued as the association left the established state")
                 return
             raw = dul.socket.socket
             raw.sendall(_pdu_header(len(self.command) + 6, self.context_id, COMMAND | LAST) + self.command)
-            self._send_data_set(dul, raw)
+            self._send_data_set(dul, raw, hold_back)
         except OSError as exc:
             log.debug("sending a C-STORE-RQ failed: %s", exc)
+            self._held = b""
             dul.event_queue.put("Evt17")
         finally:
             self.source.close()
 
-    def _send_data_set(self, dul: Any, raw: Any) -> None:
+    def send_rest(self, dul: Any) -> None:
+        """Write what :meth:`send` held back (DUL thread); nothing if the send failed."""
+        held, self._held = self._held, b""
+        if held:
+            try:
+                dul.socket.socket.sendall(held)
+            except OSError as exc:
+                log.debug("sending a C-STORE-RQ failed: %s", exc)
+                dul.event_queue.put("Evt17")
+
+    def abandon(self, dul: Any) -> None:
+        """Never complete a request sent with its last byte held back: the connection is shut
+        down, so the peer sees it end mid-PDU (and stores nothing of it), and the DUL sees it
+        closed. The association is lost."""
+        self._held = b""
+        try:
+            dul.socket.socket.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:
+            log.debug("shutting down the connection failed: %s", exc)
+
+    def _send_data_set(self, dul: Any, raw: Any, hold_back: bool = False) -> None:
         """The data set as pynetdicom cuts it (fragments of ``max_pdu - 6`` bytes, one PDV per
         PDU, the last flagged), assembled in one fixed buffer and sent whenever it is full."""
         remaining = self.length
@@ -368,6 +394,9 @@ class FileMessage:
                     raise OSError(f"the file being sent is shorter than its {self.length} bytes of data set")
                 used += count
                 size -= count
+        if hold_back:
+            used -= 1
+            self._held = bytes(view[used:used + 1])
         flush()
 
 
@@ -468,19 +497,24 @@ class StoreChain:
     :func:`store_file` hands every response from the DUL thread to the waiting sender and every
     request back — two thread switches per instance on the path the next instance waits on.
     A chain sends its first request as store_file does; then the DUL thread, as it decodes
-    each response (``pdata``), calls ``accept(index, response)`` and, if that returns True,
-    sends the next request itself. ``accept`` runs in the DUL thread and must record the
-    outcome before returning True: so the next request goes out only after the previous
-    outcome is recorded, as with store_file. A response that ``accept`` refuses (a failure
-    status), one pynetdicom decodes (with an error comment), no response within the DIMSE
-    timeout, an abort, or a next file that cannot be opened ends the chain, and :meth:`run`
-    reports where, for the sender to deal with that instance its usual way."""
+    each response (``pdata``), asks ``delivered(response)`` whether the chain goes on, and if
+    so sends the next request but for its last byte, has ``record(index, response)`` record
+    the outcome, and only then sends that last byte. The peer receives the next instance while
+    the outcome is recorded — which is what the next instance would otherwise wait for — but
+    cannot store it before: a crash leaves at most one instance sent and unrecorded, as
+    store_file does. A response that is not ``delivered`` (a failure status), one pynetdicom
+    decodes (with an error comment), no response within the DIMSE timeout, an abort, or a
+    next file that cannot be opened ends the chain, and :meth:`run` reports where, for the
+    sender to deal with that instance its usual way. So does a ``record`` that raises; the
+    next request, held back, is then abandoned with the association (:meth:`FileMessage.abandon`)."""
 
     def __init__(self, assoc: Any, items: list[ChainItem], first_message_id: int,
-                 accept: Callable[[int, C_STORE], bool], halted: Callable[[], bool]) -> None:
+                 delivered: Callable[[C_STORE], bool], record: Callable[[int, C_STORE], None],
+                 halted: Callable[[], bool]) -> None:
         self.assoc = assoc
         self.items = items
-        self.accept = accept
+        self.delivered = delivered
+        self.record = record
         self.halted = halted
         self.message_id = first_message_id
         self.index = 0  # the item whose response is awaited
@@ -492,7 +526,7 @@ class StoreChain:
         self._lock = threading.Lock()
 
     def run(self) -> tuple[int, C_STORE | None, bool]:
-        """Send the items; returns (how many ``accept`` took, the response of the next one or
+        """Send the items; returns (how many were recorded, the response of the next one or
         None, whether that next one was sent). Waits at most the DIMSE timeout for each
         response; on no response, pynetdicom's handling (an abort)."""
         assoc, first = self.assoc, self.items[0]
@@ -548,29 +582,41 @@ class StoreChain:
     def _take(self, response: C_STORE) -> bool:
         if self._ended or response.MessageIDBeingRespondedTo != self.message_id:
             return False
+        if not self.delivered(response):
+            self._ended = True
+            return False
+        following = self._following()
+        if following is not None:
+            following.send(self.assoc.dul, hold_back=True)
         try:
-            if not self.accept(self.index, response):
-                self._ended = True
-                return False
+            self.record(self.index, response)
         except Exception:  # noqa: BLE001 - the sender records it again, and sees the error itself
             log.exception("recording a C-STORE outcome failed in the DUL thread")
             self._ended = True
+            if following is not None:
+                following.abandon(self.assoc.dul)
             return False
         self.index += 1
-        if self.index == len(self.items) or self.halted():
+        if following is None:
             self._end(sent=False)
             return True
-        item = self.items[self.index]
         self.message_id = self.message_id % 0xFFFF + 1
+        following.send_rest(self.assoc.dul)
+        return True
+
+    def _following(self) -> FileMessage | None:
+        """The request after the one just answered, its file opened; None if the chain ends
+        there (the last item, halted, or a file that cannot be sent this way)."""
+        index = self.index + 1
+        if index == len(self.items) or self.halted():
+            return None
+        item = self.items[index]
         try:
-            message = _file_store_message(self.assoc, item.context_id, item.path, item.sop_class,
-                                          item.sop_instance, self.message_id)
+            return _file_store_message(self.assoc, item.context_id, item.path, item.sop_class,
+                                       item.sop_instance, self.message_id % 0xFFFF + 1)
         except (OSError, StoreUnsupported) as exc:
             log.debug("chain ends before %s: %s", item.path, exc)
-            self._end(sent=False)
-            return True
-        message.send(self.assoc.dul)
-        return True
+            return None
 
     def _end(self, sent: bool) -> None:
         self._ended = True

@@ -27,7 +27,7 @@ from appliance.dicomnet import application_entity, tune_socket
 from appliance.pdata import StoreReceiver
 
 from .corpus import Series, write_series
-from .pacs import RecordingSCP
+from .pacs import RecordingSCP, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 _ROOT = "1.2.826.0.1.3680043.8.498."
@@ -342,16 +342,23 @@ def _chain_items(paths: list[Path], context_id: int) -> list[hotpath.ChainItem]:
 
 def _run_chain(scp: RecordingSCP, paths: list[Path], accept_status: int = 0x0000, halt_after: int | None = None,
                dimse_timeout: float = 10):  # type: ignore[no-untyped-def]
-    """Run a chain; returns (its result, what accept saw: index, status, receptions at that moment)."""
+    """Run a chain; returns (its result, what record saw: index, status, receptions at that
+    moment — a while after it was called, so that a next request sent whole would be stored by
+    then)."""
     assoc, context_id = _scu(scp.port, dimse_timeout)
     seen: list[tuple[int, int, int]] = []
+    answered: list[int] = []
 
-    def accept(index: int, response: C_STORE) -> bool:
-        seen.append((index, int(response.Status), len(scp.receptions())))
+    def delivered(response: C_STORE) -> bool:
+        answered.append(int(response.Status))
         return int(response.Status) == accept_status
 
-    chain = hotpath.StoreChain(assoc, _chain_items(paths, context_id), 1, accept,
-                               lambda: halt_after is not None and len(seen) >= halt_after)
+    def record(index: int, response: C_STORE) -> None:
+        time.sleep(0.1)
+        seen.append((index, int(response.Status), len(scp.receptions())))
+
+    chain = hotpath.StoreChain(assoc, _chain_items(paths, context_id), 1, delivered, record,
+                               lambda: halt_after is not None and len(answered) >= halt_after)
     try:
         result = chain.run()
     finally:
@@ -360,15 +367,42 @@ def _run_chain(scp: RecordingSCP, paths: list[Path], accept_status: int = 0x0000
     return result, seen, assoc
 
 
-def test_a_chain_sends_each_request_after_the_previous_outcome_was_accepted(tmp_path, quiet_pynetdicom) -> None:
+def test_a_chain_completes_each_request_after_the_previous_outcome_was_recorded(tmp_path, quiet_pynetdicom) -> None:
     paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 5, 32, 32))
     with RecordingSCP() as scp:
         result, seen, _ = _run_chain(scp, paths)
         received = scp.receptions()
     assert result == (5, None, False)
-    # accept(i) ran while the peer had received i + 1 instances: the next was not sent yet
+    # record(i) ran while the peer had stored i + 1 instances: the next one, sent meanwhile
+    # but for its last byte, could not be stored yet
     assert seen == [(i, 0x0000, i + 1) for i in range(5)]
     assert [r.dataset for r in received] == [dcmread(p) for p in paths]
+
+
+def test_a_chain_whose_record_fails_abandons_the_request_it_held_back(tmp_path, quiet_pynetdicom) -> None:
+    """The outcome of the first instance cannot be recorded (a database error): the second
+    request, sent but for its last byte, must never complete — the peer stores only the first,
+    the association is gone, and the first response goes back to the sender to record."""
+    paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 3, 64, 64))
+    with RecordingSCP() as scp:
+        assoc, context_id = _scu(scp.port)
+
+        def record(index: int, response: C_STORE) -> None:
+            raise OSError("disk I/O error")
+
+        chain = hotpath.StoreChain(assoc, _chain_items(paths, context_id), 1, lambda response: True, record,
+                                   lambda: False)
+        try:
+            delivered, response, sent = chain.run()
+            wait_until(lambda: not assoc.is_established, 5, "the association ends")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        time.sleep(0.3)
+        stored = [r.dataset.SOPInstanceUID for r in scp.receptions()]
+    assert (delivered, sent) == (0, True)
+    assert response is not None and response.Status == 0x0000
+    assert stored == [dcmread(paths[0]).SOPInstanceUID]
 
 
 def test_a_chain_hands_a_refused_response_back(tmp_path, quiet_pynetdicom) -> None:
@@ -380,7 +414,7 @@ def test_a_chain_hands_a_refused_response_back(tmp_path, quiet_pynetdicom) -> No
         assert len(scp.receptions()) == 3
     assert (delivered, sent) == (2, True)
     assert response is not None and response.Status == 0xA900
-    assert [index for index, _, _ in seen] == [0, 1, 2]
+    assert [index for index, _, _ in seen] == [0, 1]  # the refusal is left to the sender to record
 
 
 def test_a_chain_stops_before_a_file_it_cannot_open_or_when_halted(tmp_path, quiet_pynetdicom) -> None:
@@ -390,7 +424,8 @@ def test_a_chain_stops_before_a_file_it_cannot_open_or_when_halted(tmp_path, qui
         assoc, context_id = _scu(scp.port)
         items = _chain_items(paths, context_id)
         items[2] = items[2]._replace(path=str(missing))
-        chain = hotpath.StoreChain(assoc, items, 1, lambda index, response: True, lambda: False)
+        chain = hotpath.StoreChain(assoc, items, 1, lambda response: True, lambda index, response: None,
+                                   lambda: False)
         try:
             assert chain.run() == (2, None, False)
             assert assoc.is_established  # the association is still good for the rest
