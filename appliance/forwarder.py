@@ -53,7 +53,7 @@ IDLE_RELEASE = 5.0  # seconds an association stays open without work
 # database; it nudges the forwarder when it queued work (wakeup.py), and this finds what a lost
 # nudge would miss, and retries coming due. An indexed read, cheap enough at this rate.
 POLL = 0.1
-CACHE_CHECK = 10.0  # seconds between looks at the disk's high watermark
+CACHE_CHECK = 10.0  # seconds between looks at the disk's high watermark (an indexed query)
 CACHE_SCAN_MAX = 300.0  # the longest between history prunes, and between watermark warnings
 PRUNE_BATCH, PRUNE_MAX = 500, 20_000  # evicted instances forgotten per transaction, and per pass
 MAX_CONTEXTS = 120  # pynetdicom (and the standard) allow 128 presentation contexts per association
@@ -140,6 +140,7 @@ class Forwarder:
         self._lock = threading.Lock()
         self._listener = wakeup.Listener(config.storage.root, self.wake)  # intake's "work queued"
         self.failure: str | None = None  # set when a worker or the scheduler failed (see _guard)
+        self._watermark_warned_at: float | None = None  # monotonic; above the watermark, nothing to evict
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -221,7 +222,6 @@ class Forwarder:
 
     def _schedule(self) -> None:
         last_eviction = last_pruned = last_seen = 0.0
-        next_eviction = CACHE_CHECK
         while not self._stop.is_set():
             try:
                 now = self.db.schedule_now()
@@ -235,17 +235,13 @@ class Forwarder:
                         log.info("study %s is stable: released to %s", study, destination)
                     if released:
                         self.wake()
-                if now - last_eviction >= next_eviction:
+                if now - last_eviction >= CACHE_CHECK:
                     last_eviction = now
                     try:
-                        stuck = self.evict(time.time()) < 0
+                        self.evict(time.time())
                         self.store.keep_reserve(self.config.storage.disk.min_free)
                     except OSError as exc:
                         log.error("cache eviction failed: %s", exc)
-                        stuck = False
-                    # Above the high watermark with nothing delivered to evict (a destination
-                    # down for days): look again, and say so again, only every few minutes.
-                    next_eviction = CACHE_SCAN_MAX if stuck else CACHE_CHECK
                 keep_history_for = self.config.retention.keep_history_for
                 if now - last_pruned >= min(CACHE_SCAN_MAX, max(CACHE_CHECK, keep_history_for / 100)):
                     last_pruned = now
@@ -266,8 +262,11 @@ class Forwarder:
         """Remove delivered instances past ``retention.keep_delivered_for``; above the high
         watermark, delivered ones oldest first whatever their age. Never anything undelivered.
         ``now`` is the wall clock's, like the delivery times it is compared with. Returns how
-        many were removed, or -1 if the disk is still above the watermark with nothing left
-        that may be evicted."""
+        many were removed.
+
+        Above the watermark with nothing left that may be evicted (a destination down for
+        days), it says so once every few minutes, but it looks every time: what is delivered
+        meanwhile is evicted at once, not minutes later while intake is near refusing."""
         removed = 0
         keep_for = self.config.retention.keep_delivered_for
         for instance_id, path in self.db.evictable(now - keep_for):
@@ -278,14 +277,16 @@ class Forwarder:
         while True:
             usage = self.store.usage()
             if usage.used <= evict_above.of(usage.total):
+                self._watermark_warned_at = None
                 break
             batch = self.db.evictable(now, limit=50)
             if not batch:
-                log.warning("disk usage %.0f%% is above storage.disk.evict_above (%s) and nothing delivered"
-                            " is left to evict", 100 * usage.used / usage.total, evict_above)
-                if removed:
-                    log.info("evicted %d delivered instance(s) from the cache", removed)
-                return -1
+                warned = self._watermark_warned_at
+                if warned is None or time.monotonic() - warned >= CACHE_SCAN_MAX:
+                    self._watermark_warned_at = time.monotonic()
+                    log.warning("disk usage %.0f%% is above storage.disk.evict_above (%s) and nothing delivered"
+                                " is left to evict", 100 * usage.used / usage.total, evict_above)
+                break
             for instance_id, path in batch:
                 if self.db.mark_evicted(instance_id, path):
                     self.store.discard(Path(path))

@@ -9,7 +9,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .corpus import Series, write_series
-from .pacs import RecordingSCP, as_status, attempts, closed_port, deliveries, destination, sop_uid, wait_until
+from .pacs import (
+    RecordingSCP,
+    as_status,
+    attempts,
+    cache_rows,
+    closed_port,
+    deliveries,
+    destination,
+    sop_uid,
+    wait_until,
+)
 from .peers import storescu
 
 
@@ -101,9 +111,8 @@ def test_above_high_watermark_delivered_are_evicted_oldest_first_undelivered_nev
 def test_above_high_watermark_with_nothing_delivered_it_says_so_every_few_minutes_not_every_10_s(
         appliance_factory, small_disk: Path, tmp_path: Path) -> None:
     """A destination down for days fills the cache above ``evict_above`` with instances that
-    may not be evicted. The appliance says so once, and looks again (a scan of the whole cache)
-    only every few minutes — not every 10 s, which filled the journal and held the database the
-    workers share."""
+    may not be evicted. The appliance says so once, and again only every few minutes — not at
+    every look (every 10 s, an indexed query), which would fill the journal."""
     import time
 
     box = appliance_factory({
@@ -119,6 +128,34 @@ def test_above_high_watermark_with_nothing_delivered_it_says_so_every_few_minute
     wait_until(lambda: warnings() >= 1, 30, "no warning above the watermark")
     time.sleep(12)  # more than the 10 s between looks at the watermark
     assert warnings() == 1, box.log_path.read_text()[-2000:]
+
+
+def test_above_high_watermark_what_is_delivered_later_is_evicted_within_seconds(
+        appliance_factory, small_disk: Path, tmp_path: Path) -> None:
+    """Above ``evict_above`` with nothing delivered to evict (a destination down), instances
+    delivered afterwards to another destination are evicted at the next look, 10 s later —
+    not after the few minutes between warnings, while the disk goes on filling."""
+    import time
+
+    with RecordingSCP("PACS", keep_datasets=False) as pacs:
+        box = appliance_factory({
+            "storage": {"path": str(small_disk / "data"), "disk": {"min_free": "0%", "evict_above": "1%"}},
+            "destinations": {"down": destination("DOWN", closed_port()), "pacs": destination(pacs.ae_title, pacs.port)},
+            "routes": [{"when": {"Modality": "CT"}, "send_to": ["pacs"]}, {"send_to": ["down"]}],
+        })
+        assert not storescu(box.port, write_series(tmp_path / "mr", "stuck", 1, 1, Series("MR", 3, 256, 256))).failed
+        wait_until(lambda: "nothing delivered is left to evict" in box.log_path.read_text(), 30,
+                   "no warning above the watermark")
+        ct = write_series(tmp_path / "ct", "later", 2, 1, Series("CT", 3, 256, 256), patient="PAT002")
+        assert not storescu(box.port, ct).failed
+        wait_until(lambda: len(pacs.stored()) == len(ct), 20, "the CT did not reach the PACS")
+        delivered_at = time.monotonic()
+        paths = [Path(row["path"]) for uid, row in cache_rows(box).items() if uid in {sop_uid(p) for p in ct}]
+        assert len(paths) == len(ct)
+        wait_until(lambda: not any(p.exists() for p in paths), 15,
+                   lambda: f"still cached {time.monotonic() - delivered_at:.0f} s after delivery")
+        assert {row["state"] for uid, row in cache_rows(box).items()
+                if uid in {sop_uid(p) for p in ct}} == {"evicted"}
 
 
 def test_a_disk_filled_by_something_else_is_freed_by_evicting_delivered_instances(
