@@ -8,8 +8,9 @@ on one association — kept open and reused while work keeps coming and the need
 contexts were proposed — and records every attempt. Files are streamed from the cache, unless
 the copy must differ: tag edits from the routing decision, or a destination that does not
 accept the instance's transfer syntax (then it is decompressed to Explicit VR Little Endian).
-Cached files sent as they are go back to back (``hotpath.StoreChain``: the DUL thread records
-each delivery as its response arrives, then sends the next); the others one by one.
+Cached files sent as they are go back to back (``hotpath.StoreChain``: as each response
+arrives, the DUL thread sends the next request but for its last byte, records the delivery,
+then sends that byte); the others one by one.
 
 Outcomes (see ``statuses.store_outcome``): success and warnings are delivered; 0xA7xx,
 refused or lost connections, transient rejections and timeouts are retried with the
@@ -265,7 +266,8 @@ class Forwarder:
         many were removed.
 
         Above the watermark with nothing left that may be evicted (a destination down for
-        days), it says so once every few minutes, but it looks every time: what is delivered
+        days), it says so at most once every few minutes (a disk hovering at the watermark
+        would otherwise say it every other look), but it looks every time: what is delivered
         meanwhile is evicted at once, not minutes later while intake is near refusing."""
         removed = 0
         keep_for = self.config.retention.keep_delivered_for
@@ -277,7 +279,6 @@ class Forwarder:
         while True:
             usage = self.store.usage()
             if usage.used <= evict_above.of(usage.total):
-                self._watermark_warned_at = None
                 break
             batch = self.db.evictable(now, limit=50)
             if not batch:
@@ -635,10 +636,14 @@ class Forwarder:
         try:
             delivered, response, sent = chain.run()
         except (hotpath.StoreUnsupported, OSError, RuntimeError) as exc:
-            log.debug("C-STORE of %s on its own: %s", works[0].sop_instance_uid, exc)
-            return 0, self._send_one(name, destination, link, works[0])  # which says why, if it fails
+            failed: Exception | None = exc
+        else:
+            failed = None
         finally:
             link.message_id = chain.message_id  # the last one the chain used
+        if failed is not None:
+            log.debug("C-STORE of %s on its own: %s", works[0].sop_instance_uid, failed)
+            return 0, self._send_one(name, destination, link, works[0])  # which says why, if it fails
         if delivered == len(works) or not sent:
             return delivered, None
         result = None if response is None else _status_of(response)

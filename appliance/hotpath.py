@@ -69,6 +69,10 @@ _REPORTING_SENT = (evt.EVT_DATA_SENT, evt.EVT_PDU_SENT, evt.EVT_DIMSE_SENT)
 
 # Bytes of PDUs put together per system call when sending from a file.
 _SEND_BUFFER = 2**20
+# The largest data set a chain sends while the previous outcome is being recorded
+# (StoreChain._take). A larger one would hold the record back for its whole transfer —
+# longer than the commit it overlaps — and, were the peer to stop reading, indefinitely.
+_OVERLAP_MAX = _SEND_BUFFER
 
 
 def install() -> bool:
@@ -501,12 +505,14 @@ class StoreChain:
     so sends the next request but for its last byte, has ``record(index, response)`` record
     the outcome, and only then sends that last byte. The peer receives the next instance while
     the outcome is recorded — which is what the next instance would otherwise wait for — but
-    cannot store it before: a crash leaves at most one instance sent and unrecorded, as
-    store_file does. A response that is not ``delivered`` (a failure status), one pynetdicom
-    decodes (with an error comment), no response within the DIMSE timeout, an abort, or a
-    next file that cannot be opened ends the chain, and :meth:`run` reports where, for the
-    sender to deal with that instance its usual way. So does a ``record`` that raises; the
-    next request, held back, is then abandoned with the association (:meth:`FileMessage.abandon`)."""
+    cannot store it before: a crash leaves at most one instance stored and unrecorded, as
+    store_file does. (A data set over ``_OVERLAP_MAX`` goes out whole after the record.)
+
+    A response that is not ``delivered`` (a failure status), one pynetdicom decodes (with an
+    error comment), no response within the DIMSE timeout, an abort, or a next file that cannot
+    be opened ends the chain, and :meth:`run` reports where, for the sender to deal with that
+    instance its usual way. So does a ``record`` that raises; the next request, if held back,
+    is then abandoned with the association (:meth:`FileMessage.abandon`)."""
 
     def __init__(self, assoc: Any, items: list[ChainItem], first_message_id: int,
                  delivered: Callable[[C_STORE], bool], record: Callable[[int, C_STORE], None],
@@ -582,26 +588,40 @@ class StoreChain:
     def _take(self, response: C_STORE) -> bool:
         if self._ended or response.MessageIDBeingRespondedTo != self.message_id:
             return False
-        if not self.delivered(response):
+        try:
+            goes_on = self.delivered(response)
+        except Exception:  # noqa: BLE001 - the sender deals with the response its usual way
+            log.exception("judging a C-STORE response failed in the DUL thread")
+            goes_on = False
+        if not goes_on:
             self._ended = True
             return False
         following = self._following()
-        if following is not None:
-            following.send(self.assoc.dul, hold_back=True)
+        held = following if following is not None and following.length <= _OVERLAP_MAX else None
+        if held is not None:
+            held.send(self.assoc.dul, hold_back=True)
         try:
             self.record(self.index, response)
-        except Exception:  # noqa: BLE001 - the sender records it again, and sees the error itself
-            log.exception("recording a C-STORE outcome failed in the DUL thread")
+        except BaseException as exc:
             self._ended = True
-            if following is not None:
-                following.abandon(self.assoc.dul)
+            if held is not None:
+                held.abandon(self.assoc.dul)
+            elif following is not None:
+                following.source.close()
+            if not isinstance(exc, Exception):
+                raise
+            # the sender records it again, and sees the error itself
+            log.exception("recording a C-STORE outcome failed in the DUL thread")
             return False
         self.index += 1
         if following is None:
             self._end(sent=False)
             return True
         self.message_id = self.message_id % 0xFFFF + 1
-        following.send_rest(self.assoc.dul)
+        if held is not None:
+            held.send_rest(self.assoc.dul)
+        else:
+            following.send(self.assoc.dul)
         return True
 
     def _following(self) -> FileMessage | None:
@@ -616,7 +636,9 @@ class StoreChain:
                                        item.sop_instance, self.message_id % 0xFFFF + 1)
         except (OSError, StoreUnsupported) as exc:
             log.debug("chain ends before %s: %s", item.path, exc)
-            return None
+        except Exception:  # noqa: BLE001 - e.g. a UID that cannot be encoded: the sender sends it its way
+            log.exception("preparing the C-STORE of %s failed in the DUL thread", item.path)
+        return None
 
     def _end(self, sent: bool) -> None:
         self._ended = True
