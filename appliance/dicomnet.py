@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 import types
 from typing import Any
@@ -92,11 +93,22 @@ def throttle_sends(event: evt.Event) -> None:
 
 
 def tune_socket(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: TCP_NODELAY and the one-buffer receive on this association."""
+    """EVT_CONN_OPEN handler: TCP_NODELAY, a send timeout and the one-buffer receive on this
+    association."""
     assoc_socket = event.assoc.dul.socket
     raw = assoc_socket.socket if assoc_socket is not None else None
     if raw is None:
         return
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    timeout = event.assoc.network_timeout
+    if timeout and raw.gettimeout() is None:
+        # pynetdicom leaves a requestor's socket blocking without a timeout. A peer that stops
+        # reading — a hung PACS whose TCP stack still answers — would then hold a send, the
+        # association's thread and its worker for as long as the stall lasts: for ever. With
+        # this, a send that makes no progress for the network timeout fails, and the
+        # association ends as on any broken connection (the instance: delivery unknown).
+        seconds = int(timeout)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                       struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000)))
     if type(raw) is socket.socket and assoc_socket is not None:  # TLS sockets keep pynetdicom's pending() logic
         assoc_socket.recv = types.MethodType(_recv_exactly, assoc_socket)  # type: ignore[method-assign]
