@@ -8,6 +8,8 @@ read back what they received.
 * :class:`RecordingSCP` — a pynetdicom Storage SCP in this process that records every C-STORE
   (association, SOP Instance UID, transfer syntax, data set) and injects faults: a status to
   answer, a delay, a restricted list of transfer syntaxes;
+* :class:`ReadingSCP` — a pynetdicom Storage SCP that counts the bytes it reads and can stop
+  reading in the middle of an instance (a PACS whose storage hangs);
 * :class:`Blackhole` — a TCP port that accepts connections and never says a word (a hung PACS).
 
 Orthanc and DCMTK run with ``TCP_NODELAY=1``; without it each C-STORE waits ~40 ms on Nagle.
@@ -32,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -316,7 +318,28 @@ class Reception:
 CORPUS_SOP_CLASSES = (CT, MR, US, CR, DX, MG, SC)
 
 
-class RecordingSCP:
+class _ServedSCP:
+    """What the pynetdicom SCPs here share: :meth:`start` serves on ``self.port`` (in
+    ``self._server``), :meth:`stop` shuts it down; usable as a context manager."""
+
+    _server: Any = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RecordingSCP(_ServedSCP):
     """A Storage SCP in this process, on a free port, recording every C-STORE.
 
     Faults, switchable while it runs:
@@ -361,17 +384,6 @@ class RecordingSCP:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ABORTED, self._on_abort)]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def __enter__(self) -> RecordingSCP:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _on_abort(self, event: evt.Event) -> None:
         with self._lock:
@@ -425,6 +437,38 @@ class RecordingSCP:
         with self._lock:
             self._receptions.clear()
             self._seen.clear()
+
+
+class ReadingSCP(_ServedSCP):
+    """A pynetdicom Storage SCP for CT in Explicit VR Little Endian, with 16 KB PDUs, that
+    counts the bytes of every complete PDU it reads (``received``) and records each stored SOP
+    Instance UID with that count at the moment (``stored``). ``on_data(received)`` runs in the
+    association's own thread as each PDU is read: a handler that blocks stops the reading, as a
+    PACS whose storage hangs would."""
+
+    def __init__(self, ae_title: str = "RECORDER", on_data: Callable[[int], None] | None = None) -> None:
+        self.ae_title = ae_title
+        self.on_data = on_data
+        self.port = free_port()
+        self.received = 0
+        self.stored: list[tuple[str, int]] = []
+
+    def start(self) -> ReadingSCP:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = 16384
+        ae.add_supported_context(CT, pydicom.uid.ExplicitVRLittleEndian)
+        handlers = [(evt.EVT_DATA_RECV, self._on_data), (evt.EVT_C_STORE, self._on_store)]
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def _on_data(self, event: evt.Event) -> None:
+        self.received += len(event.data)
+        if self.on_data is not None:
+            self.on_data(self.received)
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.stored.append((str(event.request.AffectedSOPInstanceUID), self.received))
+        return 0x0000
 
 
 class Blackhole:

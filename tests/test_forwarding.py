@@ -29,8 +29,8 @@ import pydicom
 import pytest
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .conftest import mounted_tmpfs
 from .corpus import Series, write_series
@@ -38,6 +38,7 @@ from .pacs import (
     ABORT,
     Blackhole,
     Orthanc,
+    ReadingSCP,
     RecordingSCP,
     StoreSCP,
     as_status,
@@ -55,7 +56,6 @@ from .peers import (
     DCMTK_ENV,
     ApplianceProcess,
     StoreResult,
-    free_port,
     parse_storescu,
     read_until_acknowledged,
     require_tool,
@@ -664,44 +664,31 @@ def test_a_pacs_that_stops_reading_mid_instance_is_given_up_after_the_network_ti
     recorded as delivery unknown, the association is gone, and once the PACS reads again the
     instance is delivered on a new one."""
     reading = threading.Event()
-    received = [0]
-    stored: list[str] = []
 
-    def on_data(event) -> None:  # type: ignore[no-untyped-def] # the PACS's own association thread
-        received[0] += len(event.data)
-        if received[0] > 2_000_000:
+    def stall(received: int) -> None:  # the PACS's own association thread
+        if received > 2_000_000:
             reading.wait(60)
 
-    def on_store(event) -> int:  # type: ignore[no-untyped-def]
-        stored.append(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
-
-    pacs = AE(ae_title="STALLS")
-    pacs.maximum_pdu_size = 16384
-    pacs.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_DATA_RECV, on_data), (evt.EVT_C_STORE, on_store)])
     try:
-        box = appliance_factory({
-            "destinations": {"stalls": destination("STALLS", port, timeouts={"dimse": "3s", "network": "3s"})},
-            "routes": [{"send_to": ["stalls"]}],
-        })
-        files = write_series(tmp_path / "big", "stall", 1, 1, Series("CT", 1, 4096, 4096))  # 33 MB
-        send(box, files)
-        stalled_at = time.monotonic()
-        first = wait_until(lambda: attempts(box, "stalls"), 20,
-                           lambda: f"nothing recorded {time.monotonic() - stalled_at:.0f} s into the stall")
-        [(uid, tries)] = first.items()
-        assert tries[0]["outcome"] in ("unknown", "retry"), dict(tries[0])
-        assert not stored
-        reading.set()
-        wait_until(lambda: deliveries(box, "stalls")[uid]["state"] == "delivered", 30,
-                   lambda: f"queue: {queue_of(box, 'stalls')}")
-        assert stored == [uid]
+        with ReadingSCP("STALLS", on_data=stall) as pacs:
+            box = appliance_factory({
+                "destinations": {"stalls": destination("STALLS", pacs.port, timeouts={"dimse": "3s", "network": "3s"})},
+                "routes": [{"send_to": ["stalls"]}],
+            })
+            files = write_series(tmp_path / "big", "stall", 1, 1, Series("CT", 1, 4096, 4096))  # 33 MB
+            send(box, files)
+            stalled_at = time.monotonic()
+            first = wait_until(lambda: attempts(box, "stalls"), 20,
+                               lambda: f"nothing recorded {time.monotonic() - stalled_at:.0f} s into the stall")
+            [(uid, tries)] = first.items()
+            assert tries[0]["outcome"] in ("unknown", "retry"), dict(tries[0])
+            assert not pacs.stored
+            reading.set()
+            wait_until(lambda: deliveries(box, "stalls")[uid]["state"] == "delivered", 30,
+                       lambda: f"queue: {queue_of(box, 'stalls')}")
+            assert [stored_uid for stored_uid, _ in pacs.stored] == [uid]
     finally:
         reading.set()
-        server.shutdown()
 
 
 # ---- `appliance send` ----------------------------------------------------------------------------

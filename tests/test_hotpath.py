@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, split_dataset
@@ -27,7 +27,7 @@ from appliance.dicomnet import application_entity, tune_socket
 from appliance.pdata import StoreReceiver
 
 from .corpus import Series, write_series
-from .pacs import RecordingSCP, free_port, wait_until
+from .pacs import ReadingSCP, RecordingSCP, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 _ROOT = "1.2.826.0.1.3680043.8.498."
@@ -388,40 +388,22 @@ def test_a_chain_sends_the_next_request_while_the_outcome_is_recorded(tmp_path, 
     if not overlap:
         monkeypatch.setattr(hotpath, "_OVERLAP_MAX", 1024)
     paths = write_series(tmp_path / "in", "chain", 1, 1, Series("CT", 3, 256, 256))
-    received = [0]  # bytes of complete PDUs the peer has read
-    at_store: list[int] = []  # that count as each C-STORE was complete
+    during_record: list[int] = []  # bytes the peer read beyond the instance just stored
+    with ReadingSCP() as scp:
 
-    def on_data(event: evt.Event) -> None:
-        received[0] += len(event.data)
+        def record(index: int, response: C_STORE) -> None:
+            time.sleep(0.2)
+            during_record.append(scp.received - scp.stored[index][1])
 
-    def on_store(event: evt.Event) -> int:
-        at_store.append(received[0])
-        return 0x0000
-
-    ae = AE(ae_title="RECORDER")
-    ae.maximum_pdu_size = 16384
-    ae.add_supported_context(CT, ExplicitVRLittleEndian)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_DATA_RECV, on_data), (evt.EVT_C_STORE, on_store)])
-    during_record: list[int] = []
-
-    def record(index: int, response: C_STORE) -> None:
-        time.sleep(0.2)
-        during_record.append(received[0] - at_store[index])
-
-    try:
-        assoc, context_id = _scu(port)
+        assoc, context_id = _scu(scp.port)
         chain = hotpath.StoreChain(assoc, _chain_items(paths, context_id), 1, lambda response: True, record,
                                    lambda: False)
         try:
             assert chain.run() == (3, None, False)
         finally:
             assoc.release()
-    finally:
-        server.shutdown()
+        assert len(scp.stored) == 3 and len(during_record) == 3
     data_set = paths[1].stat().st_size - 200  # the next instance's data set, near enough
-    assert len(at_store) == 3 and len(during_record) == 3
     if overlap:
         # all of the next one's PDUs but its last were in; none after the last instance
         assert all(count > data_set - 16384 for count in during_record[:2]), during_record
