@@ -340,9 +340,8 @@ class FileMessage:
             raw.sendall(_pdu_header(len(self.command) + 6, self.context_id, COMMAND | LAST) + self.command)
             self._send_data_set(dul, raw, hold_back)
         except OSError as exc:
-            log.debug("sending a C-STORE-RQ failed: %s", exc)
             self._held = b""
-            dul.event_queue.put("Evt17")
+            _connection_lost(dul, exc)
         finally:
             self.source.close()
 
@@ -353,8 +352,7 @@ class FileMessage:
             try:
                 dul.socket.socket.sendall(held)
             except OSError as exc:
-                log.debug("sending a C-STORE-RQ failed: %s", exc)
-                dul.event_queue.put("Evt17")
+                _connection_lost(dul, exc)
 
     def abandon(self, dul: Any) -> None:
         """Never complete a request sent with its last byte held back: the connection is shut
@@ -402,6 +400,13 @@ class FileMessage:
             used -= 1
             self._held = bytes(view[used:used + 1])
         flush()
+
+
+def _connection_lost(dul: Any, exc: OSError) -> None:
+    """A send of a C-STORE-RQ failed: the DUL gets Evt17, as pynetdicom's
+    ``AssociationSocket.send`` gives it."""
+    log.debug("sending a C-STORE-RQ failed: %s", exc)
+    dul.event_queue.put("Evt17")
 
 
 def data_set_offset(source: BinaryIO) -> int | None:
