@@ -15,16 +15,23 @@ work (``wakeup.py``), and children also look at it every so often. systemd hears
 every child has started its service (or after ``_CHILD_READY_SECONDS``): the receiver takes
 images from the first moment, and they wait in the queue until the forwarder is up. Each
 child dies with this process (PR_SET_PDEATHSIG), so a power cut of the parent is one of the
-whole box, as systemd's KillMode=mixed would also make it. On SIGHUP every process re-reads
-the file itself; an invalid file changes nothing anywhere.
+whole box, as systemd's KillMode=mixed would also make it.
+
+On SIGHUP this process reads the file; an invalid one changes nothing anywhere. A valid one is
+handed to the children as text: they never read the file themselves, so a child started again
+later runs what the box runs, even when the file has been broken since. Settings bound to a
+socket or the data directory (``_NEEDS_RESTART``) keep, in every process, the values the box
+started with until it is restarted: a forwarder started again must use the receiver's database.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import time
 from multiprocessing.process import BaseProcess
@@ -32,17 +39,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import system
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, loads
 from .db import open_database
 from .receiver import Receiver
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-# Settings that are bound to a listening socket or an open file: a reload cannot change them.
-_NEEDS_RESTART = [
+# Settings that are bound to a listening socket or the data directory, and the Print SCP's
+# (its service is built once): a reload cannot change them. None: every key of the section.
+_NEEDS_RESTART: list[tuple[str, str | None]] = [
     ("node", "ae_title"), ("node", "bind_address"), ("node", "port"), ("node", "max_pdu"),
-    ("node", "max_associations"), ("storage", "path"), ("print", "port"), ("print", "printers"),
+    ("node", "max_associations"), ("storage", "path"), ("print", None),
 ]
 _CHILD_STOP_SECONDS = 40.0
 _RESTART_DELAY = 2.0
@@ -66,12 +74,36 @@ def load_or_log(path: Path) -> Config | None:
         return None
 
 
-def warn_restart_needed(old: Config, new: Config) -> None:
+def _restart_only(config: Config) -> dict[str, dict[str, Any]]:
+    """The settings of ``config`` that apply only after a restart, by section and key."""
+    settings: dict[str, dict[str, Any]] = {}
     for section, key in _NEEDS_RESTART:
-        old_value = getattr(getattr(old, section), key, None)
-        new_value = getattr(getattr(new, section), key, None)
-        if old_value != new_value:
-            log.warning("%s.%s changed: it applies after a restart", section, key)
+        values = getattr(config, section)
+        keys = [f.name for f in dataclasses.fields(values)] if key is None else [key]
+        settings.setdefault(section, {}).update((k, getattr(values, k)) for k in keys)
+    return settings
+
+
+def warn_restart_needed(old: Config, new: Config) -> None:
+    before = _restart_only(old)
+    for section, values in _restart_only(new).items():
+        for key, value in values.items():
+            if value != before[section][key]:
+                log.warning("%s.%s changed: it applies after a restart", section, key)
+
+
+def keeping_restart_only(running: Config, new: Config) -> Config:
+    """``new``, with the settings that apply only after a restart as ``running`` has them."""
+    sections = {section: dataclasses.replace(getattr(new, section), **values)
+                for section, values in _restart_only(running).items()}
+    return dataclasses.replace(new, **sections)
+
+
+def _config_of(text: str, config_path: str, startup: Config | None = None) -> Config:
+    """A configuration text the main process validated, read as it read it; with ``startup``,
+    keeping the box's restart-only settings."""
+    config = loads(text, config_path, base_dir=Path(config_path).resolve().parent)
+    return config if startup is None else keeping_restart_only(startup, config)
 
 
 # ---- child processes ----------------------------------------------------------------------------
@@ -95,33 +127,42 @@ def _make_service(name: str, config: Config) -> Service:
     return PrintService(config.print, config.storage.root, db=db)
 
 
-def service_main(name: str, config_path: str, parent: int, ready: Any = None) -> None:
-    """Entry point of a child process: run one service until SIGTERM, reload on SIGHUP.
-    ``ready`` (a multiprocessing Event) is set once the service has started."""
+def service_main(name: str, config_path: str, startup_text: str, text: str, updates: Any, parent: int,
+                 ready: Any = None) -> None:
+    """Entry point of a child process: run one service until SIGTERM. ``startup_text`` is the
+    configuration the box started with, ``text`` the one it runs now; ``updates`` (a
+    multiprocessing Queue) brings the texts of later reloads. ``ready`` (a multiprocessing
+    Event) is set once the service has started."""
     _die_with_parent(parent)
-    config = load(Path(config_path))
+    startup = _config_of(startup_text, config_path)
+    config = _config_of(text, config_path, startup)
     system.setup_logging(config.logging.level)
     signals = system.Signals()
-    signals.install()
+    signals.install()  # SIGHUP is for the main process; the reload it accepts comes in `updates`
     service = _make_service(name, config)
     service.start()
     if ready is not None:
         ready.set()
 
-    def reload() -> None:
+    def take_updates() -> None:
         nonlocal config
-        new = load_or_log(Path(config_path))
-        if new is None:
+        newest = None
+        while True:
+            try:
+                newest = updates.get_nowait()
+            except queue.Empty:
+                break
+        if newest is None:
             return
-        warn_restart_needed(config, new)
-        config = new
+        config = _config_of(newest, config_path, startup)
         apply = getattr(service, "apply", None)
         if apply is not None:
-            apply(new)
+            apply(config)
         log.info("%s: configuration reloaded from %s", name, config_path)
 
     try:
-        while not signals.wait(1.0, reload):
+        while not signals.wait(1.0, lambda: None):
+            take_updates()
             failure = getattr(service, "failure", None)
             if failure:  # a thread of the service failed: exit, and the main process starts it again
                 log.critical("%s: %s; exiting, to be started again", name, failure)
@@ -133,9 +174,12 @@ def service_main(name: str, config_path: str, parent: int, ready: Any = None) ->
 class Child:
     """One service in its own process, restarted when it dies."""
 
-    def __init__(self, name: str, config_path: Path) -> None:
+    def __init__(self, name: str, config: Config) -> None:
         self.name = name
-        self.config_path = config_path
+        self.config_path = config.source
+        self.startup_text = config.text  # its restart-only settings stay until the box restarts
+        self.text = config.text  # the configuration the box runs now
+        self.updates: Any = None  # a multiprocessing Queue: reloads, to the running child
         self.process: BaseProcess | None = None
         self.died_at: float | None = None
         self.ready: Any = None  # a multiprocessing Event, set by the child when its service runs
@@ -143,8 +187,12 @@ class Child:
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self.ready = context.Event()
+        if self.updates is not None:
+            self.updates.cancel_join_thread()  # nobody reads what a dead child was not given
+        self.updates = context.Queue()
         self.process = context.Process(target=service_main, name=f"appliance-{self.name}",
-                                       args=(self.name, str(self.config_path), os.getpid(), self.ready))
+                                       args=(self.name, self.config_path, self.startup_text, self.text,
+                                             self.updates, os.getpid(), self.ready))
         self.process.start()
         self.died_at = None
         log.info("%s started (pid %s)", self.name, self.process.pid)
@@ -163,6 +211,11 @@ class Child:
                       self.process.exitcode)
         elif now - self.died_at >= _RESTART_DELAY:
             self.start()
+
+    def update(self, config: Config) -> None:
+        """Hand a reloaded configuration to the child (and to the child started after it)."""
+        self.text = config.text
+        self.updates.put(config.text)
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.is_alive() and self.process.pid:
@@ -198,9 +251,9 @@ class Appliance:
         if removed:
             log.warning("removed %d unindexed cache file(s): interrupted receives, never acknowledged", removed)
         # Children first: they are spawned before this process has the receiver's threads.
-        self.children = [Child("forwarder", self.config_path)]
+        self.children = [Child("forwarder", self.config)]
         if self.config.print.enabled:
-            self.children.append(Child("print", self.config_path))
+            self.children.append(Child("print", self.config))
         for child in self.children:
             child.start()
         self.receiver = Receiver(self.config, db, self.store)
@@ -229,11 +282,11 @@ class Appliance:
         if new is None:
             return False
         warn_restart_needed(self.config, new)
-        self.config = new
+        self.config = keeping_restart_only(self.config, new)
         if self.receiver is not None:
-            self.receiver.config = new
+            self.receiver.config = self.config
         for child in self.children:
-            child.signal(signal.SIGHUP)
+            child.update(new)
         log.info("configuration reloaded from %s", self.config_path)
         return True
 

@@ -205,6 +205,8 @@ class Config:
     web: Web = field(default_factory=Web)
     logging: Logging = field(default_factory=Logging)
     source: str = field(default="", metadata={"internal": True})
+    # The text it was read from: what the main process hands its children (app.py).
+    text: str = field(default="", repr=False, compare=False, metadata={"internal": True})
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ def loads(text: str, filename: str = "<config>", base_dir: Path | None = None) -
     storage = config.storage
     if base_dir is not None and not Path(storage.path).is_absolute():
         storage = Storage(path=str((base_dir / storage.path).resolve()), disk=storage.disk)
-    return _replace(config, storage=storage, source=filename)
+    return _replace(config, storage=storage, source=filename, text=text)
 
 
 def load(path: str | Path) -> Config:

@@ -263,3 +263,23 @@ def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
         time.sleep(0.1)
     assert echoscu(box.port, "OTHER", "EDGE").returncode == 0
     assert echoscu(box.port, "CT1", "EDGE").returncode != 0
+
+
+def test_a_reload_keeps_what_applies_after_a_restart_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """The settings bound to a socket, the data directory or the Print SCP keep their running
+    values through a reload, each named in the journal; the rest of the file applies."""
+    from appliance.app import keeping_restart_only, warn_restart_needed
+
+    running = loads("node: {port: 11112}\nstorage: {path: /data}\ndestinations: {a: {ae_title: A, host: h, port: 1}}\n")
+    new = loads("node: {port: 11113}\nstorage: {path: /elsewhere}\nprint: {enabled: true}\n"
+                "destinations: {a: {ae_title: A, host: h, port: 2}}\n")
+    with caplog.at_level("WARNING"):
+        warn_restart_needed(running, new)
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "node.port changed: it applies after a restart",
+        "print.enabled changed: it applies after a restart",
+        "storage.path changed: it applies after a restart",
+    ]
+    applied = keeping_restart_only(running, new)
+    assert (applied.node.port, applied.storage.path, applied.print.enabled) == (11112, "/data", False)
+    assert applied.destinations["a"].port == 2

@@ -13,6 +13,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import yaml
+
 from .corpus import Series, write_series
 from .pacs import RecordingSCP, destination, queue_of, wait_until
 from .peers import free_port, storescu
@@ -81,6 +83,57 @@ def test_a_forwarder_thread_that_fails_restarts_the_forwarder_and_its_work_goes_
         wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 60,  # type: ignore[union-attr]
                    lambda: "the forwarder was not started again")
         wait_until(lambda: len(scp.stored_uids()) == 1, 30, lambda: f"queue: {queue_of(box, 'pacs')}")
+
+
+def test_a_forwarder_restarted_after_its_file_went_bad_runs_the_box_s_configuration(appliance_factory,
+                                                                                   tmp_path: Path) -> None:
+    """The admin saved a broken file (no reload, or a refused one); then the forwarder died. It
+    is started again with the configuration the box runs, not the broken file, so forwarding
+    does not stop until someone mends the file."""
+    with RecordingSCP("PACS") as scp:
+        box = appliance_factory({"destinations": {"pacs": destination(scp.ae_title, scp.port)},
+                                 "routes": [{"send_to": ["pacs"]}]})
+        assert box.process is not None
+        box.config_path.write_text("destinations:\n  pacs: {ae_title: PACS, port: [\n")
+        box.reload()
+        wait_until(lambda: "reload refused" in box.log(), 20, lambda: "the broken file was not refused")
+        first = forwarder_pid(box.process.pid)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
+                   lambda: "the forwarder was not restarted")
+
+        files = write_series(tmp_path / "ct", "bad-file", 1, 1, Series("CT", 3, 64, 64))
+        assert not storescu(box.port, files).failed
+        wait_until(lambda: len(scp.stored_uids()) == 3, 30, lambda: f"delivered {scp.stored_uids()}")
+        assert "died with exit code 1" not in box.log(), "the restarted forwarder failed on the file"
+
+
+def test_a_forwarder_restarted_after_a_reload_keeps_the_storage_path_the_box_runs_with(appliance_factory,
+                                                                                    tmp_path: Path) -> None:
+    """``storage.path`` applies after a restart of the box. A forwarder started again in the
+    meantime must use the receiver's database, not the new path's (where nothing is queued)."""
+    with RecordingSCP("PACS") as scp:
+        config = {"destinations": {"pacs": destination(scp.ae_title, scp.port)},
+                  "routes": [{"send_to": ["pacs"]}]}
+        box = appliance_factory(config)
+        assert box.process is not None
+        moved = yaml.safe_load(box.config_path.read_text())
+        moved["storage"]["path"] = str(tmp_path / "elsewhere")
+        box.config_path.write_text(yaml.safe_dump(moved, sort_keys=False))
+        box.reload()
+        wait_until(lambda: "storage.path changed: it applies after a restart" in box.log(), 20,
+                   lambda: "the reload was not logged")
+        first = forwarder_pid(box.process.pid)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
+                   lambda: "the forwarder was not restarted")
+
+        files = write_series(tmp_path / "ct", "moved", 1, 1, Series("CT", 3, 64, 64))
+        assert not storescu(box.port, files).failed
+        wait_until(lambda: len(scp.stored_uids()) == 3, 30, lambda: f"delivered {scp.stored_uids()}")
+        assert not (tmp_path / "elsewhere").exists(), "a process of the box used the new storage.path"
 
 
 def test_kill_9_of_the_parent_leaves_no_orphan(appliance_factory, tmp_path: Path) -> None:
