@@ -26,6 +26,7 @@ got "104a"``. All errors of a file are collected, not just the first.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -116,11 +117,19 @@ def describe(node: Node) -> str:
 
 
 _CONSTRUCTOR = yaml.SafeLoader("")
+# What PyYAML's constructors raise for a value their tag cannot take (``!!int abc``, a date
+# such as 2024-02-30, ``!!timestamp soon``, ``!!bool maybe``).
+_UNCONSTRUCTIBLE = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError)
 
 
 def scalar_value(node: Node) -> Any:
-    """The Python value of a node, resolved by YAML's own tag rules."""
-    return _CONSTRUCTOR.construct_object(node, deep=True)
+    """The Python value of a node, resolved by YAML's own tag rules; INVALID when its text is
+    not a value of its tag (a plain 2024-02-30 looks like a date and is none), which each
+    reader reports as a value it did not expect."""
+    try:
+        return _CONSTRUCTOR.construct_object(node, deep=True)
+    except _UNCONSTRUCTIBLE:
+        return INVALID
 
 
 def join(path: str, key: str) -> str:
@@ -275,8 +284,8 @@ def read_section(cls: type[T], node: Node, path: str, ctx: Context, where: Node 
 
 
 def compose(text: str, ctx: Context) -> Node | None:
-    """Parse YAML text into a node tree, its merge keys expanded; a syntax error becomes a
-    located problem."""
+    """Parse YAML text into a node tree, its merge keys expanded; a syntax error, a character
+    YAML refuses or a tag it cannot read becomes a located problem."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -285,9 +294,78 @@ def compose(text: str, ctx: Context) -> Node | None:
         column = mark.column + 1 if mark else 1
         ctx.problems.append(Problem(ctx.filename, line, column, "", f"YAML syntax error: {exc.problem}"))
         return None
+    except yaml.reader.ReaderError as exc:
+        # Not a MarkedYAMLError: it has the character's index in the text, not a line.
+        line, column = line_and_column(text, exc.position)
+        ctx.problems.append(Problem(ctx.filename, line, column, "", _refused_character(exc.character)))
+        return None
+    except yaml.YAMLError as exc:
+        ctx.problems.append(Problem(ctx.filename, 1, 1, "", f"YAML error: {exc}"))
+        return None
     if root is not None:
         _MergeKeys(ctx).expand(root, "")
+        _check_tags(root, "", ctx, set())
     return root
+
+
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\x85\u2028\u2029]")
+
+
+def line_and_column(text: str, index: int) -> tuple[int, int]:
+    """The 1-based line and column of ``text[index]``, lines broken as YAML breaks them."""
+    line, start = 1, 0
+    for match in _LINE_BREAK.finditer(text, 0, index):
+        line, start = line + 1, match.end()
+    return line, index - start + 1
+
+
+_CHARACTER_NAMES = {0x00: "a NUL byte", 0x0C: "a form feed", 0x1B: "an escape character", 0x7F: "a DEL character"}
+
+
+def _refused_character(code: int) -> str:
+    name = _CHARACTER_NAMES.get(code, "a control character" if code < 0x20 or 0x7F <= code < 0xA0
+                                else "a character")
+    message = f"the file holds {name} (U+{code:04X}), which a YAML file cannot hold, not even in a comment"
+    if code == 0:
+        # What a FAT partition shows of a write cut off by a power loss.
+        return message + "; NUL bytes at its end are the mark of a write cut short: check the file and remove them"
+    return message + "; remove it"
+
+
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
+def _check_tags(node: Node, path: str, ctx: Context, seen: set[int]) -> None:
+    """Report a tag PyYAML has no constructor for (``!foo``) or a value its explicit tag cannot
+    take (``!!int abc``): the readers go by a node's text and tag, and would either miss the
+    tag or fail on the value."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, ScalarNode):
+        # The tag YAML would give the text on its own; another one was written in the file.
+        implicit = _CONSTRUCTOR.resolve(ScalarNode, node.value, (node.style is None, node.style is not None))
+        if node.tag == implicit:
+            return
+        if node.tag not in _CONSTRUCTOR.yaml_constructors:
+            ctx.error(node, path, f'unknown YAML tag "{_short_tag(node.tag)}" (leave it out)')
+        elif node.tag in _COLLECTION_TAGS or scalar_value(node) is INVALID:
+            ctx.error(node, path, f'"{node.value}" is not a valid {_short_tag(node.tag)}')
+        return
+    if node.tag not in _COLLECTION_TAGS:
+        ctx.error(node, path, f'unknown YAML tag "{_short_tag(node.tag)}" (leave it out)')
+    if isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_tags(item, f"{path}[{i}]", ctx, seen)
+    elif isinstance(node, MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, ScalarNode) else "?"
+            _check_tags(key_node, join(path, key), ctx, seen)
+            _check_tags(value_node, join(path, key), ctx, seen)
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"

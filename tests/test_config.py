@@ -100,6 +100,24 @@ BAD = [
      '2:44: destinations.a.<<: expected a mapping (or a list of mappings) to merge, got "5"'),
     ("merge of itself", "destinations:\n  a: &a {ae_title: A, host: h, port: 104, <<: *a}\n",
      "2:43: destinations.a.<<: a mapping cannot merge itself"),
+    # characters YAML refuses anywhere: a file cut short by a power cut ends in NUL bytes
+    ("NUL bytes at the end", "node:\n  port: 104\n\x00\x00\x00\x00",
+     "3:1: the file holds a NUL byte (U+0000), which a YAML file cannot hold, not even in a comment"),
+    ("NUL bytes after CRLF lines", "node:\r\n  port: 104\r\n\x00", "3:1: the file holds a NUL byte"),
+    ("form feed", "node:\n  port: 104\n\x0c\nweb: {port: 8080}\n", "3:1: the file holds a form feed (U+000C)"),
+    ("escape in a value", "node:\n  ae_title: A\x1bB\n", "2:14: the file holds an escape character (U+001B)"),
+    ("DEL in a comment", "node:\n  port: 104  # x\x7f\n", "2:17: the file holds a DEL character (U+007F)"),
+    # tags: one PyYAML has no constructor for, or a value its tag cannot take
+    ("unknown tag", "node:\n  port: !foo 104\n", '2:9: node.port: unknown YAML tag "!foo"'),
+    ("unknown tag on a mapping", "node: !foo {port: 104}\n", '1:7: node: unknown YAML tag "!foo"'),
+    ("!!int of a word", "node:\n  port: !!int abc\n", '2:9: node.port: "abc" is not a valid !!int'),
+    ("!!bool of a word", "node:\n  require_called_ae: !!bool maybe\n",
+     '2:22: node.require_called_ae: "maybe" is not a valid !!bool'),
+    ("!!timestamp of a word", "routes:\n  - name: !!timestamp soon\n",
+     '2:11: routes[0].name: "soon" is not a valid !!timestamp'),
+    ("date that is none", "routes:\n  - name: 2024-02-30\n", '2:5: routes[0].name: expected a string, got "2024-02-30"'),
+    ("merged value wrong tag", "destinations:\n  a: &a {ae_title: A, host: h, port: !!int x}\n  b: {<<: *a, ae_title: B}\n",
+     '2:38: destinations.a.port: "x" is not a valid !!int'),
     ("merged key unknown", "destinations:\n  a: &a {ae_title: A, host: h, port: 104}\n"
      "  b:\n    <<: [{prot: 105}, *a]\n    ae_title: B\n",
      "4:11: destinations.b.prot: unknown key (known keys: ae_title, host, port,"),
@@ -116,7 +134,7 @@ def test_bad_file_names_line_column_and_key(case: str, text: str, expected: str)
 
 def test_a_merged_entry_that_fails_is_reported_once_for_each_mapping_that_has_it() -> None:
     with pytest.raises(ConfigError) as info:
-        loads(BAD[-4][1], "appliance.yaml")
+        loads(next(c[1] for c in BAD if c[0] == "merged value wrong"), "appliance.yaml")
     assert [(p.line, p.column, p.path) for p in info.value.problems] == [
         (2, 32, "destinations.a.port"), (2, 32, "destinations.b.port")]
 
@@ -224,6 +242,29 @@ def test_check_config_command(tmp_path: Path) -> None:
     blank.write_text("# to be filled in\n")
     empty = check_config(blank)
     assert empty.returncode == 1 and empty.stdout.strip() == f"{blank}:1:1: the file has no settings"
+
+
+def test_check_config_names_the_place_of_what_yaml_itself_refuses(tmp_path: Path) -> None:
+    """A control character, an unknown tag or a value its tag cannot take is an error at its line
+    and column, never a traceback (the running box reads its file on SIGHUP the same way)."""
+    files = {
+        # a FAT boot partition after a power cut: the tail of the file is NUL bytes
+        "cut.yaml": (GOOD.encode() + b"\0" * 512, "16:1: the file holds a NUL byte (U+0000)"),
+        "pagebreak.yaml": (GOOD.replace("routes:", "\froutes:").encode(), "14:1: the file holds a form feed"),
+        "tag.yaml": (GOOD.replace("port: 104", "port: !foo 104").encode(),
+                     '12:11: destinations.central.port: unknown YAML tag "!foo"'),
+        "int.yaml": (GOOD.replace("port: 11112", "port: !!int abc").encode(),
+                     '3:9: node.port: "abc" is not a valid !!int'),
+    }
+    for name, (data, expected) in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert str(info.value.problems[0]).startswith(f"{path}:{expected}"), info.value
+        result = check_config(path)
+        assert result.returncode == 1 and result.stderr == "", result.stderr
+        assert result.stdout.startswith(f"{path}:{expected}"), result.stdout
 
 
 def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
