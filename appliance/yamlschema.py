@@ -302,6 +302,12 @@ def compose(text: str, ctx: Context) -> Node | None:
     except yaml.YAMLError as exc:
         ctx.problems.append(Problem(ctx.filename, 1, 1, "", f"YAML error: {exc}"))
         return None
+    except RecursionError:
+        # PyYAML composes nested nodes recursively: some hundreds of levels exhaust the stack.
+        # The readers below recurse less per level, so a file composed is one they can read.
+        ctx.problems.append(Problem(ctx.filename, 1, 1, "", "the file nests lists or mappings too deeply for "
+                                                            "YAML to read (hundreds of levels)"))
+        return None
     if root is not None:
         _MergeKeys(ctx).expand(root, "")
         _check_tags(root, "", ctx, set())

@@ -107,6 +107,8 @@ BAD = [
     ("form feed", "node:\n  port: 104\n\x0c\nweb: {port: 8080}\n", "3:1: the file holds a form feed (U+000C)"),
     ("escape in a value", "node:\n  ae_title: A\x1bB\n", "2:14: the file holds an escape character (U+001B)"),
     ("DEL in a comment", "node:\n  port: 104  # x\x7f\n", "2:17: the file holds a DEL character (U+007F)"),
+    ("nested thousands deep", "node: " + "[" * 5000 + "]" * 5000 + "\n",
+     "1:1: the file nests lists or mappings too deeply for YAML to read"),
     # tags: one PyYAML has no constructor for, or a value its tag cannot take
     ("unknown tag", "node:\n  port: !foo 104\n", '2:9: node.port: unknown YAML tag "!foo"'),
     ("unknown tag on a mapping", "node: !foo {port: 104}\n", '1:7: node: unknown YAML tag "!foo"'),
