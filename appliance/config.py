@@ -239,10 +239,25 @@ def load(path: str | Path) -> Config:
     """Read and validate a configuration file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
         raise ConfigError([Problem(str(path), 1, 1, "", f"cannot read the file: {exc}")]) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([_not_utf8(str(path), data, exc)]) from exc
     return loads(text, str(path), base_dir=path.resolve().parent)
+
+
+def _not_utf8(filename: str, data: bytes, exc: UnicodeDecodeError) -> Problem:
+    """Where the first byte that is not UTF-8 is, as an editor counts lines and characters."""
+    line_start = data.rfind(b"\n", 0, exc.start) + 1
+    line = data.count(b"\n", 0, exc.start) + 1
+    # The bytes before it are valid UTF-8 (it is the first that is not): count characters.
+    column = len(data[line_start:exc.start].decode("utf-8")) + 1
+    return Problem(filename, line, column, "", f"the file must be UTF-8, and byte 0x{data[exc.start]:02X} here is "
+                                               "not part of a UTF-8 character (an editor that saved it as Latin-1 "
+                                               "or Windows-1252? save it as UTF-8)")
 
 
 def _replace(config: Config, **changes: object) -> Config:

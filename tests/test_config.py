@@ -269,6 +269,22 @@ def test_check_config_names_the_place_of_what_yaml_itself_refuses(tmp_path: Path
         assert result.stdout.startswith(f"{path}:{expected}"), result.stdout
 
 
+def test_a_file_not_in_utf8_names_the_line_and_column_of_the_first_byte_that_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    text = GOOD.replace("host: pacs.example.org", "host: pacs.example.org  # Héloïse's PACS")
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:11:32: the file must be UTF-8, and byte 0xE9 here is not part of a UTF-8 character"
+        " (an editor that saved it as Latin-1 or Windows-1252? save it as UTF-8)"]
+    # a character before it on the line counts once, however many bytes it takes
+    path.write_bytes("node: {ae_title: EDGE}  # ü\n# é ".encode() + "é".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert (info.value.problems[0].line, info.value.problems[0].column) == (2, 5)
+
+
 def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
     """SIGHUP with a broken file: logged, nothing changes, the box keeps receiving."""
     from .peers import require_tool
