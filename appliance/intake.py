@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import struct
 import threading
 import time
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
+from pydicom.datadict import dictionary_description
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.tag import BaseTag, Tag
@@ -91,11 +94,15 @@ class Intake:
                 header = _read_header(received, _HEADER_TAGS, transfer_syntax, dataset_offset)
         except UNREADABLE as exc:
             return Outcome("unreadable", detail=f"cannot read its data set: {exc}")
-        sop_uid = sop_instance_uid or _text(header, "SOPInstanceUID") or _meta(header, "MediaStorageSOPInstanceUID")
-        sop_class = sop_class_uid or _text(header, "SOPClassUID") or _meta(header, "MediaStorageSOPClassUID")
+        # An instance says what it is itself (SOP Common, type 1): a data set without these is
+        # none, whatever the C-STORE request or the file meta name (an empty data set, say).
+        own_uid, own_class = _text(header, "SOPInstanceUID"), _text(header, "SOPClassUID")
+        if not own_uid or not own_class:
+            return Outcome("unreadable", detail="its data set has no SOP Instance UID or no SOP Class UID")
+        sop_uid, sop_class = sop_instance_uid or own_uid, sop_class_uid or own_class
         syntax = transfer_syntax or _meta(header, "TransferSyntaxUID")
-        if not sop_uid or not sop_class or not syntax:
-            return Outcome("unreadable", detail="no SOP Instance UID, SOP Class UID or transfer syntax")
+        if not syntax:
+            return Outcome("unreadable", detail="no transfer syntax")
         if only_to is not None:
             decision = rules.Decision(deliveries=(rules.Delivery(only_to),))
         elif config.routes:
@@ -195,7 +202,11 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
     """The data set up to its pixels (only ``tags`` if given; all if None), with the file meta
     if ``with_meta``. When the caller knows where the data set starts and how it is encoded,
     it is read from there: the receiver wrote the meta itself, and pydicom's ``dcmread``
-    spends a third of a header read finding and checking it again."""
+    spends a third of a header read finding and checking it again.
+
+    Raises :class:`Truncated` (an ``EOFError``) or ``ValueError`` unless every element of the
+    data set, the pixel data's included, ends within the file, and the file ends where an
+    element ends (see :func:`check_elements`)."""
     specific: list[BaseTag | int] | None = [Tag(t) for t in tags] if tags is not None else None
     encoding = UID(syntax) if syntax else None
     if offset is None or encoding is None or not encoding.is_transfer_syntax or encoding.is_deflated:
@@ -203,40 +214,144 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
     with open(path, "rb") as source:
         source.seek(offset)
         pixels = _PixelsAt()
-        header = read_dataset(source, encoding.is_implicit_VR, encoding.is_little_endian,
-                              stop_when=pixels, specific_tags=specific)
-        if pixels.length is not None and pixels.length != 0xFFFFFFFF:
-            # A sender that streams a file's bytes as they are (a router, a bulk sender) passes
-            # a file cut short on its disk on as a data set cut short: its pixel data's length
-            # says so. Refused like any data set that cannot be read (what DCMTK answers), so
-            # that no corrupt image is acknowledged and forwarded. pydicom stops at the tag:
-            # the value follows an 8-byte header, or 12 in explicit VR (OB, OW, UN...).
-            header_size = 8 if encoding.is_implicit_VR or pixels.vr not in EXPLICIT_VR_LENGTH_32 else 12
-            needed = source.tell() + header_size + pixels.length
-            size = os.fstat(source.fileno()).st_size
-            if needed > size:
-                raise EOFError(f"truncated: its {Tag(pixels.tag)} needs {needed - size} more bytes than it has")
+        try:
+            header = read_dataset(source, encoding.is_implicit_VR, encoding.is_little_endian,
+                                  stop_when=pixels, specific_tags=specific)
+        except OSError as exc:
+            if exc.errno is not None:  # the disk's, not the data set's
+                raise
+            # pydicom ran out of file inside an undefined-length sequence.
+            raise Truncated(f"truncated: {exc}") from exc
+        if not pixels.reached:
+            # pydicom read to the end of the file, which tells nothing of where it ended: a
+            # value it skipped or read may run past it, the last header may be cut off.
+            source.seek(offset)
+        # A sender that streams a file's bytes as they are (a router, a bulk sender) passes a
+        # file cut short on its disk on as a data set cut short. Refused like any data set that
+        # cannot be read (what DCMTK answers), so that no corrupt image is acknowledged and
+        # forwarded. Only element headers are read, the values are seeked over.
+        implicit, little = header.original_encoding
+        check_elements(source, bool(implicit), bool(little), os.fstat(source.fileno()).st_size)
     if with_meta:
         header.file_meta = read_file_meta_info(path)
     return header
 
 
-
-
 class _PixelsAt:
     """``stop_when`` for ``read_dataset``: stops at the pixel data (or whatever comes at or
-    after its tag) and remembers that element's tag, VR and length."""
+    after its tag), where pydicom leaves the file at the start of that element."""
 
     def __init__(self) -> None:
-        self.tag = 0
-        self.vr: str | None = None
-        self.length: int | None = None
+        self.reached = False
 
     def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
         if tag < 0x7FE00010:
             return False
-        self.tag, self.vr, self.length = int(tag), vr, length
+        self.reached = True
         return True
+
+
+class Truncated(EOFError):
+    """A data set that ends before its elements do; the message says where, for a person."""
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)  # a 4-byte length after 2 reserved bytes
+
+
+def check_elements(source: BinaryIO, implicit: bool, little: bool, size: int) -> bool:
+    """Walk the elements of a data set from ``source``'s position (the start of an element) to
+    the end of the file, reading only their headers: every defined length must end within the
+    file (``size`` bytes; a source that cannot seek past its end may pass ``sys.maxsize``),
+    every undefined-length value — a sequence, compressed pixel data — must reach its
+    delimiter, and the file must end where an element ends. Raises :class:`Truncated`, or
+    ``ValueError`` for a structure that is not DICOM's. Returns whether the pixel data is
+    encapsulated (of undefined length)."""
+    return _ElementWalk(source, little, size).elements(implicit, within=None)
+
+
+class _ElementWalk:
+    def __init__(self, source: BinaryIO, little: bool, size: int) -> None:
+        self.read, self.seek, self.tell = source.read, source.seek, source.tell
+        self.size = size
+        order = "<" if little else ">"
+        self.header = struct.Struct(order + "HHI")  # tag and 4-byte length: implicit VR, items, delimiters
+        self.short_length = struct.Struct(order + "H")
+        self.long_length = struct.Struct(order + "I")
+
+    def elements(self, implicit: bool, within: int | None) -> bool:
+        """The elements from the position to the end of the file (``within`` None), or to the
+        delimiter of the undefined-length item they are in (``within``: the top-level element
+        holding it, named in messages). Returns whether the pixel data is encapsulated."""
+        read = self.read
+        encapsulated = False
+        while True:
+            head = read(8)
+            if len(head) < 8:
+                if not head and within is None:
+                    return encapsulated
+                if within is not None:
+                    raise Truncated(f"truncated: the file ends inside its {_name(within)}")
+                raise Truncated(f"truncated: the file ends inside the header of an element at byte "
+                                f"{self.tell() - len(head)}")
+            group, element, length = self.header.unpack(head)
+            tag = group << 16 | element
+            if tag == _ITEM_END:
+                if within is None:
+                    raise ValueError(f"damaged: an item delimiter outside any sequence at byte {self.tell() - 8}")
+                return encapsulated
+            vr = b""
+            if not implicit:
+                vr = head[4:6]
+                if vr in _LONG_VRS:
+                    tail = read(4)
+                    if len(tail) < 4:
+                        raise Truncated(f"truncated: the file ends inside the header of its {_name(within or tag)}")
+                    (length,) = self.long_length.unpack(tail)
+                elif b"AA" <= vr <= b"ZZ":
+                    (length,) = self.short_length.unpack_from(head, 6)
+                # else: not a VR — an implicit VR element in an explicit data set, as pydicom reads it
+            if length == _UNDEFINED_LENGTH:
+                # Items either way, each of defined length (fragments) or delimited; those of
+                # an undefined-length UN are Implicit VR Little Endian (PS3.5 6.2.2).
+                self.items(implicit or vr == b"UN", within if within is not None else tag)
+                encapsulated = encapsulated or tag == _PIXEL_DATA
+                continue
+            start = self.tell()
+            end = self.seek(start + length)
+            if start + length > self.size or end != start + length:
+                if within is not None:
+                    raise Truncated(f"truncated: the file ends inside its {_name(within)}")
+                raise Truncated(f"truncated: its {_name(tag)} needs {length} bytes, the file ends after "
+                                f"{max(0, min(self.size, end) - start)}")
+
+    def items(self, implicit: bool, within: int) -> None:
+        """The items of an undefined-length value, from the position to its sequence delimiter."""
+        while True:
+            head = self.read(8)
+            if len(head) < 8:
+                raise Truncated(f"truncated: the file ends inside its {_name(within)}")
+            group, element, length = self.header.unpack(head)
+            tag = group << 16 | element
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM:
+                raise ValueError(f"damaged: its {_name(within)} holds {Tag(tag)} where an item belongs")
+            if length == _UNDEFINED_LENGTH:
+                self.elements(implicit, within)
+                continue
+            start = self.tell()
+            if start + length > self.size or self.seek(start + length) != start + length:
+                raise Truncated(f"truncated: the file ends inside its {_name(within)}")
+
+
+def _name(tag: int) -> str:
+    try:
+        return dictionary_description(tag)
+    except KeyError:
+        return str(Tag(tag))
 
 
 # Attributes whose value is ASCII by their VR (UI, DA, CS): read from the raw bytes, without

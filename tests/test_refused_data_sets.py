@@ -1,0 +1,120 @@
+"""Data sets the receiver must refuse rather than acknowledge, sent by a modality as it would
+send them (a pynetdicom SCU streaming each file's bytes as they are, as routers and bulk
+senders do): cut short, empty, without an identity, not the instance their C-STORE request
+names. Each is answered with a failure status, nothing of it is cached or forwarded, and the
+association goes on: the next whole instance is stored."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from .corpus import Series, compress, make_instance
+from .peers import ApplianceProcess
+
+CANNOT_UNDERSTAND = 0xC000
+
+
+@pytest.fixture
+def chunked_send() -> Iterator[None]:
+    """pynetdicom sends a file's data set as the bytes on disk, and takes the C-STORE
+    request's UIDs from its file meta."""
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def send_files(port: int, files: list[Path]) -> list[int]:
+    """C-STORE each file on one association; their statuses."""
+    ae = AE(ae_title="PYSCU")
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless):
+        ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        statuses = []
+        for path in files:
+            status = assoc.send_c_store(path)
+            statuses.append(int(status.Status) if "Status" in status else -1)
+        assert assoc.is_established, "the association must survive a refused instance"
+    finally:
+        assoc.release()
+    return statuses
+
+
+def cached_uids(box: ApplianceProcess) -> set[str]:
+    with sqlite3.connect(box.data / "appliance.db") as conn:
+        return {r[0] for r in conn.execute("SELECT sop_instance_uid FROM instances")}
+
+
+def cache_and_incoming(box: ApplianceProcess) -> list[Path]:
+    return [p for d in ("cache", "incoming") for p in (box.data / d).rglob("*") if p.is_file()]
+
+
+def write(ds: pydicom.Dataset, path: Path, implicit: bool = False) -> Path:
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def data_set_offset(path: Path) -> int:
+    from pynetdicom.dsutils import split_dataset
+
+    return int(split_dataset(path)[1])
+
+
+def cut_data_set(source: Path, target: Path, keep: int) -> Path:
+    """``source`` with only the first ``keep`` bytes of its data set (< 0: all but the last)."""
+    data = source.read_bytes()
+    offset = data_set_offset(source)
+    target.write_bytes(data[:offset + keep] if keep >= 0 else data[:keep])
+    return target
+
+
+def test_data_sets_cut_short_or_empty_are_refused_as_not_understood(appliance_factory, chunked_send,
+                                                                  tmp_path) -> None:
+    """A data set of no bytes at all, one cut off in its header (300 bytes), an Implicit VR one
+    cut off in its header, an RLE one cut off inside its compressed fragments, and a whole one
+    with one stray byte after its pixel data: each is 0xC000 (cannot understand), nothing of
+    them is cached. A whole CT on the same association is stored."""
+    box = appliance_factory()
+    made = [make_instance("refused", 1, 1, n, Series("CT", 6, 64, 64)) for n in range(1, 7)]
+    whole = write(made[0], tmp_path / "whole.dcm")
+    empty = cut_data_set(write(made[1], tmp_path / "empty-src.dcm"), tmp_path / "empty.dcm", 0)
+    header_cut = cut_data_set(write(made[2], tmp_path / "head-src.dcm"), tmp_path / "head.dcm", 300)
+    implicit_cut = cut_data_set(write(made[3], tmp_path / "imp-src.dcm", implicit=True), tmp_path / "imp.dcm", 301)
+    rle = compress(write(made[4], tmp_path / "rle-src.dcm"), tmp_path / "rle-whole.dcm", RLELossless)
+    rle_cut = cut_data_set(rle, tmp_path / "rle.dcm", -40)
+    stray = write(made[5], tmp_path / "stray.dcm")
+    with open(stray, "ab") as out:
+        out.write(b"\x00")
+
+    statuses = send_files(box.port, [empty, header_cut, implicit_cut, rle_cut, stray, whole])
+    assert statuses == [CANNOT_UNDERSTAND] * 5 + [0x0000], [hex(s) for s in statuses]
+    assert cached_uids(box) == {made[0].SOPInstanceUID}
+    assert len(cache_and_incoming(box)) == 1
+    assert "truncated" in box.log()
+
+
+def test_a_data_set_without_its_sop_instance_or_class_uid_is_refused(appliance_factory, chunked_send,
+                                                                    tmp_path) -> None:
+    """The C-STORE request names a class and an instance, the data set carries neither one or
+    the other: it is not an instance (SOP Common, type 1). 0xC000; nothing cached."""
+    box = appliance_factory()
+    no_instance = make_instance("anonymous", 1, 1, 1, Series("CT", 2, 64, 64))
+    del no_instance.SOPInstanceUID
+    no_class = make_instance("anonymous", 1, 1, 2, Series("CT", 2, 64, 64))
+    del no_class.SOPClassUID
+    files = [write(no_instance, tmp_path / "no-instance.dcm"), write(no_class, tmp_path / "no-class.dcm")]
+    assert send_files(box.port, files) == [CANNOT_UNDERSTAND] * 2
+    assert cached_uids(box) == set() and cache_and_incoming(box) == []
