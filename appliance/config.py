@@ -23,6 +23,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .printing.settings import PrintConfig
 from .valuetypes import (
+    DURATION,
     AETitle,
     BindAddress,
     DiskSpace,
@@ -31,6 +32,8 @@ from .valuetypes import (
     Port,
     PositiveInt,
     Space,
+    Timeout,
+    above_zero,
     is_ae_title,
     parse_duration,
     parse_space,
@@ -48,10 +51,10 @@ class Timeouts:
     """Seconds to wait: for the TCP connection, for an association reply, for a DIMSE reply,
     and for an idle network."""
 
-    connect: Duration = 10.0
-    acse: Duration = 30.0
-    dimse: Duration = 60.0
-    network: Duration = 60.0
+    connect: Timeout = 10.0
+    acse: Timeout = 30.0
+    dimse: Timeout = 60.0
+    network: Timeout = 60.0
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,17 @@ class Retry:
     """Backoff for a destination: initial delay, growth factor, cap, random jitter, and when to
     give up (after ``max_attempts`` attempts, or ``give_up_after`` since the first one)."""
 
-    initial_delay: Duration = 10.0
+    # 0 would retry a destination that is down as fast as it refuses; max_delay is at least
+    # initial_delay (a cross-check).
+    initial_delay: Annotated[float, DURATION, above_zero("10s")] = 10.0
     factor: Annotated[float, Check(lambda f: f >= 1.0, "a number of at least 1")] = 2.0
-    max_delay: Duration = 600.0
+    max_delay: Annotated[float, DURATION, above_zero("10m")] = 600.0
     jitter: Annotated[float, Check(lambda j: 0.0 <= j <= 1.0, "a fraction 0-1")] = 0.2
     max_attempts: Annotated[int, Check(lambda n: n >= 0, "0 (no limit) or more")] = 0
-    give_up_after: Duration = 7 * 86400.0
+    # Unlike max_attempts, 0 is no "no limit": every instance would be given up at its first
+    # failure.
+    give_up_after: Annotated[float, DURATION, above_zero(
+        "7d", "0 would give up at the first failure: for that write max_attempts: 1")] = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -164,13 +172,16 @@ class Route:
     discard: bool = False
     # First match wins unless a rule says to keep evaluating.
     continue_: bool = field(default=False, metadata={"yaml": "continue"})
-    stable_after: Duration | None = None
+    # 0 would hold nothing: left out is what sends at once.
+    stable_after: Annotated[float, DURATION, above_zero(
+        "30s", "leave stable_after out to send without waiting")] | None = None
 
 
 @dataclass(frozen=True)
 class Retention:
     """How long delivered instances stay in the cache, and their records in the database."""
 
+    # 0: evicted once every destination has confirmed it (nothing kept on the box).
     keep_delivered_for: Duration = 86400.0
     # The records of an evicted instance (its deliveries and every attempt) answer "did it
     # reach the PACS?" for this long after its delivery; then they go, so that the database of
@@ -299,6 +310,8 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
                       "a rule cannot both discard and send_to")
         for key, message in route_problems(route):
             ctx.error(_find(root, "routes", i, key), f"routes[{i}].{key}", message)
+    for name, destination in config.destinations.items():
+        _check_backoff(destination.retry, root, ("destinations", name, "retry"), ctx)
     ports = {"node.port": config.node.port}
     if config.web.enabled:
         ports["web.port"] = config.web.port
@@ -310,3 +323,19 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
             section, name = key.split(".")
             ctx.error(_find(root, section, name), key, f"port {port} is also used by {seen[port]}")
         seen[port] = key
+
+
+def _check_backoff(retry: Retry, root: Node, keys: tuple[str, ...], ctx: Context) -> None:
+    """The wait between attempts starts at initial_delay and grows up to max_delay: a cap below
+    the start is a slip, reported at the key that was written (max_delay, if it was)."""
+    if retry.max_delay >= retry.initial_delay:
+        return
+    why = "the wait between attempts starts at initial_delay and grows up to max_delay"
+    where = _find(root, *keys, "max_delay")
+    path = ".".join(keys)
+    if where is not None and getattr(where, "value", None) == "max_delay":
+        ctx.error(where, f"{path}.max_delay", f"{retry.max_delay:g} s is shorter than initial_delay "
+                                              f"({retry.initial_delay:g} s): {why}")
+    else:
+        ctx.error(_find(root, *keys, "initial_delay"), f"{path}.initial_delay",
+                  f"{retry.initial_delay:g} s is longer than max_delay ({retry.max_delay:g} s, the default): {why}")

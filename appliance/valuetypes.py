@@ -35,7 +35,19 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-Duration = Annotated[float, Parse(parse_duration, 'a duration such as "30s", "10m", "7d"')]
+DURATION = Parse(parse_duration, 'a duration such as "30s", "10m", "7d"')
+Duration = Annotated[float, DURATION]
+
+
+def above_zero(example: str, note: str = "") -> Check:
+    """For a duration that 0 would make meaningless (a timeout, a backoff, a hold):
+    ``Annotated[float, DURATION, above_zero("30s")]``; ``note`` says what to write instead."""
+    return Check(lambda seconds: seconds > 0, f'a duration above zero, such as "{example}"'
+                                              + (f" ({note})" if note else ""))
+
+
+# A timeout of 0 would end every connection or association at once.
+Timeout = Annotated[float, DURATION, above_zero("30s")]
 
 _SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

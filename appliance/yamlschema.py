@@ -8,7 +8,8 @@ hint says how its YAML value is read:
   (``port: "104"`` is a string, not a port);
 * ``Annotated[T, Check(fn, "what is expected")]`` — ``fn(value)`` must return True;
 * ``Annotated[T, Parse(fn, "what is expected")]`` — ``fn(scalar text)`` converts, raising
-  ``ValueError`` on bad input (durations, byte sizes, networks);
+  ``ValueError`` on bad input (durations, byte sizes, networks); a ``Check`` beside it tests
+  the converted value (a duration above zero);
 * ``Annotated[T, Custom(fn)]`` — ``fn(node, path, ctx)`` reads the node itself (for free-form
   parts such as rule conditions) and reports through ``ctx.error``;
 * ``Literal[...]``, ``tuple[T, ...]`` (a YAML list), ``Mapping[str, T]`` (a YAML mapping of
@@ -163,18 +164,20 @@ def read(
 
     if origin is typing.Annotated:
         base, *extras = get_args(tp)
-        for extra in extras:
-            if isinstance(extra, Custom):
-                return extra.read(node, path, ctx)
-            if isinstance(extra, Parse):
-                return _read_parsed(extra, base, node, path, ctx, at)
+        custom = next((e for e in extras if isinstance(e, Custom)), None)
+        if custom is not None:
+            return custom.read(node, path, ctx)
+        parse = next((e for e in extras if isinstance(e, Parse)), None)
         checks = [e for e in extras if isinstance(e, Check)]
-        value = read(base, node, path, ctx, where, checks[0].expected if checks else None)
+        if parse is not None:
+            value = _read_parsed(parse, base, node, path, ctx, at)
+        else:
+            value = read(base, node, path, ctx, where, checks[0].expected if checks else None)
         if value is INVALID:
             return INVALID
-        for extra in extras:
-            if isinstance(extra, Check) and not extra.predicate(value):
-                ctx.error(at, path, f"expected {extra.expected}, got {describe(node)}")
+        for check in checks:
+            if not check.predicate(value):
+                ctx.error(at, path, f"expected {check.expected}, got {describe(node)}")
                 return INVALID
         return value
 

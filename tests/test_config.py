@@ -75,6 +75,26 @@ BAD = [
      '7:7: destinations.central.retry.initial_delay: expected a duration such as "30s", "10m", "7d", got "soon"'),
     ("bad jitter", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {jitter: 2}}\n",
      '2:46: destinations.c.retry.jitter: expected a fraction 0-1, got "2"'),
+    # durations that must be above zero
+    ("timeouts zero", "node:\n  timeouts: {network: 0s, acse: 0s}\n",
+     '2:14: node.timeouts.network: expected a duration above zero, such as "30s", got "0s"'),
+    ("destination timeout zero", "destinations:\n  c: {ae_title: P, host: h, port: 1, timeouts: {connect: 0}}\n",
+     '2:49: destinations.c.timeouts.connect: expected a duration above zero, such as "30s", got "0"'),
+    ("no backoff", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {initial_delay: 0ms}}\n",
+     '2:46: destinations.c.retry.initial_delay: expected a duration above zero, such as "10s", got "0ms"'),
+    ("no backoff cap", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {max_delay: 0s}}\n",
+     '2:46: destinations.c.retry.max_delay: expected a duration above zero, such as "10m", got "0s"'),
+    ("give up at once", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {give_up_after: 0s}}\n",
+     '2:46: destinations.c.retry.give_up_after: expected a duration above zero, such as "7d" (0 would give up '
+     'at the first failure: for that write max_attempts: 1), got "0s"'),
+    ("cap below the first delay", "destinations:\n  c:\n    ae_title: P\n    host: h\n    port: 1\n"
+     "    retry: {initial_delay: 30s, max_delay: 10s}\n",
+     "6:33: destinations.c.retry.max_delay: 10 s is shorter than initial_delay (30 s): the wait between attempts "
+     "starts at initial_delay and grows up to max_delay"),
+    ("first delay above the default cap", "destinations:\n  c:\n    ae_title: P\n    host: h\n    port: 1\n"
+     "    retry:\n      initial_delay: 20m\n",
+     "7:7: destinations.c.retry.initial_delay: 1200 s is longer than max_delay (600 s, the default): the wait "
+     "between attempts starts at initial_delay and grows up to max_delay"),
     ("destinations not a mapping", "destinations: [central]\n",
      "1:1: destinations: expected a mapping of names, got a list"),
     ("unknown destination in route", "destinations:\n  central: {ae_title: PACS, host: h, port: 104}\n"
@@ -201,6 +221,16 @@ def test_good_file_becomes_typed_values(tmp_path: Path) -> None:
     assert config.routes[0].send_to == ("central",)
     with pytest.raises(AttributeError):
         config.node.port = 1  # type: ignore[misc]
+
+
+def test_a_retention_of_zero_means_once_delivered() -> None:
+    """``keep_delivered_for: 0s`` evicts an instance once every destination has it, and
+    ``keep_history_for: 0s`` forgets its records once it is evicted: both are wishes, not slips."""
+    config = loads("retention: {keep_delivered_for: 0s, keep_history_for: 0s}\n")
+    assert (config.retention.keep_delivered_for, config.retention.keep_history_for) == (0.0, 0.0)
+    retry = loads("destinations: {c: {ae_title: P, host: h, port: 1, retry: {initial_delay: 10m}}}\n"
+                  ).destinations["c"].retry
+    assert retry.initial_delay == retry.max_delay == 600.0  # equal is fine: a constant wait
 
 
 def test_relative_storage_path_is_relative_to_the_file(tmp_path: Path) -> None:

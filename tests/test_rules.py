@@ -507,6 +507,9 @@ BAD_ROUTES = [
      "6:27: routes[0].remove[0]: FloatPixelData is sent as it is; pixel data cannot be edited"),
     ("- {send_to: [a], remove: [DoubleFloatPixelData]}",
      "6:27: routes[0].remove[0]: DoubleFloatPixelData is sent as it is; pixel data cannot be edited"),
+    # a hold of nothing is no hold
+    ("- {send_to: [a], stable_after: 0s}", '6:18: routes[0].stable_after: expected a duration above zero, such as '
+                                           '"30s" (leave stable_after out to send without waiting), got "0s"'),
     # dates and times compared must be dates and times
     ("- when: {StudyTime: {ge: 100}}", '6:22: routes[0].when.StudyTime.ge: expected a time HHMMSS.FFFFFF '
                                       '(trailing parts optional) to compare StudyTime with, got "100"'),
