@@ -72,6 +72,9 @@ def load_or_log(path: Path) -> Config | None:
         for problem in exc.problems:
             log.error("reload refused, keeping the running configuration: %s", problem)
         return None
+    except Exception:  # noqa: BLE001 - a reader's bug must not take the running box down
+        log.exception("reload refused, keeping the running configuration: %s could not be read", path)
+        return None
 
 
 def _restart_only(config: Config) -> dict[str, dict[str, Any]]:
@@ -247,6 +250,10 @@ class Appliance:
     def start(self) -> None:
         self.store.prepare()
         db = open_database(self.config.storage.root)
+        moved = db.relocate(self.store.cache)
+        if moved:
+            log.warning("%d cached instance(s) were recorded under another path of the data directory; they are"
+                        " now read from %s", moved, self.store.cache)
         removed = self.store.recover(db.cached_paths())
         if removed:
             log.warning("removed %d unindexed cache file(s): interrupted receives, never acknowledged", removed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -160,6 +161,16 @@ MIGRATIONS: list[list[str]] = [
     # 6: each delivery's tag edits, recorded with it (see Delivery.edits). NULL for deliveries
     # queued before: their edits are still read from the instance's decision.
     ["ALTER TABLE deliveries ADD COLUMN edits TEXT"],
+    # 7: a replacement that moved its instance to another study left its deliveries filed under
+    # the old one, where a stable-study release never found them: file them under the
+    # instance's study, and send at once what no waiting hold covers any more.
+    ["""UPDATE deliveries SET study_instance_uid =
+            (SELECT i.study_instance_uid FROM instances i WHERE i.id = deliveries.instance_id)
+        WHERE state != 'delivered' AND study_instance_uid !=
+            (SELECT i.study_instance_uid FROM instances i WHERE i.id = deliveries.instance_id)""",
+     """UPDATE deliveries SET state = 'pending' WHERE state = 'held' AND NOT EXISTS
+            (SELECT 1 FROM holds h WHERE h.study_instance_uid = deliveries.study_instance_uid
+             AND h.destination = deliveries.destination AND h.state = 'waiting')"""],
 ]
 
 
@@ -387,9 +398,12 @@ class Database:
 
         A replacement routed by the rules (``rerouted``; not `appliance send --to`, which adds
         one destination to what the instance already has) supersedes the old version's
-        decision: its deliveries not yet made to destinations the new decision does not name
-        are cancelled — the new version is not for them (a correction that now matches
-        another rule, or a discard rule), and the old file is gone. Returns those destinations."""
+        decision: its deliveries to destinations the new decision does not name are dropped —
+        the new version is not for them (a correction that now matches another rule, no rule,
+        or a discard rule), and the old file is gone. Those not yet made are cancelled; those
+        made were the old version's, and must not count as the new one's (a correction no
+        rule routes would be evicted as delivered instead of kept as unrouted). Returns the
+        destinations of the cancelled ones."""
         columns = ", ".join(_INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in _INSTANCE_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS if c != "sop_instance_uid")
@@ -412,12 +426,13 @@ class Database:
                 if replaced is not None and rerouted:
                     keep = [d.destination for d in deliveries]
                     stale = conn.execute(
-                        f"SELECT id, destination FROM deliveries WHERE instance_id = ? AND state != 'delivered'"
+                        f"SELECT id, destination, state FROM deliveries WHERE instance_id = ?"
                         f" AND destination NOT IN ({', '.join('?' for _ in keep)})", (instance_id, *keep)).fetchall()
-                    for delivery_id, destination in stale:
+                    for delivery_id, destination, state in stale:
                         conn.execute("DELETE FROM attempts WHERE delivery_id = ?", (delivery_id,))
                         conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
-                        cancelled.append(str(destination))
+                        if state != "delivered":
+                            cancelled.append(str(destination))
         return cancelled
 
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
@@ -459,6 +474,7 @@ class Database:
         conn.execute(
             "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at,"
             " edits) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE SET"
+            " study_instance_uid = excluded.study_instance_uid,"  # a correction may move it to another study
             " state = excluded.state, attempts = 0, created_at = excluded.created_at,"
             " next_attempt_at = excluded.next_attempt_at, delivered_at = NULL, last_status = NULL, last_error = NULL,"
             " transcoded = 0, edits = excluded.edits",
@@ -476,6 +492,20 @@ class Database:
 
     def cached_paths(self) -> set[str]:
         return {row[0] for row in self.query("SELECT path FROM instances WHERE state = 'cached'")}
+
+    def relocate(self, cache: Path) -> int:
+        """Point cached rows written under another spelling of the data directory (moved, or
+        reached through a symlink) at ``cache``, where their files are now: same study
+        directory, same name. Returns how many rows changed."""
+        prefix = f"{cache}{os.sep}"
+        with self.transaction() as conn:
+            moved = [(row[0], Path(row[1])) for row in conn.execute(
+                "SELECT id, path FROM instances WHERE state = 'cached' AND substr(path, 1, ?) != ?",
+                (len(prefix), prefix))]
+            for instance_id, path in moved:
+                conn.execute("UPDATE instances SET path = ? WHERE id = ?",
+                             (str(cache / path.parent.name / path.name), instance_id))
+        return len(moved)
 
     def studies(self) -> list[StudySummary]:
         rows = self.query(
@@ -665,9 +695,11 @@ class Database:
 
     # ---- cache retention ----------------------------------------------------------------------
 
-    def evictable(self, delivered_before: float, limit: int = 500) -> list[tuple[int, str]]:
+    def evictable(self, delivered_before: float | None, limit: int = 500) -> list[tuple[int, str]]:
         """Cached instances whose every delivery is confirmed (or that a rule discarded), done
-        before ``delivered_before``; oldest first. Unrouted and undelivered ones never appear."""
+        before ``delivered_before`` (None: whenever — above the high watermark, where a wall
+        clock set back must not hold eviction up); oldest first. Unrouted and undelivered ones
+        never appear."""
         # done_at (migration 4) picks the candidates from its index; the NOT EXISTS checks each
         # one again against its deliveries, so that nothing owed is removed even if done_at
         # were ever wrong.
@@ -678,7 +710,7 @@ class Database:
               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id = i.id AND d.state != 'delivered')
             ORDER BY i.done_at
             LIMIT ?
-            """, (delivered_before, limit))
+            """, (math.inf if delivered_before is None else delivered_before, limit))
         return [(int(r[0]), str(r[1])) for r in rows]
 
     def prune_history(self, done_before: float, released_before: float, limit: int = 500) -> int:
@@ -706,11 +738,14 @@ class Database:
         return len(ids)
 
     def mark_evicted(self, instance_id: int, path: str) -> bool:
-        """True when the row still points at ``path`` (a replacement that arrived meanwhile has
-        a new path and new deliveries, and must stay)."""
+        """True when the row still points at ``path`` and still owes nothing (a replacement that
+        arrived since :meth:`evictable` has a new path and new deliveries, and must stay)."""
         with self.transaction() as conn:
-            return conn.execute("UPDATE instances SET state = 'evicted' WHERE id = ? AND path = ? AND state = 'cached'",
-                                (instance_id, path)).rowcount == 1
+            return conn.execute(
+                "UPDATE instances SET state = 'evicted' WHERE id = ? AND path = ? AND state = 'cached'"
+                " AND done_at IS NOT NULL AND NOT EXISTS"
+                " (SELECT 1 FROM deliveries d WHERE d.instance_id = instances.id AND d.state != 'delivered')",
+                (instance_id, path)).rowcount == 1
 
 
 def open_database(root: Path) -> Database:

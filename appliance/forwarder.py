@@ -280,7 +280,7 @@ class Forwarder:
             usage = self.store.usage()
             if usage.used <= evict_above.of(usage.total):
                 break
-            batch = self.db.evictable(now, limit=50)
+            batch = self.db.evictable(None, limit=50)
             if not batch:
                 warned = self._watermark_warned_at
                 if warned is None or time.monotonic() - warned >= CACHE_SCAN_MAX:

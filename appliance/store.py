@@ -4,15 +4,18 @@ Layout under the data directory::
 
     incoming/                      files being received (pynetdicom streams each C-STORE here)
     outgoing/                      edited copies being sent (removed after the send)
-    cache/<StudyUID>/<SOPUID>.<sha256[:12]>.dcm
+    cache/<StudyUID>/<SOPUID>.<sha256[:12]>.<reception>.dcm
     reserve                        space held back for the database on a full disk (see below)
 
 A file enters the cache durably: its data is fsync'd, it is renamed into its study directory
 (atomic on one filesystem, which is why ``incoming/`` sits beside ``cache/``), and the directory
-is fsync'd. The content hash in the name means a replacement never overwrites the file the
-database points at: the new file is placed beside the old one, the database is switched over,
-and only then is the old file removed. So whatever a crash interrupts, the database row points
-at a complete file, and :meth:`Store.recover` removes files no row points at.
+is fsync'd. Every reception gets a name of its own (``<reception>`` is random), even a resend
+of identical content: a replacement never overwrites the file the database points at — the
+new file is placed beside the old one, the database is switched over, and only then is the old
+file removed — and whoever removes a file by the name it read from the database (eviction, a
+replacement) removes that reception's file and never a newer one. So whatever a crash
+interrupts, the database row points at a complete file, and :meth:`Store.recover` removes
+files no row points at.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +73,11 @@ def _name_for(uid: str) -> str:
     return uid if _SAFE_UID.fullmatch(uid) and ".." not in uid else "x" + hashlib.sha1(uid.encode()).hexdigest()
 
 
+def cache_key(path: Path) -> str:
+    """A cached file's place in the cache: ``<study directory>/<name>``."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def digest_file(path: Path) -> tuple[int, str]:
     """Size and SHA-256 of a file."""
     sha = hashlib.sha256()
@@ -92,6 +101,9 @@ class Store:
         self.cache = root / "cache"
         # Edited copies on their way to a destination (see outgoing.py).
         self.outgoing = root / "outgoing"
+        # Study directories whose entry in cache/ this process knows to be durable.
+        self._durable_dirs: set[str] = set()
+        self._dirs_lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the tree; empty ``incoming/`` (what is there was never acknowledged) and
@@ -118,13 +130,16 @@ class Store:
         — and on a journalling filesystem (ext4) the file's fsync then commits the rename with
         it, leaving the directory's fsync next to nothing to do. On failure nothing is left
         under the cache's name that was not there before."""
-        study_dir = self.cache / _name_for(study_uid)
-        if not study_dir.is_dir():
-            study_dir.mkdir(exist_ok=True)
-            fsync_dir(self.cache)
-        final = study_dir / f"{_name_for(sop_uid)}.{sha256[:12]}.dcm"
-        existed = final.exists()  # a second copy with the same content: its row keeps the name
-        os.replace(received, final)
+        study_dir = self._study_dir(study_uid)
+        final = study_dir / f"{_name_for(sop_uid)}.{sha256[:12]}.{os.urandom(6).hex()}.dcm"
+        try:
+            os.replace(received, final)
+        except FileNotFoundError:
+            if not received.exists():
+                raise
+            # Eviction removed the study's last file, and with it the directory, meanwhile.
+            study_dir = self._study_dir(study_uid, known=False)
+            os.replace(received, final)
         try:
             fd = os.open(final, os.O_RDONLY)
             try:
@@ -133,10 +148,26 @@ class Store:
                 os.close(fd)
             fsync_dir(study_dir)
         except OSError:
-            if not existed:
-                final.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
         return final
+
+    def _study_dir(self, study_uid: str, known: bool = True) -> Path:
+        """The study's directory, created if need be, its entry in ``cache/`` durable. A
+        directory another thread (or process) has just made may not be synced yet: the first
+        file this process puts there syncs ``cache/`` too. ``known=False``: sync it whatever
+        this process knows (the directory was removed since)."""
+        study_dir = self.cache / _name_for(study_uid)
+        name = study_dir.name
+        if known and name in self._durable_dirs and study_dir.is_dir():
+            return study_dir
+        with self._dirs_lock:
+            study_dir.mkdir(exist_ok=True)
+            fsync_dir(self.cache)
+            if len(self._durable_dirs) >= 10_000:
+                self._durable_dirs.clear()
+            self._durable_dirs.add(name)
+        return study_dir
 
     def discard(self, path: Path) -> None:
         """Remove a cached file (after the database no longer points at it)."""
@@ -152,13 +183,18 @@ class Store:
 
     def recover(self, known_paths: set[str]) -> int:
         """Remove cached files that no database row points at (a crash between rename and commit,
-        or between commit and removing a replaced copy). Returns how many were removed."""
+        or between commit and removing a replaced copy). Returns how many were removed.
+
+        A file is known by its place in the cache (study directory and name), not by how the
+        data directory was spelled when its row was written: reached through a symlink, or
+        moved, the cache is still the database's (see ``Database.relocate``)."""
+        known = {cache_key(Path(p)) for p in known_paths}
         removed = 0
         for study_dir in self.cache.iterdir():
             if not study_dir.is_dir():
                 continue
             for entry in study_dir.iterdir():
-                if str(entry) not in known_paths:
+                if cache_key(entry) not in known:
                     log.warning("removing %s: the database has no record of it (interrupted receive)", entry)
                     entry.unlink()
                     removed += 1

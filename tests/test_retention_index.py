@@ -221,3 +221,56 @@ def test_holds_released_long_ago_are_forgotten_waiting_ones_never(tmp_path: Path
     db.prune_history(0.0, now + 10**6)
     assert [(r["study_instance_uid"], r["state"]) for r in db.holds()] == [("1.2.9.3", "waiting")]
     db.close()
+
+
+def test_a_correction_no_rule_routes_is_kept_as_unrouted_not_evicted_as_delivered(tmp_path: Path) -> None:
+    """The first version went to ``a``; a correction (same SOP Instance UID) that no rule
+    routes is the new version: nothing delivered it, so it is unrouted and kept — the first
+    version's delivery does not make it evictable."""
+    db = Database(tmp_path / "appliance.db")
+    db.store_instance(instance(1, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    for work in db.claim("a", db.schedule_now() + 10**9, 10):
+        db.finish(work, "delivered", 0, None, db.schedule_now())
+    assert len(db.evictable(10**12)) == 1
+    db.store_instance(instance(1, 2, 200.0, {"status": "unrouted"}), db.find_instance("1.2.3.1"), [])
+    assert db.evictable(10**12) == [] and db.evictable(None) == []
+    assert db.count_unrouted() == 1
+    db.close()
+
+
+def test_a_correction_that_moves_to_another_held_study_is_released_with_it(tmp_path: Path) -> None:
+    """The first version was held with its study and delivered; a correction names another
+    study, held for the same destination. Its delivery is filed under the new study and goes
+    out when that study is released — not left held for ever under the old one."""
+    db = Database(tmp_path / "appliance.db")
+    first = instance(1, 1, 100.0, {"status": "routed"})
+    db.store_instance(first, None, [Delivery("a", 30.0)])
+    db.release_stable_studies(db.schedule_now() + 60)
+    for work in db.claim("a", db.schedule_now() + 10**9, 10):
+        db.finish(work, "delivered", 0, None, db.schedule_now())
+    moved = Instance(**{**first.__dict__, "study_instance_uid": "1.2.9.99", "sha256": "1-2", "path": "/cache/1.2.dcm"})
+    db.store_instance(moved, db.find_instance("1.2.3.1"), [Delivery("a", 30.0)])
+    assert [r[0] for r in db.query("SELECT state FROM deliveries")] == ["held"]
+    assert db.release_stable_studies(db.schedule_now() + 10**6) == [("1.2.9.99", "a")]
+    works = db.claim("a", db.schedule_now() + 10**6, 10)
+    assert [w.study_instance_uid for w in works] == ["1.2.9.99"], "the moved instance was not released"
+    db.close()
+
+
+def test_deliveries_stuck_under_a_study_their_instance_left_are_repaired_by_the_migration(tmp_path: Path) -> None:
+    """Migration 7: a delivery left held under its instance's old study (before the fix) is
+    filed under the new one; with no waiting hold there, it is sent at once."""
+    path = tmp_path / "appliance.db"
+    db = Database(path)
+    row = instance(1, 1, 100.0, {"status": "routed"})
+    db.store_instance(row, None, [Delivery("a")])
+    db.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE deliveries SET state = 'held', study_instance_uid = 'old-study'")
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    db = Database(path)
+    assert [tuple(r) for r in db.query("SELECT state, study_instance_uid FROM deliveries")] == [
+        ("pending", row.study_instance_uid)]
+    db.close()
