@@ -99,14 +99,18 @@ Actions
 * ``send_to: [destination, ...]`` — fan-out; over ``continue`` rules the destinations add up.
 * ``set: {keyword or tag: value}`` and ``remove: [keyword or tag, ...]`` — edits made to the
   copy sent to *this rule's* destinations; the cached original is never changed. A value is
-  checked against the element's VR when the configuration is loaded; a list sets several
-  values; ``""`` sets an empty value. Within one rule removals happen before ``set``; when two
+  checked against the element's VR when the configuration is loaded, and their number against
+  its VM (``PixelSpacing: [0.5, 0.5]``); a list sets several values; ``""`` sets an empty
+  value. Within one rule removals happen before ``set``; when two
   matching rules send to the same destination, their edits apply in rule order (the later
   rule wins for the same tag). Non-ASCII text switches the copy to UTF-8 (``ISO_IR 192``) when
   its character set cannot hold it. File meta, sequences, binary elements, private tags (for
   ``set``), pixel data (``PixelData``, ``FloatPixelData``, ``DoubleFloatPixelData``: sent as
-  they are), ``SOPClassUID``, ``SOPInstanceUID`` and ``SpecificCharacterSet`` cannot be edited;
-  elements after the pixel data (a private group 7FE1) can.
+  they are) and what describes it (``Rows``, ``Columns``, ``BitsAllocated``, ``BitsStored``,
+  ``HighBit``, ``SamplesPerPixel``, ``PhotometricInterpretation``, ``PixelRepresentation``,
+  ``PlanarConfiguration``, ``NumberOfFrames``, the palette color lookup tables), ``SOPClassUID``,
+  ``SOPInstanceUID`` and ``SpecificCharacterSet`` cannot be edited; elements after the pixel
+  data (a private group 7FE1) can.
 * ``discard: true`` — the instance is sent nowhere, not even to destinations named by earlier
   ``continue`` rules; evaluation stops.
 * ``continue: true`` — keep evaluating the following rules after this one matched.
@@ -352,6 +356,23 @@ _PROTECTED = {
 # frame at a time); an edit of it would be silently left out. Float Pixel Data, Double Float
 # Pixel Data, Pixel Data.
 _PIXEL_DATA = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+# What says how to read those pixels (the Image Pixel module, PS3.3 C.7.6.3, and the palette of
+# PALETTE COLOR images): a copy with one of them edited would describe its pixels wrongly.
+_DESCRIBES_PIXELS = {
+    0x00280002,  # SamplesPerPixel
+    0x00280004,  # PhotometricInterpretation
+    0x00280006,  # PlanarConfiguration
+    0x00280008,  # NumberOfFrames
+    0x00280010,  # Rows
+    0x00280011,  # Columns
+    0x00280100,  # BitsAllocated
+    0x00280101,  # BitsStored
+    0x00280102,  # HighBit
+    0x00280103,  # PixelRepresentation
+    0x00281101, 0x00281102, 0x00281103,  # Red, Green, Blue Palette Color Lookup Table Descriptor
+    0x00281201, 0x00281202, 0x00281203,  # Red, Green, Blue Palette Color Lookup Table Data
+    0x00281221, 0x00281222, 0x00281223,  # Segmented Red, Green, Blue Palette Color Lookup Table Data
+}
 
 
 def _failed(value: object) -> bool:
@@ -590,6 +611,10 @@ def _editable(key: str, at: Node, path: str, ctx: Context) -> TagRef:
     if element.tag in _PIXEL_DATA:
         ctx.error(at, path, f"{element} is sent as it is; pixel data cannot be edited")
         return INVALID
+    if element.tag in _DESCRIBES_PIXELS:
+        ctx.error(at, path, f"{element} describes the pixel data, which is sent as it is: a copy with it edited "
+                            "would describe its pixels wrongly")
+        return INVALID
     return element
 
 
@@ -612,12 +637,14 @@ def _read_set(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
         texts = _read_texts(key_node, node, path, ctx)
         if _failed(texts):
             return INVALID
-        if datadict.dictionary_VM(element.tag) == "1":
-            ctx.error(key_node, path, f"{element} takes one value, got a list of {len(texts)}")
-            return INVALID
         values = texts
     else:
         ctx.error(key_node, path, f"expected a value or a list of values, got {describe(node)}")
+        return INVALID
+    takes = _values_taken(element, len(values)) if values else None  # "" sets an empty value
+    if takes:
+        got = f"a list of {len(values)}" if isinstance(node, SequenceNode) else "one (write the values as a list)"
+        ctx.error(key_node, path, f"{element} takes {takes}, got {got}")
         return INVALID
     for i, text in enumerate(values):
         problem = value_problem(vr, text)
@@ -627,6 +654,33 @@ def _read_set(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
                       f'"{text}" does not fit {element} (VR {vr}): {problem}')
             return INVALID
     return TagEdit("set", element, vr, values)
+
+
+def _values_taken(element: TagRef, count: int) -> str | None:
+    """How many values ``element`` takes, in words, when ``count`` is not one of them (its VM in
+    the DICOM dictionary: "2", "1-3", "2-n", "2-2n" ...); None when it is."""
+    try:
+        vm = str(datadict.dictionary_VM(element.tag))
+    except KeyError:
+        return None
+    if match := re.fullmatch(r"(\d+)", vm):
+        exact = int(match.group(1))
+        if count == exact:
+            return None
+        return "one value" if exact == 1 else f"{exact} values"
+    if match := re.fullmatch(r"(\d+)-(\d+)", vm):
+        low, high = int(match.group(1)), int(match.group(2))
+        return None if low <= count <= high else f"{low} to {high} values"
+    if match := re.fullmatch(r"(\d+)-n", vm):
+        low = int(match.group(1))
+        return None if count >= low else f"{low} or more values"
+    if match := re.fullmatch(r"(\d+)-(\d+)n", vm):
+        step = int(match.group(2))
+        if count >= int(match.group(1)) and count % step == 0:
+            return None
+        group = {2: "pairs", 3: "triplets"}.get(step, f"groups of {step}")
+        return f"{group} of values ({step}, {2 * step}, {3 * step} ...)"
+    return None
 
 
 def value_problem(vr: str, text: str) -> str | None:
@@ -649,6 +703,9 @@ def value_problem(vr: str, text: str) -> str | None:
     allowed = "\t\n\f\r\x1b" if vr in _FREE_TEXT_VRS else "\x1b"
     if any((ord(ch) < 0x20 or ord(ch) == 0x7F) and ch not in allowed for ch in text):
         return "control characters are not allowed"
+    if vr == "PN" and any(group.count("^") > 4 for group in text.split("=")):
+        # pydicom counts the groups (alphabetic=ideographic=phonetic), not their components.
+        return "a person name has at most 5 components (family^given^middle^prefix^suffix)"
     try:
         valuerep.validate_value(vr, text, pydicom_config.RAISE)
     except ValueError as exc:

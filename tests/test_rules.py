@@ -389,7 +389,8 @@ def test_apply_edits_changes_the_copy_and_never_the_cached_file(tmp_path: Path) 
     set:
       InstitutionName: Clinic A
       ImageType: [DERIVED, SECONDARY]
-      Rows: 256
+      NumberOfSlices: 256
+      PixelSpacing: [0.5, "0.5"]
       SliceThickness: "1.25"
       StationName: ""
     remove: [PatientComments, "(0009,1001)", Manufacturer]
@@ -408,7 +409,8 @@ def test_apply_edits_changes_the_copy_and_never_the_cached_file(tmp_path: Path) 
     edited = pydicom.dcmread(sent)
     assert edited.InstitutionName == "Clinic A"
     assert list(edited.ImageType) == ["DERIVED", "SECONDARY"]
-    assert edited.Rows == 256
+    assert edited.NumberOfSlices == 256 and edited.Rows == 512
+    assert [str(v) for v in edited.PixelSpacing] == ["0.5", "0.5"]
     assert str(edited.SliceThickness) == "1.25"
     assert "StationName" in edited and edited.StationName == ""
     assert "PatientComments" not in edited and 0x00091001 not in edited
@@ -473,8 +475,9 @@ BAD_ROUTES = [
                                               "expected a code string"),
     ("- {send_to: [a], set: {SeriesNumber: 3.5}}", '6:24: routes[0].set.SeriesNumber: "3.5" does not fit '
                                                    "SeriesNumber (VR IS): expected an integer"),
-    ("- {send_to: [a], set: {Rows: 70000}}", "6:24: routes[0].set.Rows: \"70000\" does not fit Rows (VR US): "
-                                            "expected an integer from 0 to 65535"),
+    ("- {send_to: [a], set: {NumberOfSlices: 70000}}",
+     '6:24: routes[0].set.NumberOfSlices: "70000" does not fit NumberOfSlices (VR US): expected an integer from 0 '
+     "to 65535"),
     ("- {send_to: [a], set: {StudyDate: 20241399}}", '6:24: routes[0].set.StudyDate: "20241399" does not fit '
                                                      "StudyDate (VR DA): expected a date YYYYMMDD"),
     ("- {send_to: [a], set: {StationName: ABCDEFGHIJKLMNOPQ}}", "6:24: routes[0].set.StationName: "
@@ -491,6 +494,24 @@ BAD_ROUTES = [
     ("- {send_to: [a], set: {SOPInstanceUID: 1.2.3}}", "6:24: routes[0].set.SOPInstanceUID: the SOP Instance UID"),
     ("- {send_to: [a], set: {TransferSyntaxUID: 1.2.840.10008.1.2}}", "6:24: routes[0].set.TransferSyntaxUID: "
                                                                       "file meta information (group 0002)"),
+    # as many values as the element takes (its VM in the DICOM dictionary)
+    ("- {send_to: [a], set: {PixelSpacing: 0.5}}", "6:24: routes[0].set.PixelSpacing: PixelSpacing takes 2 values, "
+                                                   "got one (write the values as a list)"),
+    ("- {send_to: [a], set: {ImagePositionPatient: [1, 2]}}", "6:24: routes[0].set.ImagePositionPatient: "
+                                                              "ImagePositionPatient takes 3 values, got a list of 2"),
+    ("- {send_to: [a], set: {ShutterShape: [RECTANGULAR, CIRCULAR, POLYGONAL, RECTANGULAR]}}",
+     "6:24: routes[0].set.ShutterShape: ShutterShape takes 1 to 3 values, got a list of 4"),
+    ("- {send_to: [a], set: {ImageType: DERIVED}}",
+     "6:24: routes[0].set.ImageType: ImageType takes 2 or more values, got one (write the values as a list)"),
+    ("- {send_to: [a], set: {VerticesOfThePolygonalShutter: [1, 2, 3]}}",
+     "6:24: routes[0].set.VerticesOfThePolygonalShutter: VerticesOfThePolygonalShutter takes pairs of values "
+     "(2, 4, 6 ...), got a list of 3"),
+    ("- {send_to: [a], set: {ReferringPhysicianName: a^b^c^d^e^f}}",
+     '6:24: routes[0].set.ReferringPhysicianName: "a^b^c^d^e^f" does not fit ReferringPhysicianName (VR PN): a '
+     "person name has at most 5 components (family^given^middle^prefix^suffix)"),
+    ("- {send_to: [a], set: {ReferringPhysicianName: 'Doe^J=a^b^c^d^e^f'}}",
+     '6:24: routes[0].set.ReferringPhysicianName: "Doe^J=a^b^c^d^e^f" does not fit ReferringPhysicianName (VR PN): '
+     "a person name has at most 5 components"),
     ("- {send_to: [a], set: [Modality]}", "6:23: routes[0].set: expected a mapping of keyword or tag to value"),
     # remove
     ("- {send_to: [a], remove: PatientComments}", "6:26: routes[0].remove: expected a list of keywords or tags"),
@@ -501,8 +522,19 @@ BAD_ROUTES = [
     # pixel data is sent as it is
     ("- {send_to: [a], set: {PixelData: x}}",
      "6:24: routes[0].set.PixelData: PixelData is sent as it is; pixel data cannot be edited"),
-    ("- {send_to: [a], remove: [Rows, PixelData]}",
-     "6:33: routes[0].remove[1]: PixelData is sent as it is; pixel data cannot be edited"),
+    ("- {send_to: [a], remove: [StationName, PixelData]}",
+     "6:40: routes[0].remove[1]: PixelData is sent as it is; pixel data cannot be edited"),
+    # nor can what describes it: the copy would describe its pixels wrongly
+    ("- {send_to: [a], set: {Rows: 256}}",
+     "6:24: routes[0].set.Rows: Rows describes the pixel data, which is sent as it is: a copy with it edited "
+     "would describe its pixels wrongly"),
+    ("- {send_to: [a], remove: [StationName, BitsStored]}",
+     "6:40: routes[0].remove[1]: BitsStored describes the pixel data, which is sent as it is"),
+    ("- {send_to: [a], set: {PhotometricInterpretation: RGB}}",
+     "6:24: routes[0].set.PhotometricInterpretation: PhotometricInterpretation describes the pixel data"),
+    ('- {send_to: [a], remove: ["(0028,0008)"]}', "6:27: routes[0].remove[0]: NumberOfFrames describes the pixel data"),
+    ("- {send_to: [a], remove: [RedPaletteColorLookupTableData]}",
+     "6:27: routes[0].remove[0]: RedPaletteColorLookupTableData describes the pixel data"),
     ('- {send_to: [a], remove: ["(7FE0,0008)"]}',
      "6:27: routes[0].remove[0]: FloatPixelData is sent as it is; pixel data cannot be edited"),
     ("- {send_to: [a], remove: [DoubleFloatPixelData]}",
@@ -551,6 +583,11 @@ def test_every_bad_rule_of_a_file_is_reported() -> None:
      [("stable_after", "stable_after needs send_to: it holds the study for this rule's destinations, "
                        "and it has none")]),
     ("- {send_to: [a], set: {StationName: X}, remove: [PatientComments], continue: true}", []),
+    # values in the numbers their elements take; a person name of 5 components in each of 3 groups
+    ("- send_to: [a]\n  set:\n    PixelSpacing: ['0.5', '0.5']\n    ImageType: [DERIVED, SECONDARY, AXIAL]\n"
+     "    OtherPatientNames: Doe^J\n    ShutterShape: [RECTANGULAR, CIRCULAR]\n    PatientOrientation: ''\n"
+     "    ReferringPhysicianName: 'Doe^John^A^Dr^Jr=Y^Z^^^=P^Q'\n"
+     "    VerticesOfThePolygonalShutter: [1, 2, 3, 4, 5, 6]", []),
     # elements after the pixel data stay editable (the forwarder applies those edits)
     ('- {send_to: [a], remove: ["(7FE1,1010)"]}', []),
 ])
