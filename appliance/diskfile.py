@@ -1,10 +1,11 @@
 """A DICOM file found on disk (a CD, a USB stick, an archive), before ``appliance send``
 imports it: whether it is a complete instance, and why not when it is not.
 
-A file on disk may have been cut short by an interrupted copy or a full stick. Intake reads the
-header only up to the pixel data and checks that a plain pixel data's value fits in the file;
-this walks everything else too — compressed fragments, sequences, the elements after the pixel
-data — so that no truncated image is cached and forwarded. Media also hold files that are no
+A file on disk may have been cut short by an interrupted copy or a full stick. This walks its
+elements' headers as intake does with what it receives (``intake.check_elements``: every value
+within the file, compressed fragments and sequences up to their delimiters, the file ending
+where an element ends) before anything is copied into the cache, so that no truncated image is
+cached and forwarded, and the person importing it is told why. Media also hold files that are no
 instance (a DICOMDIR, a desktop's index files) and, from older archives, bare data sets without
 the preamble and file meta of PS3.10; those are given the meta the receiver writes, so that
 every cached file is laid out alike.
@@ -12,17 +13,16 @@ every cached file is laid out alike.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.datadict import dictionary_description
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.tag import BaseTag, Tag
@@ -36,10 +36,9 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from .hotpath import FileMeta, encode_file_meta
+from .intake import Inflating, check_elements
 
 _PREAMBLE = 128
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_PIXEL_DATA = 0x7FE00010
 _META_GROUP_LENGTH, _TRANSFER_SYNTAX = 0x00020000, 0x00020010
 _META_SOP_CLASS, _META_SOP_INSTANCE = 0x00020002, 0x00020003
 _VRS = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
@@ -157,71 +156,23 @@ def _guess_syntax(head: bytes) -> UID | None:
 
 def _check_complete(source: BinaryIO, layout: _Layout, size: int) -> bool:
     """Raise :class:`NotImportable` unless every element of the data set ends within the file.
-    Only the elements' headers are read (pydicom skips the values, and walks compressed pixel
-    data to its end). Returns whether the pixel data is compressed (of undefined length)."""
+    Only the elements' headers are read (the values are seeked over, compressed pixel data and
+    sequences walked to their delimiters; a deflated data set is inflated on the way, a step at
+    a time, and never held whole). Returns whether the pixel data is compressed (of undefined
+    length)."""
     source.seek(layout.dataset_offset)
-    end = layout.dataset_offset
-    if layout.syntax.is_transfer_syntax and layout.syntax.is_deflated:
-        inflated = _inflate(source)
-        source, size, end = io.BytesIO(inflated), len(inflated), 0
-    little = layout.little
-    delimiter = struct.pack("<HHI" if little else ">HHI", 0xFFFE, 0xE0DD, 0)
-    encapsulated = False
+    deflated = layout.syntax.is_transfer_syntax and layout.syntax.is_deflated
+    walked: BinaryIO = Inflating(source) if deflated else source  # type: ignore[assignment]
     try:
-        for element in data_element_generator(source, layout.implicit, little, defer_size=0):
-            end = source.tell()
-            if isinstance(element, RawDataElement) and element.length != _UNDEFINED_LENGTH:
-                if end > size:
-                    raise NotImportable(f"truncated: its {_name(element.tag)} needs {element.length} bytes, "
-                                        f"the file ends after {max(0, size - element.value_tell)}")
-                continue
-            # Of undefined length (compressed pixels, a sequence): read up to its delimiter.
-            source.seek(end - 8)
-            if source.read(8) != delimiter:
-                raise NotImportable(f"truncated: the file ends inside its {_name(element.tag)}")
-            encapsulated = encapsulated or element.tag == _PIXEL_DATA
-    except (EOFError, OSError, struct.error) as exc:
-        # pydicom ran out of file inside an undefined-length value, or in the middle of an
-        # element's header; the element it was reading starts at ``end``.
-        source.seek(end)
-        raise NotImportable(f"truncated: the file ends inside its {_name_at(source, little)}") from exc
-    except ValueError as exc:
-        source.seek(end)
-        raise NotImportable(f"damaged: its {_name_at(source, little)} cannot be read: {exc}") from exc
-    if end < size and size - end < 8:
-        raise NotImportable(f"truncated: the file ends inside the header of an element at byte {end}")
-    return encapsulated
-
-
-def _inflate(source: BinaryIO) -> bytes:
-    """A deflated data set inflated (in memory, as pydicom reads one: such files are small);
-    raises :class:`NotImportable` if its stream is cut short or damaged."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    parts = []
-    try:
-        while chunk := source.read(1 << 20):
-            parts.append(inflater.decompress(chunk))
-        parts.append(inflater.flush())
+        try:
+            return check_elements(walked, layout.implicit, layout.little, sys.maxsize if deflated else size)
+        finally:
+            if isinstance(walked, Inflating):
+                walked.check_ended()  # a deflate stream cut short says more than where the walk stopped
     except zlib.error as exc:
         raise NotImportable(f"its deflated data set is damaged: {exc}") from exc
-    if not inflater.eof:
-        raise NotImportable("truncated: the file ends inside its deflated (compressed) data set")
-    return b"".join(parts)
-
-
-def _name(tag: int) -> str:
-    try:
-        return dictionary_description(tag)
-    except KeyError:
-        return str(Tag(tag))
-
-
-def _name_at(source: BinaryIO, little: bool) -> str:
-    head = source.read(4)
-    if len(head) < 4:
-        return "last element"
-    group, element = struct.unpack("<HH" if little else ">HH", head)
-    return _name(group << 16 | element)
+    except (EOFError, ValueError) as exc:
+        raise NotImportable(str(exc)) from exc
 
 
 def _meta_for(source: BinaryIO, layout: _Layout) -> FileMeta:

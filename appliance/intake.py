@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -22,8 +23,9 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import dictionary_description
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_preamble
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
@@ -44,7 +46,7 @@ HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientNam
 _HEADER_TAGS = frozenset(int(Tag(keyword)) for keyword in HEADER_TAGS)
 
 # What reading a header raises when its data set cannot be read. zlib.error: a deflated data
-# set whose stream is damaged (pydicom inflates it whole).
+# set whose stream is damaged.
 UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError, zlib.error)
 
 
@@ -202,39 +204,144 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
     """The data set up to its pixels (only ``tags`` if given; all if None), with the file meta
     if ``with_meta``. When the caller knows where the data set starts and how it is encoded,
     it is read from there: the receiver wrote the meta itself, and pydicom's ``dcmread``
-    spends a third of a header read finding and checking it again.
+    spends a third of a header read finding and checking it again. Otherwise ``path`` is a
+    PS3.10 file (``appliance send`` makes every file one), whose meta says both.
 
     Raises :class:`Truncated` (an ``EOFError``) or ``ValueError`` unless every element of the
     data set, the pixel data's included, ends within the file, and the file ends where an
     element ends (see :func:`check_elements`)."""
     specific: list[BaseTag | int] | None = [Tag(t) for t in tags] if tags is not None else None
-    encoding = UID(syntax) if syntax else None
-    if offset is None or encoding is None or not encoding.is_transfer_syntax or encoding.is_deflated:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=specific)
-    with open(path, "rb") as source:
-        source.seek(offset)
-        pixels = _PixelsAt()
+    meta: FileMetaDataset | None = None
+    with open(path, "rb") as raw:
+        if offset is None or not syntax:
+            read_preamble(raw, False)
+            meta = _read_file_meta_info(raw)
+            syntax = syntax or str(meta.get("TransferSyntaxUID", ""))
+        else:
+            raw.seek(offset)
+        start = raw.tell()
+        encoding = UID(syntax)
+        if encoding.is_transfer_syntax:
+            implicit, little = encoding.is_implicit_VR, encoding.is_little_endian
+        else:  # a private syntax: as its first element shows (pydicom tells implicit VR itself)
+            implicit, little = False, raw.read(2) != b"\x00\x08"
+            raw.seek(start)
+        deflated = encoding.is_transfer_syntax and encoding.is_deflated
+        source: BinaryIO = Inflating(raw) if deflated else raw  # type: ignore[assignment]
+        stop = _PixelsAt()
         try:
-            header = read_dataset(source, encoding.is_implicit_VR, encoding.is_little_endian,
-                                  stop_when=pixels, specific_tags=specific)
+            try:
+                header = read_dataset(source, implicit, little, stop_when=stop, specific_tags=specific)
+                if not stop.reached:
+                    # pydicom read to the end of the file, which tells nothing of where it ended:
+                    # a value it skipped or read may run past it, the last header may be cut off.
+                    if deflated:
+                        source = Inflating(raw, start)  # type: ignore[assignment]
+                    else:
+                        raw.seek(start)
+                # A sender that streams a file's bytes as they are (a router, a bulk sender)
+                # passes a file cut short on its disk on as a data set cut short. Refused like
+                # any data set that cannot be read (what DCMTK answers), so that no corrupt
+                # image is acknowledged and forwarded. Only element headers are read, the values
+                # are seeked over; a deflated data set is inflated on the way and let go.
+                read_implicit, read_little = header.original_encoding  # pydicom corrects a wrong VR guess
+                size = sys.maxsize if deflated else os.fstat(raw.fileno()).st_size
+                check_elements(source, bool(read_implicit), bool(read_little), size)
+            finally:
+                if isinstance(source, Inflating):
+                    source.check_ended()  # a deflate stream cut short says more than where reading stopped
         except OSError as exc:
             if exc.errno is not None:  # the disk's, not the data set's
                 raise
             # pydicom ran out of file inside an undefined-length sequence.
             raise Truncated(f"truncated: {exc}") from exc
-        if not pixels.reached:
-            # pydicom read to the end of the file, which tells nothing of where it ended: a
-            # value it skipped or read may run past it, the last header may be cut off.
-            source.seek(offset)
-        # A sender that streams a file's bytes as they are (a router, a bulk sender) passes a
-        # file cut short on its disk on as a data set cut short. Refused like any data set that
-        # cannot be read (what DCMTK answers), so that no corrupt image is acknowledged and
-        # forwarded. Only element headers are read, the values are seeked over.
-        implicit, little = header.original_encoding
-        check_elements(source, bool(implicit), bool(little), os.fstat(source.fileno()).st_size)
-    if with_meta:
-        header.file_meta = read_file_meta_info(path)
+    if with_meta and meta is None:
+        meta = read_file_meta_info(path)
+    if meta is not None:
+        header.file_meta = meta
     return header
+
+
+class Inflating:
+    """A deflated data set (Deflated Explicit VR Little Endian: raw deflate after the file
+    meta) read as the data set it inflates to, without holding it: a few hundred KB on the
+    wire may inflate to gigabytes. Forward only; the last :data:`KEEP` bytes before the
+    position are kept, for the few bytes pydicom steps back. Inflates :data:`STEP` at a time.
+    A stream cut short reads as a data set that ends there; :meth:`check_ended` tells."""
+
+    STEP = 1 << 16
+    KEEP = 1 << 16
+
+    def __init__(self, raw: BinaryIO, start: int | None = None) -> None:
+        if start is not None:
+            raw.seek(start)
+        self._raw = raw
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._buffer_at = 0  # the data set's offset of _buffer[0]
+        self._position = 0
+        self._input_ended = False
+
+    def _inflate(self) -> bool:
+        """Append what the next step inflates to; False at the end of the stream (or of the
+        file). zlib.error for a damaged stream."""
+        inflater = self._inflater
+        while not inflater.eof:
+            data = inflater.unconsumed_tail
+            if not data:
+                data = self._raw.read(self.STEP)
+                if not data:
+                    self._input_ended = True
+                    return False
+            out = inflater.decompress(data, self.STEP)
+            if out:
+                self._buffer += out
+                return True
+        return False
+
+    def _let_go(self) -> None:
+        behind = self._position - self._buffer_at - self.KEEP
+        if behind > self.STEP:
+            del self._buffer[:behind]
+            self._buffer_at += behind
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            raise ValueError("a deflated data set is read a value at a time")
+        while self._buffer_at + len(self._buffer) < self._position + size and self._inflate():
+            pass
+        at = self._position - self._buffer_at
+        data = bytes(self._buffer[at:at + size])
+        self._position += len(data)
+        self._let_go()
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Where it got to: ``offset``, or the end of the data set if that comes first."""
+        target = offset if whence == os.SEEK_SET else self._position + offset
+        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._buffer_at:
+            raise ValueError("a deflated data set is read forward only")
+        while self._buffer_at + len(self._buffer) < target:
+            self._position = self._buffer_at + len(self._buffer)
+            self._let_go()
+            if not self._inflate():
+                break
+        self._position = min(target, self._buffer_at + len(self._buffer))
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def check_ended(self) -> None:
+        """Raise :class:`Truncated` if the file ended before the deflate stream did."""
+        if not self._inflater.eof and (self._input_ended or not self._inflate_to_end()):
+            raise Truncated("truncated: the file ends inside its deflated (compressed) data set")
+
+    def _inflate_to_end(self) -> bool:
+        while self._inflate():
+            self._position = self._buffer_at + len(self._buffer)
+            self._let_go()
+        return self._inflater.eof
 
 
 class _PixelsAt:

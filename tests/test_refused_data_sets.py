@@ -118,3 +118,77 @@ def test_a_data_set_without_its_sop_instance_or_class_uid_is_refused(appliance_f
     files = [write(no_instance, tmp_path / "no-instance.dcm"), write(no_class, tmp_path / "no-class.dcm")]
     assert send_files(box.port, files) == [CANNOT_UNDERSTAND] * 2
     assert cached_uids(box) == set() and cache_and_incoming(box) == []
+
+
+# ---- a deflated data set that inflates to far more than it weighs ------------------------------
+
+def deflated_zeros(path: Path, seed: str, mebibytes: int, cut: int = 0) -> tuple[Path, pydicom.Dataset]:
+    """A Deflated Explicit VR Little Endian CT whose pixel data is ``mebibytes`` MiB of zeros:
+    a few hundred KB on disk (a zip bomb's proportions), written a chunk at a time so that the
+    test itself stays small. ``cut``: bytes left off the end of the deflate stream."""
+    import io
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_instance(seed, 1, 1, 1, Series("CT", 1, 64, 64))
+    del ds.PixelData
+    frames = mebibytes * (1 << 20) // (64 * 64 * 2)
+    ds.NumberOfFrames = frames
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    length = frames * 64 * 64 * 2
+    head.write(b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little"))
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = io.BytesIO()
+    stream.write(deflater.compress(head.getvalue()))
+    zeros = bytes(1 << 20)
+    for _ in range(length // len(zeros)):
+        stream.write(deflater.compress(zeros))
+    stream.write(deflater.compress(bytes(length % len(zeros))))
+    stream.write(deflater.flush())
+    data = stream.getvalue()
+    with open(path, "wb") as out:
+        out.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(out, ds.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+        out.write(data[:len(data) - cut])
+    return path, ds
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_small_deflated_data_set_does_not_blow_up_the_receivers_memory(appliance_factory, chunked_send,
+                                                                          tmp_path) -> None:
+    """300 KB on the wire inflating to 200 MiB of pixels: the receiver reads its header and
+    checks it is whole without holding it inflated (its peak RSS grows by less than 40 MB;
+    inflated whole it grew by 400). It is stored; the same stream cut short is refused."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    box = appliance_factory()
+    bomb, ds = deflated_zeros(tmp_path / "bomb.dcm", "bomb", 200)
+    cut, cut_ds = deflated_zeros(tmp_path / "cut.dcm", "bomb-cut", 200, cut=20)
+    assert bomb.stat().st_size < 400_000
+    assert box.process is not None
+    before = peak_rss_mb(box.process.pid)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(path).Status) for path in (bomb, cut)]
+    finally:
+        assoc.release()
+    grown = peak_rss_mb(box.process.pid) - before
+    assert statuses == [0x0000, CANNOT_UNDERSTAND], [hex(s) for s in statuses]
+    assert cached_uids(box) == {ds.SOPInstanceUID}
+    assert grown < 40, f"the receiver's peak RSS grew by {grown:.0f} MB"
+    assert "ends inside its deflated" in box.log()

@@ -17,6 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from appliance.config import loads
 from appliance.db import open_database
+from appliance.diskfile import NotImportable
 from appliance.intake import Intake
 from appliance.rules import Origin
 from appliance.store import Store
@@ -189,4 +190,30 @@ def test_a_damaged_deflated_data_set_is_refused_as_unreadable(tmp_path) -> None:
         outcome = Intake(config, db, store).admit(received, Origin("MODALITY", "EDGE", "127.0.0.1"))
     finally:
         db.close()
-    assert outcome.kind == "unreadable" and "truncated stream" in outcome.detail, outcome
+    assert outcome.kind == "unreadable" and "ends inside its deflated" in outcome.detail, outcome
+
+
+def test_checking_a_deflated_file_whole_does_not_inflate_it_in_memory(tmp_path) -> None:
+    """``appliance send`` checks that a deflated file is whole, and intake reads its header,
+    a step of the stream at a time: 300 KB that inflate to 200 MiB of pixels take a few MB
+    of memory to check and read, not the 200 MiB inflated (nor twice that)."""
+    import tracemalloc
+
+    from appliance.diskfile import part10_file
+    from appliance.intake import HEADER_TAGS, _read_header
+
+    from .test_refused_data_sets import deflated_zeros
+
+    bomb, ds = deflated_zeros(tmp_path / "bomb.dcm", "bomb", 200)
+    cut_bomb, _ = deflated_zeros(tmp_path / "cut.dcm", "bomb-cut", 200, cut=20)
+    tracemalloc.start()
+    try:
+        assert part10_file(bomb, bomb.name) == bomb
+        header = _read_header(bomb, HEADER_TAGS, None, None)
+        with pytest.raises(NotImportable, match="ends inside its deflated"):
+            part10_file(cut_bomb, cut_bomb.name)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert header.SOPInstanceUID == ds.SOPInstanceUID
+    assert peak < 8 << 20, f"{peak / 1e6:.0f} MB at the peak"
