@@ -53,7 +53,7 @@ UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, Over
 @dataclass(frozen=True)
 class Outcome:
     """What became of a received file. ``kind``: stored | replaced | kept-first | rejected |
-    no-room | unreadable | failed."""
+    no-room | unreadable | mismatch (not the instance its C-STORE request names) | failed."""
 
     kind: str
     size: int = 0
@@ -101,7 +101,15 @@ class Intake:
         own_uid, own_class = _text(header, "SOPInstanceUID"), _text(header, "SOPClassUID")
         if not own_uid or not own_class:
             return Outcome("unreadable", detail="its data set has no SOP Instance UID or no SOP Class UID")
-        sop_uid, sop_class = sop_instance_uid or own_uid, sop_class_uid or own_class
+        # The C-STORE request names the instance too (PS3.7 9.3.1.1): the index and the file
+        # meta would take its UIDs, a PACS the data set's. Refused as DCMTK and Orthanc do.
+        if sop_class_uid is not None and sop_class_uid.strip(" \x00") != own_class:
+            return Outcome("mismatch", detail=f"its data set is of SOP Class {own_class}, "
+                                              f"its request says {sop_class_uid}")
+        if sop_instance_uid is not None and sop_instance_uid.strip(" \x00") != own_uid:
+            return Outcome("mismatch", detail=f"its data set is SOP Instance {own_uid}, "
+                                              f"its request says {sop_instance_uid}")
+        sop_uid, sop_class = own_uid, own_class
         syntax = transfer_syntax or _meta(header, "TransferSyntaxUID")
         if not syntax:
             return Outcome("unreadable", detail="no transfer syntax")

@@ -214,6 +214,7 @@ _STATUS_OF = {
     "no-room": statuses.OUT_OF_RESOURCES,
     "failed": statuses.OUT_OF_RESOURCES,
     "unreadable": statuses.CANNOT_UNDERSTAND,
+    "mismatch": statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
 }
 
 

@@ -6,7 +6,8 @@ SUCCESS = 0x0000
 
 # C-STORE (PS3.4 B.2.3)
 OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk below the low watermark, I/O error)
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class — nor the
+# instance the request names (its SOP Instance UID differs), as DCMTK's storescp and Orthanc answer
 CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (unreadable data set)
 DUPLICATE_SOP_INSTANCE = 0x0111  # Failure (PS3.7 C.4.5): a cached UID with on_duplicate: reject
 RESOURCE_LIMITATION = 0x0213  # Failure (PS3.7 C): not performed for lack of resources — as 0xA7xx

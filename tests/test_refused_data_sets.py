@@ -192,3 +192,54 @@ def test_a_small_deflated_data_set_does_not_blow_up_the_receivers_memory(applian
     assert cached_uids(box) == {ds.SOPInstanceUID}
     assert grown < 40, f"the receiver's peak RSS grew by {grown:.0f} MB"
     assert "ends inside its deflated" in box.log()
+
+
+# ---- a data set that is not the instance its request names -------------------------------------
+
+def write_as_is(ds: pydicom.Dataset, path: Path) -> Path:
+    """``ds`` with its file meta as it is (pydicom's ``save_as`` would make the meta's UIDs
+    the data set's)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    with open(path, "wb") as out:
+        out.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(out, ds.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+        out.write(body.getvalue())
+    return path
+
+
+def test_a_data_set_that_is_not_the_instance_its_request_names_is_refused_with_a900(
+        appliance_factory, chunked_send, tmp_path) -> None:
+    """The C-STORE request (here taken from each file's meta) names one SOP Class and Instance,
+    the data set is another class, or another instance: 0xA900, as DCMTK's storescp and Orthanc
+    answer. Nothing is cached under either UID (the index and the forwarder would have taken
+    the request's UIDs, the PACS the data set's)."""
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    box = appliance_factory()
+    other_instance = make_instance("mismatch", 1, 1, 1, Series("CT", 3, 64, 64))
+    claimed_uid = "1.2.826.0.1.3680043.8.498.1234567890"
+    other_instance.file_meta.MediaStorageSOPInstanceUID = claimed_uid
+    other_class = make_instance("mismatch", 1, 1, 2, Series("CT", 3, 64, 64))
+    other_class.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    whole = make_instance("mismatch", 1, 1, 3, Series("CT", 3, 64, 64))
+    files = [write_as_is(ds, tmp_path / f"{n}.dcm") for n, ds in enumerate((other_instance, other_class, whole))]
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(path).Status) for path in files]
+    finally:
+        assoc.release()
+    assert statuses == [0xA900, 0xA900, 0x0000], [hex(s) for s in statuses]
+    assert cached_uids(box) == {whole.SOPInstanceUID}
+    assert len(cache_and_incoming(box)) == 1
+    log = box.log()
+    assert claimed_uid in log and other_instance.SOPInstanceUID in log
