@@ -86,6 +86,14 @@ YYYYMMDDHHMMSS.FFFFFF, a missing month or day taken as 01 and missing time as 00
 left aside. An operand that is no such date or time is an error at load; ``eq``, ``in`` and the
 text operators see the value as written.
 
+An ``eq``, ``ne`` or ``in`` value that the element cannot hold, so that it would never match, is
+an error at load too: a code string (CS) not in upper case (``Modality: ct``), a date (DA) not
+YYYYMMDD (``StudyDate: 2024-01-01``), a time or date-time in no form of its VR, a word for a
+number (``SliceThickness: thin``) or a fraction for an integer (IS, US...), an age (AS) not like
+``045Y``, a UID (UI) that is not numbers and dots, an empty value (which matches nothing: an
+empty element counts as absent). Free text (LO, SH, PN...) of any form is taken, and ``glob``
+and ``regex`` operands are patterns, not values.
+
 An absent element never makes a rule fail with an error: it simply matches nothing except
 ``present: false`` and ``ne``. An element that is present but empty (a DICOM type 2 element)
 counts as not present. A multi-valued element (``ImageType``, VM > 1) matches when *any* of
@@ -419,7 +427,7 @@ def _read_one(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
     if key == "source_ip":
         return _read_networks(key_node, node, path, ctx)
     if key in ("calling_ae", "called_ae"):
-        tests = _read_tests(key_node, node, path, ctx, key, None)
+        tests = _read_tests(key_node, node, path, ctx, key, None, None)
         if _failed(tests):
             return INVALID
         # Spaces around an AE title are not significant (PS3.5 6.2), and the association's
@@ -446,7 +454,8 @@ def _read_one(key: str, key_node: Node, node: Node, path: str, ctx: Context) -> 
         ctx.error(key_node, path, f"{element} comes after the pixel data, which is not read when routing:"
                                   " it cannot be tested")
         return INVALID
-    tests = _read_tests(key_node, node, path, ctx, str(element), element.vr)
+    tests = _read_tests(key_node, node, path, ctx, str(element), element.vr,
+                        lambda text: _operand_problem(str(element), element.vr, text))
     if _failed(tests):
         return INVALID
     # The element's values are compared without their padding; so is what the rule says.
@@ -465,17 +474,24 @@ def _without_padding(tests: tuple[ValueTest, ...], strip: Callable[[str], str]) 
     return tuple(stripped(t) for t in tests)
 
 
-def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, vr: str | None
-                ) -> tuple[ValueTest, ...]:
+OperandCheck = Callable[[str], str | None]
+
+
+def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, vr: str | None,
+                check_operand: OperandCheck | None) -> tuple[ValueTest, ...]:
+    """The tests of one condition; ``check_operand`` says what is wrong with an eq, ne or in
+    operand (a value the element cannot hold), or None."""
     if isinstance(node, ScalarNode):
         if node.tag.endswith(":null"):
             ctx.error(key_node, path, f"expected a value, a list or a mapping of operators, got nothing "
                                       f"(to test that {name} is absent write {{present: false}})")
             return INVALID
+        if _bad_operands(check_operand, [(key_node, path, node.value)], ctx):
+            return INVALID
         tests: tuple[ValueTest, ...] = (ValueTest("eq", node.value),)
     elif isinstance(node, SequenceNode):
         values = _read_texts(key_node, node, path, ctx)
-        if _failed(values):
+        if _failed(values) or _bad_operands(check_operand, _items(node, path), ctx):
             return INVALID
         tests = (ValueTest("in", values),)
     else:
@@ -484,7 +500,8 @@ def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, 
         if not node.value:
             ctx.error(key_node, path, "expected at least one operator, got an empty mapping")
             return INVALID
-        read = [_read_test(op, op_node, value, join(path, op), ctx, name, vr) for op, op_node, value in items]
+        read = [_read_test(op, op_node, value, join(path, op), ctx, name, vr, check_operand)
+                for op, op_node, value in items]
         if any(t is INVALID for t in read) or len(read) < len(node.value):
             return INVALID
         tests = tuple(read)
@@ -497,14 +514,14 @@ def _read_tests(key_node: Node, node: Node, path: str, ctx: Context, name: str, 
     return tests
 
 
-def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context, name: str, vr: str | None
-               ) -> ValueTest:
+def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context, name: str, vr: str | None,
+               check_operand: OperandCheck | None) -> ValueTest:
     if op not in OPERATORS:
         ctx.error(op_node, path, f'unknown operator "{op}" (operators: {", ".join(OPERATORS)})')
         return INVALID
     if op == "in":
         values = _read_texts(op_node, node, path, ctx)
-        if _failed(values):
+        if _failed(values) or _bad_operands(check_operand, _items(node, path), ctx):
             return INVALID
         return ValueTest("in", values)
     if not isinstance(node, ScalarNode) or node.tag.endswith(":null"):
@@ -532,7 +549,86 @@ def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context, name
             ctx.error(op_node, path, f"expected a number, got {describe(node)}")
             return INVALID
         return ValueTest(op, text)  # type: ignore[arg-type]
+    if op in ("eq", "ne") and _bad_operands(check_operand, [(op_node, path, text)], ctx):
+        return INVALID
     return ValueTest(op, text)  # type: ignore[arg-type]
+
+
+def _items(node: Node, path: str) -> list[tuple[Node, str, str]]:
+    """(item node, path, text) of a list of values already read by :func:`_read_texts`."""
+    return [(item, f"{path}[{i}]", item.value) for i, item in enumerate(node.value)]
+
+
+def _bad_operands(check_operand: OperandCheck | None, operands: list[tuple[Node, str, str]], ctx: Context) -> bool:
+    """Report the first operand (its node, path, text) the element cannot hold; True if any."""
+    if check_operand is None:
+        return False
+    for at, path, text in operands:
+        problem = check_operand(text)
+        if problem:
+            ctx.error(at, path, problem)
+            return True
+    return False
+
+
+_INTEGER_VRS = {"IS", "US", "SS", "UL", "SL", "UV", "SV"}
+_US_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+
+
+def _operand_problem(name: str, vr: str | None, text: str) -> str | None:
+    """Why the element ``name`` (VR ``vr``) cannot hold ``text``, an eq/ne/in operand, so that
+    eq and in never match it: None when it can. Only the forms each VR fixes are checked
+    (code strings, dates and times, numbers, ages, UIDs); free text of any length can match a
+    value a modality wrote, valid or not. A multi-valued operand (with backslashes) is checked
+    value by value."""
+    stripped = text.rstrip() if vr in _FREE_TEXT_VRS else text.strip()
+    if not stripped:
+        return (f"an empty value matches nothing (an empty element counts as absent): to test that {name} is "
+                "empty or absent write {present: false}")
+    if vr is None or vr in _FREE_TEXT_VRS:
+        return None
+    for part in (p.strip() for p in stripped.split("\\")):
+        expected = _operand_form(vr, part)
+        if expected:
+            return f'{name} (VR {vr}) cannot hold "{part}": {expected}'
+    return None
+
+
+def _operand_form(vr: str, text: str) -> str | None:
+    """What a value of VR ``vr`` ("US or SS" for ambiguous ones) looks like when ``text`` is
+    none, in words; None when it is one (or the VR fixes no form)."""
+    vrs = vr.split(" or ")
+    if all(v in _NUMERIC_VRS for v in vrs):
+        number = _comparable(text, None)
+        if number is None or not number.is_finite():
+            return "expected a number"
+        if all(v in _INTEGER_VRS for v in vrs):
+            if number != number.to_integral_value():
+                return "expected an integer"
+            # IS is text: what a modality wrote in it may lie outside the standard's range.
+            bounds = [_INTEGER_RANGES[v] for v in vrs if v != "IS"]
+            if bounds:
+                low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+                if not low <= number <= high:
+                    return f"expected an integer from {low} to {high}"
+        return None
+    if vr in _TIME_VRS:
+        if _comparable(text, vr) is not None:
+            return None
+        us_date = _US_DATE.fullmatch(text)
+        hint = f" (write {''.join(us_date.groups())})" if vr == "DA" and us_date else ""
+        return f"expected {_VR_FORMS[vr]}{hint}"
+    if vr == "UI":
+        # Leading zeros in a component are not allowed, yet some UIDs in the wild have them.
+        if re.fullmatch(r"[0-9]+(?:\.[0-9]+)*", text) and len(text) <= 64:
+            return None
+        return "expected a UID: numbers separated by dots, up to 64 characters"
+    if vr in ("CS", "AS"):
+        problem = value_problem(vr, text)
+        if problem and vr == "CS" and value_problem(vr, text.upper()) is None:
+            problem += f' (write "{text.upper()}"; for a match that ignores case write {{regex: "(?i)^{text}$"}})'
+        return problem
+    return None
 
 
 def _read_texts(at: Node, node: Node, path: str, ctx: Context) -> tuple[str, ...]:

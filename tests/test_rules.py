@@ -85,7 +85,8 @@ def condition(text: str):  # type: ignore[no-untyped-def]
 CONDITIONS = [
     # equality, case-sensitive
     ("{Modality: CT}", CT1_V4, True),
-    ("{Modality: ct}", CT1_V4, False),
+    ('{Modality: {glob: "c*"}}', CT1_V4, False),  # a pattern is not a value: not checked against the VR
+    ('{Modality: {regex: "(?i)^ct$"}}', CT1_V4, True),
     ("{Modality: {eq: CT}}", CT1_V4, True),
     ("{Modality: {ne: CT}}", CT1_V4, False),
     ("{Modality: {ne: MR}}", CT1_V4, True),
@@ -118,6 +119,11 @@ CONDITIONS = [
     ("{PatientID: 123}", CT1_V4, False),
     ("{BurnedInAnnotation: NO}", CT1_V4, True),  # YAML 1.1 would have read a boolean
     ("{StudyDate: {ge: 20240101, lt: 20250101}}", CT1_V4, True),
+    ("{StudyDate: 20240315}", CT1_V4, True),
+    ("{StudyTime: {in: [1015, '10:15:00']}}", CT1_V4, True),
+    ("{AcquisitionDateTime: {ne: 20240315101500.123456+0100}}", CT1_V4, False),
+    ("{SeriesNumber: 3.0}", CT1_V4, True),
+    ("{SOPInstanceUID: {in: [1.2.3.4.5, 1.2.3.04]}}", CT1_V4, True),  # leading zeros exist in the wild
     ("{StudyDate: {gt: 20240315}}", CT1_V4, False),
     # times compare written out in full: 1015 is 10:15:00
     ("{StudyTime: {ge: 100000}}", CT1_V4, True),
@@ -547,6 +553,35 @@ BAD_ROUTES = [
                                       '(trailing parts optional) to compare StudyTime with, got "100"'),
     ("- when: {StudyDate: {lt: 2024}}",
      '6:22: routes[0].when.StudyDate.lt: expected a date YYYYMMDD to compare StudyDate with, got "2024"'),
+    # values an element cannot hold: eq, ne and in never match them
+    ("- when: {Modality: ct}", '6:10: routes[0].when.Modality: Modality (VR CS) cannot hold "ct": expected a code '
+                               'string: upper-case letters, digits, space and underscore, up to 16 characters (write '
+                               '"CT"; for a match that ignores case write {regex: "(?i)^ct$"})'),
+    ("- when: {Modality: [CT, mr]}", '6:25: routes[0].when.Modality[1]: Modality (VR CS) cannot hold "mr"'),
+    ("- when: {Modality: {ne: ct}}", '6:21: routes[0].when.Modality.ne: Modality (VR CS) cannot hold "ct"'),
+    ("- when: {Modality: {in: [CT, mr]}}", '6:30: routes[0].when.Modality.in[1]: Modality (VR CS) cannot hold "mr"'),
+    ("- when: {ImageType: 'ORIGINAL\\primary'}",
+     '6:10: routes[0].when.ImageType: ImageType (VR CS) cannot hold "primary": expected a code string'),
+    ("- when: {StudyDate: 2024-01-01}",
+     '6:10: routes[0].when.StudyDate: StudyDate (VR DA) cannot hold "2024-01-01": expected a date YYYYMMDD '
+     "(write 20240101)"),
+    ("- when: {StudyTime: noon}", '6:10: routes[0].when.StudyTime: StudyTime (VR TM) cannot hold "noon": '
+                                  "expected a time HHMMSS.FFFFFF"),
+    ("- when: {AcquisitionDateTime: '2024-03-15T10:15'}",
+     '6:10: routes[0].when.AcquisitionDateTime: AcquisitionDateTime (VR DT) cannot hold "2024-03-15T10:15": '
+     "expected a date and time"),
+    ("- when: {SliceThickness: thin}",
+     '6:10: routes[0].when.SliceThickness: SliceThickness (VR DS) cannot hold "thin": expected a number'),
+    ("- when: {SeriesNumber: 3.5}",
+     '6:10: routes[0].when.SeriesNumber: SeriesNumber (VR IS) cannot hold "3.5": expected an integer'),
+    ("- when: {Rows: 70000}",
+     '6:10: routes[0].when.Rows: Rows (VR US) cannot hold "70000": expected an integer from 0 to 65535'),
+    ("- when: {PatientAge: 45Y}",
+     '6:10: routes[0].when.PatientAge: PatientAge (VR AS) cannot hold "45Y": expected an age such as 045Y'),
+    ("- when: {StudyInstanceUID: 1.2.840.abc}",
+     '6:10: routes[0].when.StudyInstanceUID: StudyInstanceUID (VR UI) cannot hold "1.2.840.abc": expected a UID'),
+    ("- when: {Modality: ''}", "6:10: routes[0].when.Modality: an empty value matches nothing (an empty element "
+                               "counts as absent): to test that Modality is empty or absent write {present: false}"),
     # AE titles that cannot exist
     ("- when: {calling_ae: ABCDEFGHIJKLMNOPQ}",
      '6:10: routes[0].when.calling_ae: expected an AE title (1-16 printable ASCII characters, no backslash), '
