@@ -108,17 +108,17 @@ Actions
 * ``set: {keyword or tag: value}`` and ``remove: [keyword or tag, ...]`` — edits made to the
   copy sent to *this rule's* destinations; the cached original is never changed. A value is
   checked against the element's VR when the configuration is loaded, and their number against
-  its VM (``PixelSpacing: [0.5, 0.5]``); a list sets several values; ``""`` sets an empty
-  value. Within one rule removals happen before ``set``; when two
-  matching rules send to the same destination, their edits apply in rule order (the later
-  rule wins for the same tag). Non-ASCII text switches the copy to UTF-8 (``ISO_IR 192``) when
-  its character set cannot hold it. File meta, sequences, binary elements, private tags (for
+  its VM (``PixelSpacing: [0.5, 0.5]``); a list sets several values; ``""`` sets an empty value.
+  Within one rule removals happen before ``set``; when two matching rules send to the same
+  destination, their edits apply in rule order (the later rule wins for the same tag). Non-ASCII
+  text switches the copy to UTF-8 (``ISO_IR 192``) when its character set cannot hold it.
+  Command elements (group 0000), file meta, sequences, binary elements, private tags (for
   ``set``), pixel data (``PixelData``, ``FloatPixelData``, ``DoubleFloatPixelData``: sent as
   they are) and what describes it (``Rows``, ``Columns``, ``BitsAllocated``, ``BitsStored``,
   ``HighBit``, ``SamplesPerPixel``, ``PhotometricInterpretation``, ``PixelRepresentation``,
-  ``PlanarConfiguration``, ``NumberOfFrames``, the palette color lookup tables), ``SOPClassUID``,
-  ``SOPInstanceUID`` and ``SpecificCharacterSet`` cannot be edited; elements after the pixel
-  data (a private group 7FE1) can.
+  ``PlanarConfiguration``, ``NumberOfFrames``, the palette color lookup tables),
+  ``SOPClassUID``, ``SOPInstanceUID`` and ``SpecificCharacterSet`` cannot be edited; elements
+  after the pixel data (a private group 7FE1) can.
 * ``discard: true`` — the instance is sent nowhere, not even to destinations named by earlier
   ``continue`` rules; evaluation stops.
 * ``continue: true`` — keep evaluating the following rules after this one matched.
@@ -700,6 +700,11 @@ def _editable(key: str, at: Node, path: str, ctx: Context) -> TagRef:
         return INVALID
     if element.tag >> 16 == 0x0002:
         ctx.error(at, path, "file meta information (group 0002) cannot be edited")
+        return INVALID
+    if element.tag >> 16 == 0x0000:
+        # The C-STORE request is built by the forwarder; one in the data set makes it invalid.
+        ctx.error(at, path, "command elements (group 0000) belong to the DIMSE message, not to the data set, "
+                            "and cannot be edited")
         return INVALID
     if element.tag in _PROTECTED:
         ctx.error(at, path, _PROTECTED[element.tag])

@@ -518,6 +518,9 @@ BAD_ROUTES = [
     ("- {send_to: [a], set: {ReferringPhysicianName: 'Doe^J=a^b^c^d^e^f'}}",
      '6:24: routes[0].set.ReferringPhysicianName: "Doe^J=a^b^c^d^e^f" does not fit ReferringPhysicianName (VR PN): '
      "a person name has at most 5 components"),
+    ("- {send_to: [a], set: {MessageID: 5}}", "6:24: routes[0].set.MessageID: command elements (group 0000) belong "
+                                              "to the DIMSE message, not to the data set, and cannot be edited"),
+    ("- {send_to: [a], remove: [CommandGroupLength]}", "6:27: routes[0].remove[0]: command elements (group 0000)"),
     ("- {send_to: [a], set: [Modality]}", "6:23: routes[0].set: expected a mapping of keyword or tag to value"),
     # remove
     ("- {send_to: [a], remove: PatientComments}", "6:26: routes[0].remove: expected a list of keywords or tags"),
