@@ -210,6 +210,13 @@ _NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM d
                   " WHERE destination = ? AND state = 'in_flight')")
 
 
+# A delivery of a new version of its instance (a replacement) starts over: due now (``:now``,
+# schedule clock), nothing attempted, nothing delivered. The same whether the rules queued it
+# again or it was in flight when `appliance send --to` replaced the file it was sending.
+_START_OVER = ("attempts = 0, created_at = :now, next_attempt_at = :now, delivered_at = NULL, last_status = NULL,"
+               " last_error = NULL, transcoded = 0")
+
+
 @dataclass(frozen=True)
 class Delivery:
     """Where a new instance is to be sent, as the routing decision said."""
@@ -403,12 +410,18 @@ class Database:
         or a discard rule), and the old file is gone. Those not yet made are cancelled; those
         made were the old version's, and must not count as the new one's (a correction no
         rule routes would be evicted as delivered instead of kept as unrouted). Returns the
-        destinations of the cancelled ones."""
+        destinations of the cancelled ones.
+
+        A replacement by `appliance send --to` leaves the other destinations' deliveries as
+        they are, but for those in flight: the file on its way is the old one, which is gone,
+        and its outcome will not be applied (:meth:`finish`). They start over, as the rules'
+        deliveries of a replacement do, so that the new file goes there too — left in flight,
+        they (and the rest of their study) would never be sent again."""
         columns = ", ".join(_INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in _INSTANCE_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS if c != "sop_instance_uid")
         values = [getattr(instance, c) for c in _INSTANCE_COLUMNS]
-        scheduled = self.schedule_now() if deliveries else 0.0
+        scheduled = self.schedule_now() if deliveries or replaced is not None else 0.0
         with self.transaction() as conn:
             conn.execute(
                 f"INSERT INTO instances ({columns}) VALUES ({marks}) ON CONFLICT(sop_instance_uid) DO UPDATE SET "
@@ -418,11 +431,15 @@ class Database:
             if replaced is not None:
                 self._log_reception(conn, instance, "replaced")
             cancelled: list[str] = []
-            if deliveries or (replaced is not None and rerouted):
+            if deliveries or replaced is not None:
                 instance_id = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ?",
                                            (instance.sop_instance_uid,)).fetchone()[0]
                 for delivery in deliveries:
                     self._queue(conn, instance_id, instance.study_instance_uid, delivery, scheduled)
+                if replaced is not None and not rerouted:
+                    conn.execute(f"UPDATE deliveries SET state = 'pending', {_START_OVER}"
+                                 " WHERE instance_id = :instance_id AND state = 'in_flight'",
+                                 {"now": scheduled, "instance_id": instance_id})
                 if replaced is not None and rerouted:
                     keep = [d.destination for d in deliveries]
                     stale = conn.execute(
@@ -473,12 +490,12 @@ class Database:
         # A replaced instance is sent again: its delivery starts over.
         conn.execute(
             "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at,"
-            " edits) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE SET"
+            " edits) VALUES (:instance_id, :destination, :study, :state, :now, :now, :edits)"
+            " ON CONFLICT (instance_id, destination) DO UPDATE SET"
             " study_instance_uid = excluded.study_instance_uid,"  # a correction may move it to another study
-            " state = excluded.state, attempts = 0, created_at = excluded.created_at,"
-            " next_attempt_at = excluded.next_attempt_at, delivered_at = NULL, last_status = NULL, last_error = NULL,"
-            " transcoded = 0, edits = excluded.edits",
-            (instance_id, delivery.destination, study, state, now, now, delivery.edits),
+            f" state = excluded.state, edits = excluded.edits, {_START_OVER}",
+            {"instance_id": instance_id, "destination": delivery.destination, "study": study, "state": state,
+             "now": now, "edits": delivery.edits},
         )
 
     @staticmethod

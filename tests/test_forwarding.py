@@ -1078,3 +1078,47 @@ def test_a_replacement_that_arrives_while_the_old_version_is_sent_is_sent_too(ap
     assert names[-1] == "CORRECTED^NAME", names
     wait_until(lambda: deliveries(box, "pacs")[uid]["state"] == "delivered", 10,
                lambda: str(dict(deliveries(box, "pacs")[uid])))
+
+
+def test_send_to_another_destination_while_the_rules_destination_sends_the_image_does_not_strand_it(
+        appliance_factory, stack, tmp_path) -> None:
+    """While the central PACS is being sent an image (its answer not yet given), an admin sends
+    the same image, exported from the modality, to the archive by hand (``appliance send
+    --to``). The export replaces the cached copy; the central PACS must still get the image
+    (the new copy), and the rest of the study must still reach it: nothing stays in flight."""
+    arrived, release = threading.Event(), threading.Event()
+    files = write_series(tmp_path / "s", "send-to-in-flight", 1, 1, Series("CT", 3, 64, 64))
+    held = sop_uid(files[1])
+
+    def respond(uid: str, nth: int) -> int:
+        if uid == held and nth == 1:  # hold the answer until the export has replaced the cached copy
+            arrived.set()
+            release.wait(30)
+        return 0x0000
+
+    central = stack.enter_context(RecordingSCP("CENTRAL", keep_datasets=False))
+    central.respond = respond
+    archive = stack.enter_context(RecordingSCP("ARCHIVE", keep_datasets=False))
+    box = appliance_factory({
+        "destinations": {"central": destination(central.ae_title, central.port),
+                         "archive": destination(archive.ae_title, archive.port)},
+        "routes": [{"send_to": ["central"]}],
+    })
+    send(box, files[:2])
+    assert arrived.wait(20), "the image never reached the central PACS"
+    export = tmp_path / "export.dcm"
+    dataset = pydicom.dcmread(files[1])
+    dataset.file_meta.ImplementationVersionName = "EXPORTER"  # other bytes, same image
+    dataset.save_as(export, enforce_file_format=True)
+    result = box.cli("send", str(export), "--to", "archive")
+    assert "imported 1, skipped 0" in result.stdout, result.stdout + result.stderr
+    release.set()
+    wait_until(lambda: archive.stored_uids() == {held: 1}, 20, lambda: f"queue: {queue(box)}")
+    send(box, files[2:])  # a late image of the same study
+
+    wait_until(lambda: queue_of(box, "central")["delivered"] == 3, 30,
+               lambda: f"queue: {queue_of(box, 'central')}; {box.cli('queue').stdout}")
+    assert central.stored_uids()[held] == 2  # the first copy, then the export that replaced it
+    assert set(central.stored_uids()) == uids(files)
+    state = queue_of(box, "central")
+    assert (state["pending"], state["in_flight"]) == (0, 0), state
