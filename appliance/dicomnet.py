@@ -104,11 +104,16 @@ def tune_socket(event: evt.Event) -> None:
     if timeout and raw.gettimeout() is None:
         # pynetdicom leaves a requestor's socket blocking without a timeout. A peer that stops
         # reading — a hung PACS whose TCP stack still answers — would then hold a send, the
-        # association's thread and its worker for as long as the stall lasts: for ever. With
-        # this, a send that makes no progress for the network timeout fails, and the
-        # association ends as on any broken connection (the instance: delivery unknown).
+        # association's thread and its worker for as long as the stall lasts: for ever; and
+        # one that stops in the middle of a PDU it sends (the rest lost as a VPN drops) would
+        # hold the read of that PDU so, and the abort that the ACSE or DIMSE timeout then
+        # asks for waits on that thread. With these, a write or a read that makes no progress
+        # for the network timeout fails, and the association ends as on any broken
+        # connection (the instance: delivery unknown). A read is only made once the socket
+        # is readable, so an association idle between batches is not affected.
         seconds = int(timeout)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                       struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000)))
+        limit = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
     if type(raw) is socket.socket and assoc_socket is not None:  # TLS sockets keep pynetdicom's pending() logic
         assoc_socket.recv = types.MethodType(_recv_exactly, assoc_socket)  # type: ignore[method-assign]

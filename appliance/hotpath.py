@@ -319,6 +319,11 @@ class FileMessage:
         self.length = length  # bytes of data set from the source's current position
         self.max_pdu = max_pdu  # the peer's limit; 0 = none
         self._held = b""  # the end of the message, while send(hold_back=True) keeps it
+        # Set when the DUL thread is done with it: sent whole, dropped, failed or abandoned.
+        # The wait for its response starts then: a large instance on a slow link may take
+        # longer to send than the DIMSE timeout allows the peer to answer.
+        self.done = threading.Event()
+        self.done_at = 0.0  # time.monotonic() of ``done``
 
     @staticmethod
     def usable(assoc: Any) -> bool:
@@ -344,15 +349,19 @@ class FileMessage:
             _connection_lost(dul, exc)
         finally:
             self.source.close()
+            if not self._held:
+                self._finish()
 
     def send_rest(self, dul: Any) -> None:
         """Write what :meth:`send` held back (DUL thread); nothing if the send failed."""
         held, self._held = self._held, b""
-        if held:
-            try:
+        try:
+            if held:
                 dul.socket.socket.sendall(held)
-            except OSError as exc:
-                _connection_lost(dul, exc)
+        except OSError as exc:
+            _connection_lost(dul, exc)
+        finally:
+            self._finish()
 
     def abandon(self, dul: Any) -> None:
         """Never complete a request sent with its last byte held back: the connection is shut
@@ -363,6 +372,20 @@ class FileMessage:
             dul.socket.socket.shutdown(socket.SHUT_RDWR)
         except OSError as exc:
             log.debug("shutting down the connection failed: %s", exc)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done_at = time.monotonic()
+        self.done.set()
+
+    def wait_sent(self, assoc: Any) -> None:
+        """Wait (sender's thread) until the DUL thread is done with this message, or has ended
+        without it. Each write makes progress within the network timeout or fails
+        (``dicomnet.tune_socket``), so this ends."""
+        while not self.done.wait(1.0):
+            if not assoc.dul.is_alive():
+                return
 
     def _send_data_set(self, dul: Any, raw: Any, hold_back: bool = False) -> None:
         """The data set as pynetdicom cuts it (fragments of ``max_pdu - 6`` bytes, one PDV per
@@ -479,7 +502,8 @@ def store_file(assoc: Any, context_id: int, path: str, sop_class: str, sop_insta
         raise
     try:
         assoc.dul.send_pdu(message)
-        _, response = assoc.dimse.get_msg(block=True)
+        message.wait_sent(assoc)
+        _, response = assoc.dimse.get_msg(block=True)  # the DIMSE timeout, from the last byte sent
     finally:
         assoc._reactor_checkpoint.set()
     if response is None:
@@ -529,6 +553,7 @@ class StoreChain:
         self.halted = halted
         self.message_id = first_message_id
         self.index = 0  # the item whose response is awaited
+        self.awaited: FileMessage | None = None  # its request; the DIMSE timeout runs from its last byte
         self.next_sent = True  # whether items[index] went out
         self._ended = False
         # Held by the DUL thread while it takes a response, and by the sender when it gives up
@@ -553,6 +578,7 @@ class StoreChain:
             message.source.close()
             raise
         receiver.chain = self
+        self.awaited = message
         try:
             assoc.dul.send_pdu(message)
             return self._wait()
@@ -563,14 +589,12 @@ class StoreChain:
 
     def _wait(self) -> tuple[int, C_STORE | None, bool]:
         assoc = self.assoc
-        seen = self.index
         while True:
             try:
-                _, response = assoc.dimse.msg_queue.get(timeout=assoc.dimse.dimse_timeout)
+                _, response = assoc.dimse.msg_queue.get(timeout=self._patience())
             except queue.Empty:
                 with self._lock:
-                    if self.index != seen:  # still going: the timeout is per response
-                        seen = self.index
+                    if self._patience() != 0.0:  # a request still going out, or answered meanwhile
                         continue
                     self._ended = True
                 response = None
@@ -583,6 +607,18 @@ class StoreChain:
             if not _valid_response(assoc, response, self.message_id):
                 return self.index, None, True
             return self.index, response, True
+
+    def _patience(self) -> float | None:
+        """How much longer to wait for the awaited response: the DIMSE timeout counted from the
+        last byte of its request (None: no timeout); while the request is still going out, a
+        second at a time (its writes are bounded by the network timeout)."""
+        timeout = self.assoc.dimse.dimse_timeout
+        message = self.awaited
+        if message is None or timeout is None:
+            return timeout
+        if not message.done.is_set():
+            return 1.0 if self.assoc.dul.is_alive() else 0.0
+        return max(0.0, timeout - (time.monotonic() - message.done_at))
 
     def take(self, response: C_STORE) -> bool:
         """DUL thread: a decoded C-STORE-RSP. True if the chain dealt with it (recorded, and the
@@ -623,6 +659,7 @@ class StoreChain:
             self._end(sent=False)
             return True
         self.message_id = self.message_id % 0xFFFF + 1
+        self.awaited = following
         if held is not None:
             held.send_rest(self.assoc.dul)
         else:
@@ -676,7 +713,9 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
             if dataset is not None and FileMessage.usable(self.assoc):
                 source = open(dataset[0], "rb")  # closed by FileMessage.send, in the DUL thread
                 length = source.seek(0, 2) - source.seek(dataset[1])
-                self.dul.send_pdu(FileMessage(context_id, command, source, length, max_pdu))
+                message = FileMessage(context_id, command, source, length, max_pdu)
+                self.dul.send_pdu(message)
+                message.wait_sent(self.assoc)  # send_c_store's DIMSE timeout then runs from the last byte
                 return
             pdvs = _file_pdvs(dataset[0], dataset[1], max_pdu) if dataset is not None else iter(())
             for pdv in itertools.chain((b"\x03" + command,), pdvs):

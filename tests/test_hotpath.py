@@ -486,3 +486,75 @@ def test_a_chain_without_a_response_aborts(tmp_path, quiet_pynetdicom) -> None:
         (delivered, response, sent), seen, assoc = _run_chain(scp, paths, dimse_timeout=1)
     assert (delivered, response, sent) == (1, None, True)
     assert not assoc.is_established
+
+
+@pytest.mark.parametrize("way", ["store_file", "chain", "send_c_store"])
+def test_the_dimse_timeout_runs_from_the_last_byte_of_the_request(tmp_path, quiet_pynetdicom, monkeypatch,
+                                                                   way: str) -> None:
+    """A large instance on a slow link takes longer to send than the DIMSE timeout: the wait
+    for the response starts when the request is sent, not when it is queued — else such an
+    instance would never be delivered, only sent again and again. ~17 MB read at ~2.7 MB/s,
+    with a DIMSE timeout of 2.5 s (the kernel's buffers take ~1.2 s to drain after the last
+    byte is written)."""
+    from pynetdicom import _config
+
+    big = write_series(tmp_path / "big", "slowlink", 1, 1, Series("CT", 1, 2896, 2896))[0]
+    small = write_series(tmp_path / "small", "slowlink", 1, 1, Series("CT", 1, 16, 16))[0]
+    with ReadingSCP(on_data=lambda received: time.sleep(0.006)) as scp:  # per 16 KB PDU
+        assoc, context_id = _scu(scp.port, dimse_timeout=2.5)
+        try:
+            started = time.monotonic()
+            if way == "store_file":
+                ds = dcmread(big, stop_before_pixels=True)
+                response = hotpath.store_file(assoc, context_id, str(big), ds.SOPClassUID, ds.SOPInstanceUID, 1)
+                statuses = [response.Status if response is not None else None]
+            elif way == "chain":  # the large one goes out from the DUL thread, after the first's record
+                recorded: list[int] = []
+                chain = hotpath.StoreChain(assoc, _chain_items([small, big], context_id), 1, lambda response: True,
+                                           lambda index, response: recorded.append(response.Status),
+                                           lambda: False)
+                assert chain.run() == (2, None, False)
+                statuses = recorded
+            else:  # pynetdicom's chunked send, as the forwarder uses it for transcoded copies
+                monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+                statuses = [assoc.send_c_store(big).Status]
+            took = time.monotonic() - started
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    assert took > 5.5, f"the link was not slow enough to show anything ({took:.1f} s)"
+    assert statuses[-1] == 0x0000, f"no response after {took:.1f} s"
+    assert len(scp.stored) == len(statuses)
+
+
+def test_a_peer_that_stops_in_the_middle_of_a_pdu_is_given_up_after_the_network_timeout(quiet_pynetdicom) -> None:
+    """The peer sends 8 bytes of a 306-byte A-ASSOCIATE-AC and then nothing (the rest lost as a
+    VPN drops, a PACS hung mid-write), its connection still open. Reading that PDU must fail
+    after the network timeout: blocked in it, the association's thread would hold the abort
+    that the ACSE timeout asks for — and the destination's worker — for ever."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(bytes([0x02, 0x00, 0, 0, 0x01, 0x2C, 0x00, 0x01]))  # A-ASSOCIATE-AC, 300 bytes: 2 of them
+        held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    ae = application_entity("HOTPATH")
+    ae.add_requested_context(CT, ExplicitVRLittleEndian)
+    ae.acse_timeout, ae.network_timeout = 1, 2
+    outcome: list[bool] = []
+    worker = threading.Thread(target=lambda: outcome.append(ae.associate(
+        "127.0.0.1", server.getsockname()[1], ae_title="HALF",
+        evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)]).is_established), daemon=True)
+    worker.start()
+    worker.join(15)
+    try:
+        assert not worker.is_alive(), "the association attempt still hangs 15 s into the stall"
+        assert outcome == [False]
+    finally:
+        for conn in held:
+            conn.close()
+        server.close()
