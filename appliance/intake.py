@@ -143,11 +143,20 @@ class Intake:
         return outcome
 
     def _cache(self, received: Path, instance: Instance, deliveries: list[Delivery], rerouted: bool) -> Outcome:
-        existing = self.db.find_instance(instance.sop_instance_uid)
+        where = f"{instance.calling_ae}@{instance.source_ip} {instance.sop_instance_uid}"
+        try:
+            existing = self.db.find_instance(instance.sop_instance_uid)
+        except Exception as exc:  # noqa: BLE001 - any database failure refuses (nothing is written yet)
+            return Outcome("failed", detail=f"cannot look it up in the index: {exc}")
         policy = self.config.node.on_duplicate
         if existing is not None and policy != "replace":
             outcome = "kept-first" if policy == "keep-first" else "rejected"
-            self.db.record_duplicate(instance, outcome)
+            try:
+                self.db.record_duplicate(instance, outcome)
+            except Exception as exc:  # noqa: BLE001 - see below
+                # Only the count of receptions misses one: the first copy is durable, so the
+                # answer stays the policy's. A failure would have the modality send it again.
+                log.error("%s: cannot record a repeated C-STORE (%s): %s", where, outcome, exc)
             return Outcome(outcome, instance.size, f"already cached; node.on_duplicate is {policy}")
         try:
             final = self.store.admit(received, instance.study_instance_uid, instance.sop_instance_uid, instance.sha256)
@@ -158,16 +167,25 @@ class Intake:
             cancelled = self.db.store_instance(instance, existing, deliveries, rerouted)
         except Exception as exc:  # noqa: BLE001 - any database failure must refuse, and remove the file
             if existing is None or existing.path != str(final):
-                self.store.discard(final)
+                self._discard(final, where, "the unindexed copy")
             return Outcome("failed", detail=f"cannot index it: {exc}")
+        # Committed: the instance is durable and acknowledged whatever happens from here on.
         if existing is not None:
             if existing.path != str(final):
-                self.store.discard(Path(existing.path))
+                self._discard(Path(existing.path), where, "the replaced copy")
             if cancelled:
                 log.warning("%s was replaced by a version its rules no longer send to %s: not sent there",
                             instance.sop_instance_uid, ", ".join(cancelled))
             return Outcome("replaced", instance.size, "replaced the cached copy (node.on_duplicate: replace)")
         return Outcome("stored", instance.size)
+
+    def _discard(self, path: Path, where: str, what: str) -> None:
+        """Remove a cache file no row points at; one left behind (an I/O error) is removed at
+        the next start, with every other such file (``Store.recover``)."""
+        try:
+            self.store.discard(path)
+        except OSError as exc:
+            log.error("%s: cannot remove %s %s (removed at the next start): %s", where, what, path, exc)
 
 
 def read_for_routing(path: Path, config: Config, syntax: str | None = None, offset: int | None = None

@@ -11,7 +11,8 @@ import socket
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -348,3 +349,56 @@ def test_a_data_set_cut_short_by_its_sender_is_refused_not_cached(appliance_fact
     assert int(stored.Status) == 0x0000
     assert set(rows(box)) == {str(whole.SOPInstanceUID)} and incoming_files(box) == []
     assert len(cache_files(box)) == 1
+
+
+# ---- what fails after the instance is durable ------------------------------------------------------
+
+@contextmanager
+def immutable(path: Path) -> Iterator[Path]:
+    """``path`` made immutable (``chattr +i``): even root can neither remove it nor write to it,
+    through a descriptor already open too — a failing disk, without one."""
+    subprocess.run([require_tool("chattr"), "+i", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_replaced_copy_that_cannot_be_removed_does_not_fail_the_acknowledged_replacement(
+        appliance_factory) -> None:
+    """The replacement is durable and indexed when the old copy is removed; if that fails (an
+    I/O error), the C-STORE is still a success — the file left behind is removed at the next
+    start, as any cache file without a row — not 0xC211 for an instance the box has."""
+    box = appliance_factory({"node": {"on_duplicate": "replace"}})
+    first = make_instance("undeletable", 1, 1, 1, Series("CT", 1, 64, 64))
+    second = make_instance("undeletable", 1, 1, 1, Series("CT", 1, 64, 64))
+    second.PatientComments = "second copy"
+    assert send(box.port, [first])[0] == [0x0000]
+    old = Path(rows(box)[first.SOPInstanceUID]["path"])
+    with immutable(old):
+        statuses, still_up = send(box.port, [second])
+    assert statuses == [0x0000] and still_up
+    assert "PatientComments" in pydicom.dcmread(rows(box)[first.SOPInstanceUID]["path"])
+    assert "cannot remove the replaced copy" in box.log()
+    box.stop()
+    box.start()  # start-up removes the file no row points at
+    assert cache_files(box) == [Path(rows(box)[first.SOPInstanceUID]["path"])]
+
+
+@pytest.mark.parametrize("policy, status", [("keep-first", 0x0000), ("reject", 0x0111)])
+def test_a_duplicate_whose_record_fails_is_answered_by_its_policy(appliance_factory, policy: str,
+                                                                   status: int) -> None:
+    """A repeated C-STORE under keep-first (or reject) finds the first copy durable; if the
+    database cannot record the repetition (its disk fails), the answer is still the policy's:
+    success for keep-first — the instance is stored — not 0xC211, which would have the modality
+    send it again and again."""
+    box = appliance_factory({"node": {"on_duplicate": policy}})
+    first = make_instance("unrecorded", 1, 1, 1, Series("CT", 2, 64, 64))
+    later = make_instance("unrecorded", 1, 1, 2, Series("CT", 2, 64, 64))
+    assert send(box.port, [first])[0] == [0x0000]
+    with immutable(box.data / "appliance.db-wal"):
+        statuses, still_up = send(box.port, [first])
+    assert statuses == [status] and still_up
+    assert "cannot record" in box.log()
+    assert send(box.port, [later])[0] == [0x0000]  # the database works again
+    assert set(rows(box)) == {first.SOPInstanceUID, later.SOPInstanceUID}
