@@ -537,8 +537,11 @@ def _read_test(op: str, op_node: Node, node: Node, path: str, ctx: Context, name
     if op == "regex":
         try:
             return ValueTest("regex", re.compile(text))
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:  # OverflowError: a{4294967296}
             ctx.error(op_node, path, f"invalid regular expression: {exc}")
+            return INVALID
+        except RecursionError:  # Python's parser recurses once per nested group
+            ctx.error(op_node, path, "invalid regular expression: nested too deeply")
             return INVALID
     if op in _NUMERIC_OPERATORS:
         if vr in _TIME_VRS:

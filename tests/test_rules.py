@@ -450,6 +450,10 @@ def test_text_the_character_set_cannot_hold_switches_the_copy_to_utf8(tmp_path: 
 BAD_ROUTES = [
     ('- when: {Modality: {regex: "(unclosed"}}',
      '6:21: routes[0].when.Modality.regex: invalid regular expression: missing ), unterminated subpattern'),
+    ("- when: {SeriesDescription: {regex: 'a{4294967296}'}}",
+     "6:30: routes[0].when.SeriesDescription.regex: invalid regular expression: the repetition number is too large"),
+    ("- when: {SeriesDescription: {regex: '" + "(" * 1000 + ")" * 1000 + "'}}",
+     "6:30: routes[0].when.SeriesDescription.regex: invalid regular expression: nested too deeply"),
     ("- when: {Modallity: CT}",
      '6:10: routes[0].when.Modallity: unknown DICOM keyword "Modallity" (did you mean "Modality"?)'),
     ('- when: {"(0008,008G)": CT}', '6:10: routes[0].when.(0008,008G): malformed tag "(0008,008G)"'),
