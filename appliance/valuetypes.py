@@ -46,8 +46,10 @@ def above_zero(example: str, note: str = "") -> Check:
                                               + (f" ({note})" if note else ""))
 
 
-# A timeout of 0 would end every connection or association at once.
-Timeout = Annotated[float, DURATION, above_zero("30s")]
+# A timeout of 0 would end every connection or association at once; one of some ten thousand
+# years does not fit the platform's time_t, and the socket refuses it when it is set.
+Timeout = Annotated[float, DURATION, above_zero("30s"),
+                    Check(lambda seconds: seconds <= 30 * 86400, "a timeout of at most 30d")]
 
 _SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

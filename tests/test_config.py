@@ -78,6 +78,8 @@ BAD = [
     # durations that must be above zero
     ("timeouts zero", "node:\n  timeouts: {network: 0s, acse: 0s}\n",
      '2:14: node.timeouts.network: expected a duration above zero, such as "30s", got "0s"'),
+    ("timeout beyond what a socket takes", "node:\n  timeouts: {dimse: 100000000000000s}\n",
+     '2:14: node.timeouts.dimse: expected a timeout of at most 30d, got "100000000000000s"'),
     ("destination timeout zero", "destinations:\n  c: {ae_title: P, host: h, port: 1, timeouts: {connect: 0}}\n",
      '2:49: destinations.c.timeouts.connect: expected a duration above zero, such as "30s", got "0"'),
     ("no backoff", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {initial_delay: 0ms}}\n",
