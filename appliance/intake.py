@@ -53,7 +53,8 @@ UNREADABLE = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, Over
 @dataclass(frozen=True)
 class Outcome:
     """What became of a received file. ``kind``: stored | replaced | kept-first | rejected |
-    no-room | unreadable | mismatch (not the instance its C-STORE request names) | failed."""
+    queued (``only_to``: already cached, the cached copy queued there) | no-room | unreadable |
+    mismatch (not the instance its C-STORE request names) | failed."""
 
     kind: str
     size: int = 0
@@ -61,7 +62,7 @@ class Outcome:
 
     @property
     def acknowledged(self) -> bool:
-        return self.kind in ("stored", "replaced", "kept-first")
+        return self.kind in ("stored", "replaced", "kept-first", "queued")
 
 
 class Intake:
@@ -138,7 +139,7 @@ class Intake:
                       for d in (decision.deliveries if decision else ())]
         with self._uid_locks[hash(sop_uid) % len(self._uid_locks)]:
             outcome = self._cache(received, instance, deliveries, rerouted=only_to is None)
-        if deliveries and outcome.kind in ("stored", "replaced"):
+        if deliveries and outcome.kind in ("stored", "replaced", "queued"):
             self._nudger.nudge()
         return outcome
 
@@ -149,6 +150,15 @@ class Intake:
         except Exception as exc:  # noqa: BLE001 - any database failure refuses (nothing is written yet)
             return Outcome("failed", detail=f"cannot look it up in the index: {exc}")
         policy = self.config.node.on_duplicate
+        if existing is not None and policy != "replace" and not rerouted:
+            # `appliance send --to`: the admin asks for this instance to go there. The policy
+            # says which copy is the instance (the cached one); it does not undo the request.
+            try:
+                self.db.store_instance(existing, None, deliveries, rerouted=False)
+            except Exception as exc:  # noqa: BLE001 - any database failure: nothing was queued
+                return Outcome("failed", detail=f"cannot queue it: {exc}")
+            return Outcome("queued", existing.size, f"already cached (node.on_duplicate is {policy}): "
+                                                    f"the cached copy is queued")
         if existing is not None and policy != "replace":
             outcome = "kept-first" if policy == "keep-first" else "rejected"
             try:

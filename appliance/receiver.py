@@ -57,7 +57,8 @@ class _AssociationStats:
 
 class Receiver:
     """The Storage SCP of one appliance. ``config`` is read per C-STORE, so a reload applies
-    to new work; the AE title, address and port apply at :meth:`start`."""
+    to new work (its timeouts to new associations); the AE title, address and port apply at
+    :meth:`start`."""
 
     def __init__(self, config: Config, db: Database, store: Store) -> None:
         self.intake = Intake(config, db, store)
@@ -74,6 +75,16 @@ class Receiver:
     @config.setter
     def config(self, config: Config) -> None:
         self.intake.config = config
+        if self._ae is not None:  # for the associations that come next
+            self._set_timeouts(self._ae, config)
+
+    @staticmethod
+    def _set_timeouts(ae: AE, config: Config) -> None:
+        timeouts = config.node.timeouts
+        ae.connection_timeout = timeouts.connect
+        ae.acse_timeout = timeouts.acse
+        ae.dimse_timeout = timeouts.dimse
+        ae.network_timeout = timeouts.network
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -90,10 +101,7 @@ class Receiver:
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu
         ae.require_called_aet = False  # checked in _on_requested, with the reason logged
-        ae.connection_timeout = node.timeouts.connect
-        ae.acse_timeout = node.timeouts.acse
-        ae.dimse_timeout = node.timeouts.dimse
-        ae.network_timeout = node.timeouts.network
+        self._set_timeouts(ae, self.config)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -210,6 +218,7 @@ _STATUS_OF = {
     "stored": statuses.SUCCESS,
     "replaced": statuses.SUCCESS,
     "kept-first": statuses.SUCCESS,
+    "queued": statuses.SUCCESS,  # (only `appliance send --to` asks for it)
     "rejected": statuses.DUPLICATE_SOP_INSTANCE,
     "no-room": statuses.OUT_OF_RESOURCES,
     "failed": statuses.OUT_OF_RESOURCES,

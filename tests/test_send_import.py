@@ -217,3 +217,27 @@ def test_checking_a_deflated_file_whole_does_not_inflate_it_in_memory(tmp_path) 
         tracemalloc.stop()
     assert header.SOPInstanceUID == ds.SOPInstanceUID
     assert peak < 8 << 20, f"{peak / 1e6:.0f} MB at the peak"
+
+
+@pytest.mark.parametrize("policy", ["keep-first", "reject", "replace"])
+def test_send_to_a_destination_queues_an_instance_already_cached_whatever_the_duplicate_policy(
+        appliance_factory, tmp_path, policy: str) -> None:
+    """An admin sends files the box already has to one more destination (`send --to`): each is
+    queued there, also when node.on_duplicate keeps the first copy or rejects repeats — the
+    admin asked for it to go there — and the count says so. Under keep-first and reject the
+    cached copy is what goes, and it stays the one cached."""
+    box = appliance_factory({"node": {"on_duplicate": policy},
+                             "destinations": {"central": destination("CENTRAL", closed_port()),
+                                              "backup": destination("BACKUP", closed_port())},
+                             "routes": [{"send_to": ["central"]}]}, start=False)
+    files = write_series(tmp_path / "import", "resend", 1, 1, Series("CT", 2, 64, 64))
+    assert "imported 2, skipped 0" in box.cli("send", str(files[0].parent)).stdout
+    cached = {uid: row["path"] for uid, row in cache_rows(box).items()}
+
+    again = box.cli("send", str(files[0].parent), "--to", "backup", check=False)
+    assert again.returncode == 0 and "imported 2, skipped 0" in again.stdout, again.stdout + again.stderr
+    entries = {d["name"]: d for d in json.loads(box.cli("queue", "--json").stdout)["destinations"]}
+    assert entries["backup"]["pending"] == 2, entries
+    assert entries["central"]["pending"] == 2, entries  # what the rules queued is left as it was
+    if policy != "replace":
+        assert {uid: row["path"] for uid, row in cache_rows(box).items()} == cached
