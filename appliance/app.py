@@ -157,7 +157,9 @@ def service_main(name: str, config_path: str, startup_text: str, text: str, upda
                 break
         if newest is None:
             return
-        config = _config_of(newest, config_path, startup)
+        previous, config = config, _config_of(newest, config_path, startup)
+        if config.logging.level != previous.logging.level:
+            system.setup_logging(config.logging.level)
         apply = getattr(service, "apply", None)
         if apply is not None:
             apply(config)
@@ -289,6 +291,8 @@ class Appliance:
         if new is None:
             return False
         warn_restart_needed(self.config, new)
+        if new.logging.level != self.config.logging.level:
+            system.setup_logging(new.logging.level)
         self.config = keeping_restart_only(self.config, new)
         if self.receiver is not None:
             self.receiver.config = self.config

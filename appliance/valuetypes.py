@@ -46,7 +46,7 @@ def above_zero(example: str, note: str = "") -> Check:
                                               + (f" ({note})" if note else ""))
 
 
-# A timeout of 0 would end every connection or association at once; one of some ten thousand
+# A timeout of 0 would end every connection or association at once; one of tens of thousands of
 # years does not fit the platform's time_t, and the socket refuses it when it is set.
 Timeout = Annotated[float, DURATION, above_zero("30s"),
                     Check(lambda seconds: seconds <= 30 * 86400, "a timeout of at most 30d")]

@@ -174,3 +174,30 @@ def test_systemd_hears_ready_once_every_service_runs_and_stopping_at_the_end(app
         pass  # the Print SCP listens already
     box.stop()
     box.notify.wait_for("STOPPING=1", 10)
+
+
+def test_a_reload_applies_the_receiver_s_timeouts_and_the_log_level(appliance_factory) -> None:
+    """``node.timeouts`` apply to the associations that come after a reload, and
+    ``logging.level`` at once: neither needs a restart (nor is said to)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    box = appliance_factory()
+    config = yaml.safe_load(box.config_path.read_text())
+    config["node"]["timeouts"] = {"network": "2s"}
+    config["logging"] = {"level": "warning"}
+    box.write_config(config)
+    logged = box.log()
+    box.reload()
+    time.sleep(2)  # the main loop takes a reload within a second
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title=box.ae_title)
+    assert assoc.is_established
+    wait_until(lambda: not assoc.is_established, 10,
+               "an idle association outlived the reloaded network timeout of 2 s")
+    time.sleep(0.5)
+    since = box.log()[len(logged):]
+    assert "applies after a restart" not in since
+    assert " INFO " not in since, f"logged at INFO after a reload to warning: {since}"
