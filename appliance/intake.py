@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
-from pydicom.datadict import dictionary_description
+from pydicom.datadict import dictionary_description, dictionary_VR
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_preamble
@@ -218,9 +218,24 @@ def _tags_to_read(config: Config) -> tuple[frozenset[int], bool]:
     if known is None or known[0] is not config:
         tested = rules.tested_tags(config.routes)
         creators = {creator for creator in map(_private_creator, tested) if creator is not None}
-        known = _tags_for_config = (config, _HEADER_TAGS | tested | creators,
+        resolving = _RESOLVING_VR if any(_ambiguous(tag) for tag in tested) else frozenset()
+        known = _tags_for_config = (config, _HEADER_TAGS | tested | creators | resolving,
                                     any(tag >> 16 == 0x0002 for tag in tested))
     return known[1], known[2]
+
+
+# What tells pydicom the VR of an element whose dictionary VR is ambiguous, when the data set
+# does not (Implicit VR): Pixel Representation makes a "US or SS" value signed or not, Bits
+# Allocated an "OB or OW" one bytes or words. Without it pydicom takes US: a rule on Pixel
+# Padding Value -2000 would see 63536 and never match.
+_RESOLVING_VR = frozenset((0x00280103, 0x00280100))
+
+
+def _ambiguous(tag: int) -> bool:
+    try:
+        return " or " in dictionary_VR(tag)
+    except KeyError:
+        return False
 
 
 def _private_creator(tag: int) -> int | None:

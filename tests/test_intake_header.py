@@ -79,3 +79,63 @@ def test_rules_see_in_the_elements_they_test_what_they_would_see_in_the_whole_he
                 assert decision == rules.decide(config.routes, whole, origin)
                 matched.update(rule.index for rule in decision.rules)
     assert matched == {0, 1, 2, 3}  # every rule decided something somewhere
+
+
+# ---- elements whose VR depends on another ("US or SS") ----------------------------------------
+
+def signed_implicit_ct(path: Path, seed: str) -> pydicom.Dataset:
+    """An Implicit VR Little Endian CT of signed pixels (Pixel Representation 1) whose Pixel
+    Padding Value is -2000: in Implicit VR nothing but Pixel Representation says that its
+    "US or SS" value is signed."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from .corpus import Series, make_instance
+
+    ds = make_instance(seed, 1, 1, 1, Series("CT", 1, 64, 64))
+    ds.PixelRepresentation = 1
+    ds.PixelPaddingValue = -2000
+    ds["PixelPaddingValue"].VR = "SS"
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+SIGNED_ROUTES = {"routes": [{"when": {"PixelPaddingValue": -2000}, "send_to": ["signed"]},
+                            {"send_to": ["other"]}]}
+
+
+def test_a_rule_on_a_signed_value_matches_in_implicit_vr(appliance_factory, tmp_path) -> None:
+    """A rule `PixelPaddingValue: -2000` routes an Implicit VR CT with signed pixels: the
+    receiver reads Pixel Representation with the element, as pydicom needs to tell SS from US
+    (without it the value read 63536 and the rule never matched); route-test agrees."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from .pacs import closed_port, deliveries, destination
+
+    box = appliance_factory({"destinations": {"signed": destination("SIGNED", closed_port()),
+                                              "other": destination("OTHER", closed_port())},
+                             **SIGNED_ROUTES})
+    ds = signed_implicit_ct(tmp_path / "signed.dcm", "signed")
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(tmp_path / "signed.dcm").Status) == 0x0000
+    finally:
+        assoc.release()
+    assert {r["destination"] for r in deliveries(box).values()} == {"signed"}, dict(deliveries(box))
+    explained = box.cli("route-test", str(tmp_path / "signed.dcm")).stdout
+    assert "signed" in explained and "63536" not in explained, explained
+    assert ds.PixelPaddingValue == -2000
+
+
+def test_the_elements_read_for_a_rule_on_an_ambiguous_vr_include_what_resolves_it() -> None:
+    config = loads("destinations: {signed: {ae_title: S, host: 127.0.0.1, port: 104},"
+                   " other: {ae_title: O, host: 127.0.0.1, port: 104}}\n"
+                   "routes: [{when: {PixelPaddingValue: -2000}, send_to: [signed]}, {send_to: [other]}]\n",
+                   "appliance.yaml")
+    tags, _ = _tags_to_read(config)
+    assert {0x00280103, 0x00280100} <= tags  # Pixel Representation, Bits Allocated
