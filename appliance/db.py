@@ -172,6 +172,13 @@ MIGRATIONS: list[list[str]] = [
      """UPDATE deliveries SET state = 'pending' WHERE state = 'held' AND NOT EXISTS
             (SELECT 1 FROM holds h WHERE h.study_instance_uid = deliveries.study_instance_uid
              AND h.destination = deliveries.destination AND h.state = 'waiting')"""],
+    # 8: whether the version being delivered may be at the destination already, though no
+    # success was recorded: an attempt had no answer, or the appliance stopped while sending
+    # it. A PACS that refuses duplicates (0x0111) then has it from that attempt. Reset when a
+    # replacement starts the delivery over. Before, only the attempts tell.
+    ["ALTER TABLE deliveries ADD COLUMN maybe_sent INTEGER NOT NULL DEFAULT 0",
+     """UPDATE deliveries SET maybe_sent = 1 WHERE state != 'delivered' AND EXISTS
+            (SELECT 1 FROM attempts a WHERE a.delivery_id = deliveries.id AND a.outcome = 'unknown')"""],
 ]
 
 
@@ -215,6 +222,9 @@ class Instance:
 
 _INSTANCE_COLUMNS = [f for f in Instance.__dataclass_fields__]
 
+# The error of the attempt recorded for a delivery that a previous run had in flight.
+STOPPED_WHILE_SENDING = "the appliance stopped while sending it: the destination may or may not have it"
+
 # For a pending delivery ``d`` to the destination given as its parameter: no delivery of its
 # study there is in flight. Not correlated, so SQLite lists the studies in flight once (at most
 # a few batches, found by deliveries_due) instead of once per pending row (a correlated NOT
@@ -229,7 +239,7 @@ _NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM d
 # schedule clock), nothing attempted, nothing delivered. The same whether the rules queued it
 # again or it was in flight when `appliance send --to` replaced the file it was sending.
 _START_OVER = ("attempts = 0, created_at = :now, next_attempt_at = :now, delivered_at = NULL, last_status = NULL,"
-               " last_error = NULL, transcoded = 0")
+               " last_error = NULL, transcoded = 0, maybe_sent = 0")
 
 
 @dataclass(frozen=True)
@@ -259,6 +269,9 @@ class Work:
     path: str
     decision: str | None
     edits: str | None = None  # the delivery's own (migration 6); None: queued before, see the decision
+    # An earlier attempt of this version had no answer, or the appliance stopped while sending
+    # it (migration 8): the destination may have it already.
+    maybe_sent: bool = False
 
 
 @dataclass(frozen=True)
@@ -557,9 +570,17 @@ class Database:
 
     def requeue_in_flight(self) -> int:
         """At start-up: deliveries a previous run had in flight have an unknown outcome; send them
-        again (the destination may get a duplicate, which C-STORE tolerates)."""
+        again (the destination may get a duplicate, which C-STORE tolerates). Each gets an
+        attempt that says so, outcome ``unknown``, and is marked as maybe sent (see
+        :class:`Work`). Which of the claimed ones were on the wire is not recorded (at most one
+        per association, but a power cut can also lose the outcomes of the ones before it),
+        so all are."""
         with self.transaction() as conn:
-            return conn.execute("UPDATE deliveries SET state = 'pending' WHERE state = 'in_flight'").rowcount
+            conn.execute("INSERT INTO attempts (delivery_id, at, outcome, error) SELECT id, ?, 'unknown', ?"
+                         " FROM deliveries WHERE state = 'in_flight'", (time.time(), STOPPED_WHILE_SENDING))
+            return conn.execute("UPDATE deliveries SET state = 'pending', attempts = attempts + 1, maybe_sent = 1,"
+                                " last_status = NULL, last_error = ? WHERE state = 'in_flight'",
+                                (STOPPED_WHILE_SENDING,)).rowcount
 
     def release_stable_studies(self, now: float) -> list[tuple[str, str]]:
         """Release every held study whose quiet period has passed by ``now`` (schedule clock);
@@ -607,7 +628,8 @@ class Database:
                 return []
             rows = conn.execute(
                 "SELECT d.id AS delivery_id, d.attempts, d.created_at, i.id AS instance_id, i.sop_instance_uid,"
-                " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision, d.edits"
+                " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision, d.edits,"
+                " d.maybe_sent"
                 " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
                 " WHERE d.destination = ? AND d.study_instance_uid = ? AND d.state = 'pending'"
                 " AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?",
@@ -615,7 +637,7 @@ class Database:
             ).fetchall()
             conn.executemany("UPDATE deliveries SET state = 'in_flight' WHERE id = ?",
                              [(r["delivery_id"],) for r in rows])
-        return [Work(**dict(r)) for r in rows]
+        return [Work(**{**dict(r), "maybe_sent": bool(r["maybe_sent"])}) for r in rows]
 
     def unclaim(self, works: Sequence[Work]) -> None:
         """Deliveries claimed but not attempted go back to pending, with no attempt counted."""
@@ -645,9 +667,11 @@ class Database:
                                     (now, destination, now)).rowcount)
 
     def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
-               next_attempt_at: float | None = None, transcoded: bool = False) -> bool:
+               next_attempt_at: float | None = None, transcoded: bool = False, maybe_sent: bool = False) -> bool:
         """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
-        pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``).
+        pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``). An ``unknown``
+        outcome (or ``maybe_sent``: one given up on as dead) marks the delivery as maybe sent
+        (:class:`Work`).
 
         Not fsync'd (one per forwarded instance, on the forwarding path's critical path): a
         power cut can only lose the most recent outcomes, and a lost outcome means the instance
@@ -666,10 +690,11 @@ class Database:
         with self.transaction(durable=False) as conn:
             applied = conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
-                " next_attempt_at = ?, delivered_at = ?, transcoded = ? WHERE id = ? AND state = 'in_flight'"
-                " AND (SELECT path FROM instances WHERE id = ?) = ?",
+                " next_attempt_at = ?, delivered_at = ?, transcoded = ?, maybe_sent = max(maybe_sent, ?)"
+                " WHERE id = ? AND state = 'in_flight' AND (SELECT path FROM instances WHERE id = ?) = ?",
                 (state, status, error, scheduled, now if state == "delivered" else None,
-                 int(transcoded), work.delivery_id, work.instance_id, work.path),
+                 int(transcoded), int(maybe_sent or outcome == "unknown"), work.delivery_id, work.instance_id,
+                 work.path),
             ).rowcount == 1
             # Unless the delivery was cancelled meanwhile (a correction routed elsewhere).
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) SELECT ?, ?, ?, ?, ?"

@@ -16,7 +16,8 @@ Outcomes (see ``statuses.store_outcome``): success and warnings are delivered; 0
 refused or lost connections, transient rejections and timeouts are retried with the
 destination's backoff; other failures and permanent rejections are dead letters, which
 ``appliance retry`` puts back. A C-STORE with no response is "delivery unknown": it is retried
-on a fresh association, never counted as delivered.
+on a fresh association, never counted as delivered; a PACS that then refuses it as a duplicate
+(0x0111) has it from that attempt, and it counts as delivered.
 """
 
 from __future__ import annotations
@@ -435,9 +436,9 @@ class Forwarder:
         for work in batch:
             self._retry_or_give_up(name, destination, work, "retry", None, error, self._blocked_until[name])
 
-    def _dead(self, name: str, work: Work, status: int | None, error: str) -> str:
+    def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False) -> str:
         log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
-        self.db.finish(work, "dead", status, error)
+        self.db.finish(work, "dead", status, error, maybe_sent=maybe_sent)
         return "dead"
 
     def _retry_or_give_up(self, name: str, destination: Destination, work: Work, outcome: str, status: int | None,
@@ -449,7 +450,8 @@ class Forwarder:
         # Both on the schedule clock: a step of the wall clock, or days switched off, do not age it.
         expired = self.db.schedule_now() - work.created_at >= policy.give_up_after
         if (policy.max_attempts and attempts >= policy.max_attempts) or expired:
-            return self._dead(name, work, status, f"gave up after {attempts} attempts: {error}")
+            return self._dead(name, work, status, f"gave up after {attempts} attempts: {error}",
+                              maybe_sent=outcome == "unknown")
         if next_attempt_at is None:
             next_attempt_at = self.db.schedule_now() + backoff(policy, attempts)
         self.db.finish(work, outcome, status, error, next_attempt_at)
@@ -592,10 +594,17 @@ class Forwarder:
                                           "no C-STORE response (abort, timeout or connection lost)")
         status, comment = response
         outcome = statuses.store_outcome(status)
+        error = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
+        if outcome == "dead" and status == statuses.DUPLICATE_SOP_INSTANCE and work.maybe_sent:
+            # Sent again because an earlier attempt got no answer (or the appliance stopped
+            # while sending it): the PACS that refuses duplicates has it from that attempt.
+            # Sent for the first time, 0x0111 stays a dead letter: the PACS holds another version.
+            self.db.finish(work, "delivered", status, f"{error} (a duplicate: an earlier attempt that had no"
+                                                      " answer delivered it)", transcoded=transcoded)
+            return "delivered"
         if outcome == "delivered":
             self.db.finish(work, "delivered", status, None, transcoded=transcoded)
             return "delivered"
-        error = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
         if outcome == "dead":
             return self._dead(name, work, status, error)
         return self._retry_or_give_up(name, destination, work, "retry", status, error)

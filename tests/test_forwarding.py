@@ -523,6 +523,81 @@ def test_no_response_is_delivery_unknown_and_retried_never_success(appliance_fac
     wait_until(lambda: queue_of(box, "flaky")["delivered"] == len(ids), 10, lambda: str(queue_of(box, "flaky")))
 
 
+class DuplicateRejectingPACS:
+    """What a PACS that refuses duplicates (0x0111) answers, for a :class:`RecordingSCP`:
+    success the first time it stores an image, 0x0111 for any later copy. ``held`` (a UID)
+    is stored but its answer waits for ``release`` (a crash or a lost connection meanwhile
+    loses it); ``lost`` (UIDs) are stored but their answer is never sent (an abort instead);
+    ``holds`` are UIDs it has from elsewhere (another version)."""
+
+    def __init__(self, holds: set[str] = frozenset(), lost: set[str] = frozenset(), held: str | None = None) -> None:
+        self.stored = set(holds)
+        self.lost = set(lost)
+        self.held = held
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, uid: str, nth: int) -> int:
+        if uid in self.stored:
+            return 0x0111
+        self.stored.add(uid)
+        if uid == self.held:
+            self.arrived.set()
+            self.release.wait(30)
+        return ABORT if uid in self.lost else 0x0000
+
+
+def test_a_duplicate_refused_after_a_send_whose_answer_was_lost_is_delivered(appliance_factory, stack,
+                                                                           tmp_path) -> None:
+    """A PACS that refuses duplicates (0x0111) stores an image but its answer never comes (the
+    association aborts); the appliance sends it again, as it must, and gets 0x0111: the image
+    is at the PACS, from the first attempt — delivered, with the status and why in its
+    history, not a dead letter for an admin. An image the PACS refuses as a duplicate the
+    first time it is sent is a dead letter: the PACS holds another version of it."""
+    files = write_series(tmp_path / "ct", "dup-unknown", 1, 1, Series("CT", 3, 64, 64))
+    lost, elsewhere, plain = (sop_uid(p) for p in files)
+    scp = stack.enter_context(RecordingSCP("DEDUP", keep_datasets=False))
+    scp.respond = DuplicateRejectingPACS(holds={elsewhere}, lost={lost})
+    box = appliance_factory({"destinations": {"dedup": destination(scp.ae_title, scp.port)},
+                             "routes": [{"send_to": ["dedup"]}]})
+    send(box, files)
+    wait_until(lambda: queue_of(box, "dedup")["pending"] + queue_of(box, "dedup")["in_flight"] == 0, 30,
+               lambda: f"queue: {queue_of(box, 'dedup')}")
+    rows, history = deliveries(box, "dedup"), attempts(box, "dedup")
+    assert rows[lost]["state"] == "delivered", dict(rows[lost])
+    assert [(a["outcome"], as_status(a["status"])) for a in history[lost]] == [("unknown", None),
+                                                                             ("delivered", 0x0111)]
+    assert "no answer" in history[lost][-1]["error"], history[lost][-1]["error"]
+    assert rows[elsewhere]["state"] == "dead" and as_status(rows[elsewhere]["last_status"]) == 0x0111
+    assert rows[plain]["state"] == "delivered"
+    state = queue_of(box, "dedup")
+    assert (state["delivered"], state["dead"]) == (2, 1), state
+
+
+def test_a_duplicate_refused_after_the_appliance_stopped_while_sending_is_delivered(appliance_factory, stack,
+                                                                                  tmp_path) -> None:
+    """The appliance is killed while a PACS that refuses duplicates (0x0111) has stored an image
+    but not yet answered. After the restart the image is sent again and refused as a duplicate:
+    it is delivered, and its history says that the appliance stopped while sending it."""
+    image = write_series(tmp_path / "ct", "dup-crash", 1, 1, Series("CT", 1, 64, 64))[0]
+    uid = sop_uid(image)
+    pacs = DuplicateRejectingPACS(held=uid)
+    scp = stack.enter_context(RecordingSCP("DEDUP", keep_datasets=False))
+    scp.respond = pacs
+    box = appliance_factory({"destinations": {"dedup": destination(scp.ae_title, scp.port)},
+                             "routes": [{"send_to": ["dedup"]}]})
+    send(box, [image])
+    assert pacs.arrived.wait(20), "the image never reached the PACS"
+    box.kill()
+    pacs.release.set()
+    box.start()
+    wait_until(lambda: deliveries(box, "dedup")[uid]["state"] in ("delivered", "dead"), 30,
+               lambda: f"queue: {queue_of(box, 'dedup')}")
+    history = attempts(box, "dedup")[uid]
+    assert deliveries(box, "dedup")[uid]["state"] == "delivered", [dict(a) for a in history]
+    assert [(a["outcome"], as_status(a["status"])) for a in history] == [("unknown", None), ("delivered", 0x0111)]
+    assert "stopped while sending" in history[0]["error"], history[0]["error"]
+
+
 def test_association_rejected_permanently_is_dead_transiently_is_retried(appliance_factory, stack,
                                                                         tmp_path) -> None:
     """A storescp that refuses every association (A-ASSOCIATE-RJ, rejected permanent) makes dead
