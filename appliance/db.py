@@ -179,6 +179,10 @@ MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE deliveries ADD COLUMN maybe_sent INTEGER NOT NULL DEFAULT 0",
      """UPDATE deliveries SET maybe_sent = 1 WHERE state != 'delivered' AND EXISTS
             (SELECT 1 FROM attempts a WHERE a.delivery_id = deliveries.id AND a.outcome = 'unknown')"""],
+    # 9: when `appliance retry` last put a dead letter back (schedule clock): its retry policy's
+    # give_up_after counts from here, while created_at keeps when it was queued — the age
+    # `appliance queue` shows. NULL: never retried (or started over since, by a replacement).
+    ["ALTER TABLE deliveries ADD COLUMN requeued_at REAL"],
 ]
 
 
@@ -239,7 +243,7 @@ _NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM d
 # schedule clock), nothing attempted, nothing delivered. The same whether the rules queued it
 # again or it was in flight when `appliance send --to` replaced the file it was sending.
 _START_OVER = ("attempts = 0, created_at = :now, next_attempt_at = :now, delivered_at = NULL, last_status = NULL,"
-               " last_error = NULL, transcoded = 0, maybe_sent = 0")
+               " last_error = NULL, transcoded = 0, maybe_sent = 0, requeued_at = NULL")
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,9 @@ class Work:
 
     delivery_id: int
     attempts: int
-    created_at: float
+    # When it was queued, or put back by `appliance retry` since (schedule clock): what the
+    # retry policy's give_up_after counts from.
+    waiting_since: float
     instance_id: int
     sop_instance_uid: str
     sop_class_uid: str
@@ -627,7 +633,8 @@ class Database:
             if first is None:
                 return []
             rows = conn.execute(
-                "SELECT d.id AS delivery_id, d.attempts, d.created_at, i.id AS instance_id, i.sop_instance_uid,"
+                "SELECT d.id AS delivery_id, d.attempts, coalesce(d.requeued_at, d.created_at) AS waiting_since,"
+                " i.id AS instance_id, i.sop_instance_uid,"
                 " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision, d.edits,"
                 " d.maybe_sent"
                 " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
@@ -703,11 +710,13 @@ class Database:
         return applied
 
     def retry_dead(self, destination: str | None) -> int:
-        """Dead letters back to pending (all destinations when ``destination`` is None)."""
+        """Dead letters back to pending (all destinations when ``destination`` is None), due now.
+        The retry policy starts afresh (``requeued_at``, attempts); when they were queued
+        (``created_at``, the age ``appliance queue`` shows) stays."""
         now = self.schedule_now()
         with self.transaction() as conn:
             count = conn.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?, next_attempt_at = ?"
+                "UPDATE deliveries SET state = 'pending', attempts = 0, requeued_at = ?, next_attempt_at = ?"
                 " WHERE state = 'dead' AND (? IS NULL OR destination = ?)", (now, now, destination, destination),
             ).rowcount
         return int(count)

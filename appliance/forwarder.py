@@ -448,7 +448,7 @@ class Forwarder:
         policy = destination.retry
         attempts = work.attempts + 1
         # Both on the schedule clock: a step of the wall clock, or days switched off, do not age it.
-        expired = self.db.schedule_now() - work.created_at >= policy.give_up_after
+        expired = self.db.schedule_now() - work.waiting_since >= policy.give_up_after
         if (policy.max_attempts and attempts >= policy.max_attempts) or expired:
             return self._dead(name, work, status, f"gave up after {attempts} attempts: {error}",
                               maybe_sent=outcome == "unknown")

@@ -5,6 +5,7 @@ delivered."""
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .pacs import (
     closed_port,
     deliveries,
     destination,
+    queue_of,
     sop_uid,
     wait_until,
 )
@@ -67,6 +69,36 @@ def test_give_up_after_a_duration(appliance_factory, tmp_path: Path) -> None:
         assert "gave up after" in row["last_error"]
         history = attempts(box, "slow")[uid]
         assert history[-1]["at"] - row["created_at"] >= 2.0
+
+
+def test_a_retried_dead_letter_keeps_its_age_and_gets_the_whole_give_up_time_again(
+        appliance_factory, tmp_path: Path) -> None:
+    """A destination stays down: an image gives up after ``give_up_after`` (2 s), and waits a
+    while as a dead letter. ``appliance retry`` puts it back: ``appliance queue`` still shows
+    how long it has waited since it was first queued (not since the retry), and the retry
+    gives it the whole ``give_up_after`` again before it is a dead letter once more."""
+    box = appliance_factory({
+        "destinations": {"down": destination("DOWN", closed_port(), retry={
+            "initial_delay": "0.2s", "max_delay": "0.3s", "give_up_after": "2s"})},
+        "routes": [{"send_to": ["down"]}],
+    })
+    files = write_series(tmp_path / "ct", "retry-age", 1, 1, Series("CT", 1, 64, 64))
+    queued = time.monotonic()
+    assert not storescu(box.port, files).failed
+    uid = sop_uid(files[0])
+    wait_until(lambda: deliveries(box, "down")[uid]["state"] == "dead", 30,
+               lambda: f"never given up: {dict(deliveries(box, 'down')[uid])}")
+    time.sleep(max(0.0, queued + 5 - time.monotonic()))
+
+    assert "1 dead letter(s)" in box.cli("retry", "down").stdout
+    retried = time.monotonic()
+    state = queue_of(box, "down")
+    assert state["dead"] == 0, state
+    assert state["oldest_pending_age"] >= 4.5, state  # since it was queued, 5 s ago
+    wait_until(lambda: deliveries(box, "down")[uid]["state"] == "dead", 30,
+               lambda: f"never given up again: {dict(deliveries(box, 'down')[uid])}")
+    assert time.monotonic() - retried >= 1.8, "the retry did not get the whole give_up_after"
+    assert len(attempts(box, "down")[uid]) >= 2 + 2
 
 
 def test_above_high_watermark_delivered_are_evicted_oldest_first_undelivered_never(
