@@ -279,7 +279,8 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
             raw.seek(start)
         deflated = encoding.is_transfer_syntax and encoding.is_deflated
         source: BinaryIO = Inflating(raw) if deflated else raw  # type: ignore[assignment]
-        stop = _PixelsAt()
+        stop = _StopAfter(max((t for t in specific if t >> 16 != 0x0002), default=0xFFFFFFFF)
+                          if specific is not None else 0xFFFFFFFF)
         try:
             try:
                 header = read_dataset(source, implicit, little, stop_when=stop, specific_tags=specific)
@@ -395,15 +396,20 @@ class Inflating:
         return self._inflater.eof
 
 
-class _PixelsAt:
-    """``stop_when`` for ``read_dataset``: stops at the pixel data (or whatever comes at or
-    after its tag), where pydicom leaves the file at the start of that element."""
+class _StopAfter:
+    """``stop_when`` for ``read_dataset``: stops at the first element past ``last`` (the
+    highest tag wanted), or at the pixel data (or whatever comes at or after its tag), where
+    pydicom leaves the file at the start of that element. What comes after is only walked
+    (:func:`check_elements`): pydicom would parse every undefined-length sequence on the way,
+    wanted or not: 6 MB of an enhanced multi-frame's per-frame functional groups took 170 MB of
+    memory and 6 s (walked: 0.4 s, nothing kept)."""
 
-    def __init__(self) -> None:
+    def __init__(self, last: int) -> None:
+        self.last = min(last, 0x7FE0000F)
         self.reached = False
 
     def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
-        if tag < 0x7FE00010:
+        if tag <= self.last:
             return False
         self.reached = True
         return True

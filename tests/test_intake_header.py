@@ -139,3 +139,83 @@ def test_the_elements_read_for_a_rule_on_an_ambiguous_vr_include_what_resolves_i
                    "appliance.yaml")
     tags, _ = _tags_to_read(config)
     assert {0x00280103, 0x00280100} <= tags  # Pixel Representation, Bits Allocated
+
+
+# ---- what is not needed is not parsed ----------------------------------------------------------
+
+def enhanced_ct(path: Path, seed: str, frames: int) -> pydicom.Dataset:
+    """An enhanced multi-frame CT whose Per-frame Functional Groups Sequence (5200,9230) holds
+    ``frames`` items of nested sequences (about 300 bytes each), all of undefined length."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from .corpus import Series, make_instance
+
+    ds = make_instance(seed, 1, 1, 1, Series("CT", 1, 64, 64))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.NumberOfFrames = 1
+
+    def item(keyword: str, **values: object) -> Sequence:
+        inner = Dataset()
+        for key, value in values.items():
+            setattr(inner, key, value)
+        return Sequence([inner])
+
+    groups = []
+    for n in range(frames):
+        group = Dataset()
+        group.PlanePositionSequence = item("PlanePosition", ImagePositionPatient=[-125.0, -125.0, n * 0.625])
+        group.PlaneOrientationSequence = item("PlaneOrientation", ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+        group.FrameContentSequence = item("FrameContent", FrameAcquisitionNumber=n, InStackPositionNumber=n + 1,
+                                          DimensionIndexValues=[1, n + 1], StackID="1")
+        group.PixelValueTransformationSequence = item("Rescale", RescaleIntercept=-1024, RescaleSlope=1,
+                                                      RescaleType="HU")
+        group.FrameVOILUTSequence = item("VOI", WindowCenter=40, WindowWidth=400)
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+
+    def undefined_lengths(dataset: Dataset) -> None:  # as scanners write them (pydicom would not)
+        for element in dataset:
+            if element.VR == "SQ":
+                element.is_undefined_length = True
+                for inner in element.value:
+                    inner.is_undefined_length_sequence_item = True
+                    undefined_lengths(inner)
+
+    undefined_lengths(ds)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_a_long_functional_groups_sequence_is_checked_not_parsed(appliance_factory, tmp_path) -> None:
+    """An enhanced CT with 6 MB of per-frame functional groups after the elements the index
+    needs: the receiver stops reading at the highest element it needs, and only walks the
+    rest's element headers to see that it is whole — its peak RSS grows by a few MB, where
+    parsing the sequence took 170 MB (and 6 s). The instance is stored and indexed."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, _config
+
+    from .test_refused_data_sets import cached_uids, peak_rss_mb
+
+    path = tmp_path / "enhanced.dcm"
+    ds = enhanced_ct(path, "enhanced", 16000)
+    assert path.stat().st_size > 4_000_000
+    box = appliance_factory()
+    assert box.process is not None
+    before = peak_rss_mb(box.process.pid)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2.1", ExplicitVRLittleEndian)
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+        assert assoc.is_established
+        status = int(assoc.send_c_store(path).Status)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    grown = peak_rss_mb(box.process.pid) - before
+    assert status == 0x0000
+    assert cached_uids(box) == {ds.SOPInstanceUID}
+    assert grown < 12, f"the receiver's peak RSS grew by {grown:.0f} MB"
