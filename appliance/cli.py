@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from . import __version__
@@ -26,6 +29,48 @@ def _load_or_exit(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(1) from exc
+
+
+def _as_data_owner(root: Path, for_good: bool = True) -> Callable[[], AbstractContextManager[object]]:
+    """Run as root against a data directory that another user owns (the service's: systemd's
+    ``User=``), act as that user from here on, so that what this command creates there (cache
+    files, study directories, the database and its journal) is the service's to read, write
+    and delete — root's would refuse the receiver a study's directory and the forwarder its
+    file. Called before the command touches the data directory.
+
+    ``for_good``: the process gives up root entirely. Otherwise only its effective ids change,
+    and the context returned reads as root again (what ``appliance send`` imports may be where
+    only root can read it); the files it creates are still the owner's."""
+    if os.geteuid() != 0:
+        return nullcontext
+    try:
+        owner = root.stat()
+    except OSError:  # not made yet: nothing to match
+        return nullcontext
+    if owner.st_uid == 0:
+        return nullcontext
+    uid, gid = owner.st_uid, owner.st_gid
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:  # an owner without a name
+        groups = [gid]
+    os.setgroups(groups)
+    if for_good:
+        os.setgid(gid)
+        os.setuid(uid)
+        return nullcontext
+    os.setegid(gid)
+    os.seteuid(uid)
+
+    @contextmanager
+    def as_root() -> Iterator[None]:
+        os.seteuid(0)
+        try:
+            yield
+        finally:
+            os.seteuid(uid)
+
+    return as_root
 
 
 # ---- subcommands -------------------------------------------------------------------------------
@@ -63,6 +108,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from .db import open_database
 
     config = _load_or_exit(args)
+    _as_data_owner(config.storage.root)
     db = open_database(config.storage.root)
     studies = db.studies()
     header = f"{'PATIENT':<28} {'STUDY DATE':<10} {'MOD':<8} {'INST':>6} {'SIZE':>10}  {'STATE':<8} STUDY UID"
@@ -92,6 +138,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from .queue import queue_report
 
     config = _load_or_exit(args)
+    _as_data_owner(config.storage.root)
     print(queue_report(config, as_json=args.json))
     return 0
 
@@ -104,6 +151,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.all and not args.destination:
         print("name a destination, or --all", file=sys.stderr)
         return 2
+    _as_data_owner(config.storage.root)
     count = open_database(config.storage.root).retry_dead(None if args.all else args.destination)
     if count:
         Nudger(config.storage.root).nudge()  # the forwarder sends them now, not at its next look
@@ -120,7 +168,13 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f'unknown destination "{args.to}" (destinations: {", ".join(config.destinations) or "none"})',
               file=sys.stderr)
         return 2
-    imported, skipped = import_files(config, args.paths, only_to=args.to, calling_ae=args.calling_ae)
+    # Loaded before the ids change: a Python installed where the data's owner cannot read (a
+    # development box's pyenv under /root) could not load it afterwards.
+    from . import diskfile  # noqa: F401
+
+    as_root = _as_data_owner(config.storage.root, for_good=False)
+    imported, skipped = import_files(config, args.paths, only_to=args.to, calling_ae=args.calling_ae,
+                                     reading=as_root)
     print(f"imported {imported}, skipped {skipped}")
     return 0 if skipped == 0 else 1
 
@@ -129,6 +183,7 @@ def cmd_print_jobs(args: argparse.Namespace) -> int:
     from .printing.jobs import format_jobs, list_jobs
 
     config = _load_or_exit(args)
+    _as_data_owner(config.storage.root)
     if args.retry is not None:
         from .printing.jobs import retry_job
 

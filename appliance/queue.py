@@ -8,7 +8,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from .config import Config
@@ -77,21 +78,24 @@ def _files(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
-def import_files(config: Config, paths: Sequence[Path], only_to: str | None = None,
-                 calling_ae: str = "IMPORT") -> tuple[int, int]:
+def import_files(config: Config, paths: Sequence[Path], only_to: str | None = None, calling_ae: str = "IMPORT",
+                 reading: Callable[[], AbstractContextManager[object]] = nullcontext) -> tuple[int, int]:
     """Copy each file into the cache (durably) and route it, or queue it for ``only_to``.
-    A progress bar goes to stderr; returns (imported, skipped)."""
+    ``paths`` are listed and opened within ``reading()`` (as the user who ran the command,
+    when it acts as the data directory's owner otherwise). A progress bar goes to stderr;
+    returns (imported, skipped)."""
     store = Store(config.storage.root)
     for directory in (store.root, store.incoming, store.cache):
         directory.mkdir(parents=True, exist_ok=True)
     db = open_database(config.storage.root)
     intake = Intake(config, db, store)
     origin = Origin(calling_ae=calling_ae, called_ae=config.node.ae_title, source_ip="")
-    files = list(_files(paths))
+    with reading():
+        files = list(_files(paths))
     imported = skipped = 0
     try:
         for number, path in enumerate(files, start=1):
-            detail = _import_one(intake, store, path, origin, only_to)
+            detail = _import_one(intake, store, path, origin, only_to, reading)
             if detail is None:
                 imported += 1
             else:
@@ -105,7 +109,8 @@ def import_files(config: Config, paths: Sequence[Path], only_to: str | None = No
     return imported, skipped
 
 
-def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_to: str | None) -> str | None:
+def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_to: str | None,
+                reading: Callable[[], AbstractContextManager[object]]) -> str | None:
     """Copy one file into ``incoming/`` and admit it; None if it is now in the cache, else why
     not. A file that cannot be read or copied (missing, unreadable, a full disk) is skipped
     like one that is not DICOM, or not whole: the rest of the import goes on."""
@@ -119,7 +124,10 @@ def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_t
     admitted: Path | None = None
     try:
         try:
-            shutil.copyfile(path, temp)
+            with reading():
+                source = open(path, "rb")  # noqa: SIM115 - as whoever ran the command; closed below
+            with source, open(temp, "wb") as copy:
+                shutil.copyfileobj(source, copy, 1 << 20)
         except OSError as exc:
             return f"cannot copy it into {store.incoming}: {exc}"
         # The copy is what is checked and cached: the original may change while we look.
