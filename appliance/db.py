@@ -183,6 +183,14 @@ MIGRATIONS: list[list[str]] = [
     # give_up_after counts from here, while created_at keeps when it was queued — the age
     # `appliance queue` shows. NULL: never retried (or started over since, by a replacement).
     ["ALTER TABLE deliveries ADD COLUMN requeued_at REAL"],
+    # 10: each delivery's latest attempt that did not deliver it (attempts.id), indexed by
+    # destination: `appliance queue` and the status page show the latest failure of each
+    # destination (LAST ERROR) from one index seek, whatever the length of the history.
+    ["ALTER TABLE deliveries ADD COLUMN last_failure INTEGER",
+     """UPDATE deliveries SET last_failure = (SELECT max(a.id) FROM attempts a
+            WHERE a.delivery_id = deliveries.id AND a.outcome != 'delivered')""",
+     "CREATE INDEX IF NOT EXISTS deliveries_last_failure ON deliveries(destination, last_failure)"
+     " WHERE last_failure IS NOT NULL"],
 ]
 
 
@@ -585,8 +593,9 @@ class Database:
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, error) SELECT id, ?, 'unknown', ?"
                          " FROM deliveries WHERE state = 'in_flight'", (time.time(), STOPPED_WHILE_SENDING))
             return conn.execute("UPDATE deliveries SET state = 'pending', attempts = attempts + 1, maybe_sent = 1,"
-                                " last_status = NULL, last_error = ? WHERE state = 'in_flight'",
-                                (STOPPED_WHILE_SENDING,)).rowcount
+                                " last_status = NULL, last_error = ?, last_failure ="
+                                " (SELECT max(a.id) FROM attempts a WHERE a.delivery_id = deliveries.id)"
+                                " WHERE state = 'in_flight'", (STOPPED_WHILE_SENDING,)).rowcount
 
     def release_stable_studies(self, now: float) -> list[tuple[str, str]]:
         """Release every held study whose quiet period has passed by ``now`` (schedule clock);
@@ -704,9 +713,12 @@ class Database:
                  work.path),
             ).rowcount == 1
             # Unless the delivery was cancelled meanwhile (a correction routed elsewhere).
-            conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error) SELECT ?, ?, ?, ?, ?"
-                         " WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)",
-                         (work.delivery_id, now, outcome, status, error, work.delivery_id))
+            recorded = conn.execute("INSERT INTO attempts (delivery_id, at, outcome, status, error)"
+                                    " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)",
+                                    (work.delivery_id, now, outcome, status, error, work.delivery_id))
+            if outcome != "delivered" and recorded.rowcount == 1:  # applied or not: it failed there
+                conn.execute("UPDATE deliveries SET last_failure = ? WHERE id = ?",
+                             (recorded.lastrowid, work.delivery_id))
         return applied
 
     def retry_dead(self, destination: str | None) -> int:
@@ -732,11 +744,6 @@ class Database:
                 " min(CASE WHEN state IN ('pending', 'in_flight') THEN created_at END) AS oldest"
                 " FROM deliveries GROUP BY destination")
         }
-        errors = {
-            row["destination"]: row["last_error"] for row in self.query(
-                "SELECT destination, last_error FROM deliveries WHERE id IN (SELECT max(d.id) FROM deliveries d"
-                " JOIN attempts a ON a.delivery_id = d.id WHERE a.outcome != 'delivered' GROUP BY d.destination)")
-        }
         result = []
         for name in list(destinations) + sorted(set(counts) - set(destinations)):
             row = counts.get(name)
@@ -745,9 +752,20 @@ class Database:
                 in_flight=int(row["in_flight"]) if row else 0, delivered=int(row["delivered"]) if row else 0,
                 dead=int(row["dead"]) if row else 0, transcoded=int(row["transcoded"]) if row else 0,
                 oldest_pending_age=(now - row["oldest"]) if row and row["oldest"] is not None else None,
-                last_error=errors.get(name),
+                last_error=self._last_failure(name) if row else None,
             ))
         return result
+
+    def _last_failure(self, destination: str) -> str | None:
+        """The error of the latest attempt to ``destination`` that did not deliver, whatever
+        became of its delivery since (migration 10: one seek in deliveries_last_failure)."""
+        rows = self.query(
+            "SELECT a.status, a.error FROM attempts a WHERE a.id = (SELECT max(last_failure) FROM deliveries"
+            " WHERE destination = ? AND last_failure IS NOT NULL)", (destination,))
+        if not rows:
+            return None
+        status, error = rows[0]
+        return str(error) if error else f"status 0x{status:04X}" if status is not None else "failed"
 
     def holds(self) -> list[sqlite3.Row]:
         """Stable-study holds; ``release_at`` is on the schedule clock."""

@@ -523,6 +523,37 @@ def test_no_response_is_delivery_unknown_and_retried_never_success(appliance_fac
     wait_until(lambda: queue_of(box, "flaky")["delivered"] == len(ids), 10, lambda: str(queue_of(box, "flaky")))
 
 
+def test_queue_last_error_is_the_error_of_the_latest_failed_attempt(appliance_factory, stack, tmp_path) -> None:
+    """``appliance queue`` shows, as LAST ERROR, what the destination said most recently when
+    something failed: not '-' because the image that failed last was later delivered while a
+    dead letter waits, and not an older error in front of a newer dead letter."""
+    first, second = write_series(tmp_path / "ct", "last-error", 1, 1, Series("CT", 2, 64, 64))
+    refused = sop_uid(first)
+
+    def respond(uid: str, nth: int) -> int:
+        if uid == refused:
+            return 0xC000
+        return 0xA700 if nth == 1 else 0x0000
+
+    scp = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
+    scp.respond = respond
+    box = appliance_factory({"destinations": {"pacs": destination(scp.ae_title, scp.port)},
+                             "routes": [{"send_to": ["pacs"]}]})
+    send(box, [first])
+    wait_until(lambda: queue_of(box, "pacs")["dead"] == 1, 20, lambda: str(queue_of(box, "pacs")))
+    send(box, [second])
+    wait_until(lambda: queue_of(box, "pacs")["delivered"] == 1, 20, lambda: str(queue_of(box, "pacs")))
+    state = queue_of(box, "pacs")
+    assert state["dead"] == 1 and "0xA700" in (state["last_error"] or ""), state
+    assert "0xA700" in box.cli("queue").stdout
+
+    box.cli("retry", "pacs")
+    wait_until(lambda: len([r for r in scp.receptions() if r.sop_instance_uid == refused]) == 2
+               and queue_of(box, "pacs")["dead"] == 1, 20, lambda: str(queue_of(box, "pacs")))
+    state = queue_of(box, "pacs")
+    assert "0xC000" in (state["last_error"] or ""), state
+
+
 class DuplicateRejectingPACS:
     """What a PACS that refuses duplicates (0x0111) answers, for a :class:`RecordingSCP`:
     success the first time it stores an image, 0x0111 for any later copy. ``held`` (a UID)
