@@ -366,7 +366,7 @@ class Forwarder:
             link = self._close(link)
         if link is None:
             try:
-                link = self._associate(destination, wanted)
+                link = self._associate(destination, wanted, {(w.sop_class_uid, w.transfer_syntax) for w in batch})
             except AssociationFailed as exc:
                 self._destination_failed(name, destination, batch, str(exc), permanent=exc.permanent)
                 return None
@@ -487,7 +487,10 @@ class Forwarder:
                 wanted.add((work.sop_class_uid, str(syntax)))
         return wanted
 
-    def _associate(self, destination: Destination, wanted: set[tuple[str, str]]) -> _Link:
+    def _associate(self, destination: Destination, wanted: set[tuple[str, str]],
+                   own: set[tuple[str, str]]) -> _Link:
+        """An association proposing the ``wanted`` (SOP class, transfer syntax) contexts, the
+        ``own`` ones (the instances' own syntaxes) first."""
         calling = destination.calling_ae or self.config.node.ae_title
         ae = application_entity(calling)
         ae.connection_timeout = destination.timeouts.connect
@@ -495,8 +498,15 @@ class Forwarder:
         ae.dimse_timeout = destination.timeouts.dimse
         ae.network_timeout = destination.timeouts.network
         contexts: list[PresentationContext] = []
-        # Own syntaxes first (sorted so compressed ones keep their place), capped at the limit.
-        for sop_class, syntax in sorted(wanted, key=lambda c: (c[0], c[1] in _UNCOMPRESSED, c[1]))[:MAX_CONTEXTS]:
+        # For each SOP class, the instances' own syntaxes first, then the fallbacks in their
+        # order (Explicit VR before Implicit): a PACS that accepts only the first context of a
+        # class must get an instance as it is, not re-encoded. Capped at the limit.
+        def order(context: tuple[str, str]) -> tuple[str, bool, int, str]:
+            sop_class, syntax = context
+            fallback = _UNCOMPRESSED.index(syntax) if syntax in _UNCOMPRESSED else -1
+            return sop_class, context not in own, fallback, syntax
+
+        for sop_class, syntax in sorted(wanted, key=order)[:MAX_CONTEXTS]:
             contexts.append(build_context(sop_class, [syntax]))
         tls_args = None
         if destination.tls is not None:

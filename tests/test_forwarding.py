@@ -28,8 +28,8 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
-from pynetdicom import AE
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .conftest import mounted_tmpfs
@@ -383,6 +383,63 @@ def test_explicit_vr_instances_are_reencoded_for_an_implicit_only_destination(ap
     state = queue_of(box, "implicit")
     assert state["transcoded"] == len(plain) and state["delivered"] == len(plain), state
     assert list((box.data / "outgoing").iterdir()) == [], "a re-encoded copy was left behind"
+
+
+class FirstContextOnlySCP(RecordingSCP):
+    """A :class:`RecordingSCP` that, of the presentation contexts proposed for each SOP class,
+    accepts only the first (as some PACS do), and records what each association proposed, in
+    order (``proposals``: lists of (SOP class, transfer syntax))."""
+
+    def __init__(self, ae_title: str) -> None:
+        super().__init__(ae_title)
+        self.proposals: list[list[tuple[str, str]]] = []
+
+    def start(self) -> FirstContextOnlySCP:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = 0
+        for sop_class in self.sop_classes:
+            ae.add_supported_context(sop_class, self.transfer_syntaxes)
+        handlers = [(evt.EVT_REQUESTED, self._first_only), (evt.EVT_C_STORE, self._on_store)]
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def _first_only(self, event: evt.Event) -> None:
+        proposed = [(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in event.assoc.requestor.requested_contexts]
+        self.proposals.append(proposed)
+        first: dict[str, str] = {}
+        for sop_class, syntax in proposed:
+            first.setdefault(sop_class, syntax)
+        event.assoc.acceptor.supported_contexts = [build_context(c, [s]) for c, s in first.items()]
+
+
+@pytest.mark.parametrize("own", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
+def test_the_instances_own_transfer_syntax_is_proposed_first(appliance_factory, stack, tmp_path, own: UID) -> None:
+    """A PACS that accepts only the first presentation context proposed for each SOP class
+    gets a CT in the transfer syntax it was received in, not re-encoded (an Explicit VR
+    instance sent as Implicit VR would lose the VRs of its private elements)."""
+    scp = stack.enter_context(FirstContextOnlySCP("FIRSTONLY"))
+    box = appliance_factory({"destinations": {"first": destination(scp.ae_title, scp.port)},
+                             "routes": [{"send_to": ["first"]}]})
+    image = write_series(tmp_path / "ct", "first-context", 1, 1, Series("CT", 1, 64, 64))[0]
+    dataset = pydicom.dcmread(image)
+    if own == RLELossless:
+        dataset.compress(RLELossless)
+    elif own != dataset.file_meta.TransferSyntaxUID:
+        dataset.file_meta.TransferSyntaxUID = own
+    dataset.save_as(image, enforce_file_format=True)
+    assert "imported 1" in box.cli("send", str(image)).stdout
+    assert cache_rows(box)[sop_uid(image)]["transfer_syntax"] == own
+
+    wait_until(lambda: len(scp.stored()) == 1, 20, lambda: f"queue: {queue_of(box, 'first')}")
+    assert scp.stored()[0].transfer_syntax == own
+    assert queue_of(box, "first")["transcoded"] == 0
+    proposed_for_ct = [syntax for sop_class, syntax in scp.proposals[0] if sop_class == sop_class_of(image)]
+    assert proposed_for_ct[0] == own, proposed_for_ct
+
+
+def sop_class_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)
 
 
 def test_instance_that_cannot_be_transcoded_is_a_dead_letter_with_the_reason(appliance_factory, corpus,
