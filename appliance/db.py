@@ -18,7 +18,6 @@ import fcntl
 import logging
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -192,20 +191,6 @@ MIGRATIONS: list[list[str]] = [
      "CREATE INDEX IF NOT EXISTS deliveries_last_failure ON deliveries(destination, last_failure)"
      " WHERE last_failure IS NOT NULL"],
 ]
-
-
-_ADD_COLUMN = re.compile(r"\s*ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
-
-
-def _adds_a_column_it_has(conn: sqlite3.Connection, statement: str) -> bool:
-    """Whether ``statement`` adds a column the table already has: a migration applied again
-    to a database that is at an older ``user_version`` than its schema (SQLite has no ADD
-    COLUMN IF NOT EXISTS). The later statements of that migration still run."""
-    match = _ADD_COLUMN.match(statement)
-    if match is None:
-        return False
-    table, column = match.groups()
-    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 @dataclass(frozen=True)
@@ -388,8 +373,7 @@ class Database:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in statements:
-                    if not _adds_a_column_it_has(conn, statement):
-                        conn.execute(statement)
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={number}")
 
     # ---- the schedule clock (clock.py) -------------------------------------------------------

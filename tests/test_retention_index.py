@@ -259,18 +259,27 @@ def test_a_correction_that_moves_to_another_held_study_is_released_with_it(tmp_p
 
 def test_deliveries_stuck_under_a_study_their_instance_left_are_repaired_by_the_migration(tmp_path: Path) -> None:
     """Migration 7: a delivery left held under its instance's old study (before the fix) is
-    filed under the new one; with no waiting hold there, it is sent at once."""
+    filed under the new one; with no waiting hold there, it is sent at once. One still held
+    under its own study's waiting hold stays held."""
     path = tmp_path / "appliance.db"
-    db = Database(path)
-    row = instance(1, 1, 100.0, {"status": "routed"})
-    db.store_instance(row, None, [Delivery("a")])
-    db.close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE deliveries SET state = 'held', study_instance_uid = 'old-study'")
-    conn.execute("PRAGMA user_version = 6")
+    for statements in dbmod.MIGRATIONS[:6]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=6")
+    columns = ", ".join(dbmod._INSTANCE_COLUMNS)
+    marks = ", ".join("?" for _ in dbmod._INSTANCE_COLUMNS)
+    for uid in (1, 2):
+        row = instance(uid, 1, 100.0, {"status": "routed"})
+        conn.execute(f"INSERT INTO instances ({columns}) VALUES ({marks})",
+                     [getattr(row, c) for c in dbmod._INSTANCE_COLUMNS])
+    conn.execute("INSERT INTO holds (study_instance_uid, destination, stable_after, last_arrival, release_at, state)"
+                 " VALUES ('1.2.9.2', 'a', 30, 0, 30, 'waiting')")
+    conn.execute("INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at,"
+                 " next_attempt_at) VALUES (1, 'a', 'old-study', 'held', 0, 0), (2, 'a', '1.2.9.2', 'held', 0, 0)")
     conn.commit()
     conn.close()
     db = Database(path)
-    assert [tuple(r) for r in db.query("SELECT state, study_instance_uid FROM deliveries")] == [
-        ("pending", row.study_instance_uid)]
+    assert [tuple(r) for r in db.query("SELECT instance_id, state, study_instance_uid FROM deliveries ORDER BY 1")] == [
+        (1, "pending", "1.2.9.1"), (2, "held", "1.2.9.2")]
     db.close()
