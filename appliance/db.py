@@ -479,6 +479,21 @@ class Database:
                             cancelled.append(str(destination))
         return cancelled
 
+    def queue_cached(self, cached: Instance, deliveries: Sequence[Delivery]) -> bool:
+        """Queue deliveries of an instance as it is cached (``appliance send --to`` of one the
+        duplicate policy keeps), in one durable commit — if its row still points at
+        ``cached.path``: eviction may have removed that file since it was looked up, and the
+        caller must then cache the copy it has. Whether they were queued."""
+        scheduled = self.schedule_now()
+        with self.transaction() as conn:
+            row = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ? AND path = ? AND state = 'cached'",
+                               (cached.sop_instance_uid, cached.path)).fetchone()
+            if row is None:
+                return False
+            for delivery in deliveries:
+                self._queue(conn, row[0], cached.study_instance_uid, delivery, scheduled)
+        return True
+
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
         """A repeated C-STORE that did not replace the cached copy (kept-first or rejected)."""
         with self.transaction() as conn:

@@ -154,11 +154,13 @@ class Intake:
             # `appliance send --to`: the admin asks for this instance to go there. The policy
             # says which copy is the instance (the cached one); it does not undo the request.
             try:
-                self.db.store_instance(existing, None, deliveries, rerouted=False)
+                queued = self.db.queue_cached(existing, deliveries)
             except Exception as exc:  # noqa: BLE001 - any database failure: nothing was queued
                 return Outcome("failed", detail=f"cannot queue it: {exc}")
-            return Outcome("queued", existing.size, f"already cached (node.on_duplicate is {policy}): "
-                                                    f"the cached copy is queued")
+            if queued:
+                return Outcome("queued", existing.size, f"already cached (node.on_duplicate is {policy}): "
+                                                        f"the cached copy is queued")
+            existing = None  # evicted since it was looked up: this copy is cached in its place
         if existing is not None and policy != "replace":
             outcome = "kept-first" if policy == "keep-first" else "rejected"
             try:

@@ -31,8 +31,9 @@ ORIGIN = Origin("MODALITY", "EDGE", "127.0.0.1")
 class Box:
     """A cache, its database and intake, routed to one destination nobody listens on."""
 
-    def __init__(self, root: Path, evict_above: str = "90%") -> None:
+    def __init__(self, root: Path, evict_above: str = "90%", on_duplicate: str = "replace") -> None:
         self.config = loads(f"storage: {{path: {root}, disk: {{min_free: '0%', evict_above: '{evict_above}'}}}}\n"
+                            f"node: {{on_duplicate: {on_duplicate}}}\n"
                             "destinations: {pacs: {ae_title: PACS, host: 127.0.0.1, port: 9}}\n"
                             "routes: [{send_to: [pacs]}]\nretention: {keep_delivered_for: 30d}\n")
         self.store = Store(root)
@@ -40,10 +41,10 @@ class Box:
         self.db = open_database(root)
         self.intake = Intake(self.config, self.db, self.store)
 
-    def receive(self, source: Path) -> Outcome:
+    def receive(self, source: Path, only_to: str | None = None) -> Outcome:
         received = self.store.incoming / f"rx-{time.monotonic_ns()}"
         shutil.copyfile(source, received)
-        outcome = self.intake.admit(received, ORIGIN)
+        outcome = self.intake.admit(received, ORIGIN, only_to=only_to)
         received.unlink(missing_ok=True)
         return outcome
 
@@ -120,6 +121,29 @@ def test_eviction_rechecks_that_nothing_is_owed_when_it_commits(tmp_path: Path, 
         conn.execute("UPDATE deliveries SET state = 'pending' WHERE instance_id = ?", (instance_id,))
     assert not box.db.mark_evicted(instance_id, path)
     assert box.row(_uid(ct))[0] == "cached"
+
+
+def test_send_to_of_a_kept_copy_evicted_meanwhile_caches_the_copy_it_has(tmp_path: Path, ct: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`appliance send --to` under ``on_duplicate: keep-first`` queues the cached copy; evicted
+    between the look-up and the queuing, the row must not come back pointing at the removed
+    file: the copy being sent is cached instead."""
+    box = Box(tmp_path / "data", on_duplicate="keep-first")
+    assert box.receive(ct).kind == "stored"
+    box.deliver_all()
+    found = box.db.evictable(time.time() + 1)
+    look_up = box.db.find_instance
+
+    def evicted_after_the_look_up(sop_uid: str):  # type: ignore[no-untyped-def]
+        cached = look_up(sop_uid)
+        evict(box.db, box.store, found)
+        return cached
+
+    monkeypatch.setattr(box.db, "find_instance", evicted_after_the_look_up)
+    assert box.receive(ct, only_to="pacs").kind == "stored"
+    state, path, deliveries = box.row(_uid(ct))
+    assert (state, deliveries) == ("cached", ["pending"])
+    assert Path(path).is_file(), "the row points at the evicted file"
 
 
 def test_a_study_directory_removed_under_a_new_arrival_is_made_again(tmp_path: Path, ct: Path,
