@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_file_meta_info, read_preamble
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from . import rules
 from .config import Config
@@ -425,6 +425,10 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)  # a 4-byte length after 2 reserved bytes
+_VRS = frozenset(vr.value.encode() for vr in VR)
+# What a file may hold after its last element, as pydicom reads it: a pad byte after an odd
+# length, a few NULs from a writer that rounds its files up.
+_TAIL_PADDING = frozenset(b"\x00 ")
 
 
 def check_elements(source: BinaryIO, implicit: bool, little: bool, size: int) -> bool:
@@ -440,6 +444,7 @@ def check_elements(source: BinaryIO, implicit: bool, little: bool, size: int) ->
 
 class _ElementWalk:
     def __init__(self, source: BinaryIO, little: bool, size: int) -> None:
+        self.source, self.little = source, little
         self.read, self.seek, self.tell = source.read, source.seek, source.tell
         self.size = size
         order = "<" if little else ">"
@@ -447,16 +452,17 @@ class _ElementWalk:
         self.short_length = struct.Struct(order + "H")
         self.long_length = struct.Struct(order + "I")
 
-    def elements(self, implicit: bool, within: int | None) -> bool:
+    def elements(self, implicit: bool | None, within: int | None) -> bool:
         """The elements from the position to the end of the file (``within`` None), or to the
         delimiter of the undefined-length item they are in (``within``: the top-level element
-        holding it, named in messages). Returns whether the pixel data is encapsulated."""
+        holding it, named in messages); ``implicit`` None: as the first element shows.
+        Returns whether the pixel data is encapsulated."""
         read = self.read
         encapsulated = False
         while True:
             head = read(8)
             if len(head) < 8:
-                if not head and within is None:
+                if within is None and set(head) <= _TAIL_PADDING:
                     return encapsulated
                 if within is not None:
                     raise Truncated(f"truncated: the file ends inside its {_name(within)}")
@@ -464,9 +470,11 @@ class _ElementWalk:
                                 f"{self.tell() - len(head)}")
             group, element, length = self.header.unpack(head)
             tag = group << 16 | element
+            if implicit is None:
+                implicit = head[4:6] not in _VRS
             if tag == _ITEM_END:
-                if within is None:
-                    raise ValueError(f"damaged: an item delimiter outside any sequence at byte {self.tell() - 8}")
+                if within is None:  # a stray one, which pydicom reads past
+                    continue
                 return encapsulated
             vr = b""
             if not implicit:
@@ -480,9 +488,12 @@ class _ElementWalk:
                     (length,) = self.short_length.unpack_from(head, 6)
                 # else: not a VR — an implicit VR element in an explicit data set, as pydicom reads it
             if length == _UNDEFINED_LENGTH:
-                # Items either way, each of defined length (fragments) or delimited; those of
-                # an undefined-length UN are Implicit VR Little Endian (PS3.5 6.2.2).
-                self.items(implicit or vr == b"UN", within if within is not None else tag)
+                # Items either way, each of defined length (fragments) or delimited.
+                holder = within if within is not None else tag
+                if vr == b"UN":  # a sequence whose VR the writer did not know (PS3.5 6.2.2)
+                    self.little_endian().items(None, holder)
+                else:
+                    self.items(implicit, holder)
                 encapsulated = encapsulated or tag == _PIXEL_DATA
                 continue
             start = self.tell()
@@ -493,8 +504,15 @@ class _ElementWalk:
                 raise Truncated(f"truncated: its {_name(tag)} needs {length} bytes, the file ends after "
                                 f"{max(0, min(self.size, end) - start)}")
 
-    def items(self, implicit: bool, within: int) -> None:
-        """The items of an undefined-length value, from the position to its sequence delimiter."""
+    def little_endian(self) -> _ElementWalk:
+        """This walk in Little Endian: what an undefined-length UN holds in any transfer syntax."""
+        return self if self.little else _ElementWalk(self.source, True, self.size)
+
+    def items(self, implicit: bool | None, within: int) -> None:
+        """The items of an undefined-length value, from the position to its sequence delimiter.
+        ``implicit`` None: each item as its first element shows — an undefined-length UN's
+        are Implicit VR by the standard, and Explicit VR from writers that kept the VRs of a
+        private sequence they did not know, which pydicom reads too."""
         while True:
             head = self.read(8)
             if len(head) < 8:

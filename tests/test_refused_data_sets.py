@@ -85,8 +85,8 @@ def test_data_sets_cut_short_or_empty_are_refused_as_not_understood(appliance_fa
                                                                   tmp_path) -> None:
     """A data set of no bytes at all, one cut off in its header (300 bytes), an Implicit VR one
     cut off in its header, an RLE one cut off inside its compressed fragments, and a whole one
-    with one stray byte after its pixel data: each is 0xC000 (cannot understand), nothing of
-    them is cached. A whole CT on the same association is stored."""
+    followed by the first byte of another element's header: each is 0xC000 (cannot
+    understand), nothing of them is cached. A whole CT on the same association is stored."""
     box = appliance_factory()
     made = [make_instance("refused", 1, 1, n, Series("CT", 6, 64, 64)) for n in range(1, 7)]
     whole = write(made[0], tmp_path / "whole.dcm")
@@ -97,7 +97,7 @@ def test_data_sets_cut_short_or_empty_are_refused_as_not_understood(appliance_fa
     rle_cut = cut_data_set(rle, tmp_path / "rle.dcm", -40)
     stray = write(made[5], tmp_path / "stray.dcm")
     with open(stray, "ab") as out:
-        out.write(b"\x00")
+        out.write(b"\xe0")
 
     statuses = send_files(box.port, [empty, header_cut, implicit_cut, rle_cut, stray, whole])
     assert statuses == [CANNOT_UNDERSTAND] * 5 + [0x0000], [hex(s) for s in statuses]
@@ -243,3 +243,34 @@ def test_a_data_set_that_is_not_the_instance_its_request_names_is_refused_with_a
     assert len(cache_and_incoming(box)) == 1
     log = box.log()
     assert claimed_uid in log and other_instance.SOPInstanceUID in log
+
+
+def test_what_pydicom_reads_whole_is_not_refused(appliance_factory, chunked_send, tmp_path) -> None:
+    """Writers that bend the standard in ways pydicom reads, and a refusal would cost the
+    images: a private sequence written as an undefined-length UN whose items kept their
+    Explicit VR (after the elements the index needs, so only the completeness walk sees it);
+    a NUL after the last element; a stray item delimiter at the top level. Each is stored."""
+    box = appliance_factory()
+    made = [make_instance("accepted", 1, 1, n, Series("CT", 3, 64, 64)) for n in range(1, 4)]
+    private = made[0]
+    private.private_block(0x0029, "ACME 1.0", create=True).add_new(0x01, "SQ", [pydicom.Dataset()])
+    private[0x00291001].value[0].PatientName = "INSIDE^ITEM"
+    private[0x00291001].is_undefined_length = True
+    private[0x00291001].value[0].is_undefined_length_sequence_item = True
+    un = write(private, tmp_path / "un.dcm")
+    data = bytearray(un.read_bytes())
+    at = data.index(b"\x29\x00\x01\x10SQ")
+    data[at + 4:at + 6] = b"UN"
+    un.write_bytes(bytes(data))
+    padded = write(made[1], tmp_path / "padded.dcm")
+    with open(padded, "ab") as out:
+        out.write(b"\x00")
+    delimited = write(made[2], tmp_path / "delimited.dcm")
+    with open(delimited, "ab") as out:
+        out.write(b"\xfe\xff\x0d\xe0\x00\x00\x00\x00")
+    for path in (un, padded, delimited):
+        pydicom.dcmread(path)  # pydicom reads each whole
+
+    statuses = send_files(box.port, [un, padded, delimited])
+    assert statuses == [0x0000] * 3, [hex(s) for s in statuses]
+    assert cached_uids(box) == {ds.SOPInstanceUID for ds in made}
