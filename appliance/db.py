@@ -443,13 +443,19 @@ class Database:
         they are, but for those in flight: the file on its way is the old one, which is gone,
         and its outcome will not be applied (:meth:`finish`). They start over, as the rules'
         deliveries of a replacement do, so that the new file goes there too — left in flight,
-        they (and the rest of their study) would never be sent again."""
+        they (and the rest of their study) would never be sent again. Those not delivered are
+        no longer maybe at their destination: the new version is at none.
+
+        An instance evicted earlier comes back as a new version of it in the same way: its
+        record is the one :meth:`find_instance` no longer shows (``replaced`` is None)."""
         columns = ", ".join(_INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in _INSTANCE_COLUMNS)
         updates = ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS if c != "sop_instance_uid")
         values = [getattr(instance, c) for c in _INSTANCE_COLUMNS]
-        scheduled = self.schedule_now() if deliveries or replaced is not None else 0.0
+        scheduled = self.schedule_now()
         with self.transaction() as conn:
+            existed = conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                                   (instance.sop_instance_uid,)).fetchone() is not None
             conn.execute(
                 f"INSERT INTO instances ({columns}) VALUES ({marks}) ON CONFLICT(sop_instance_uid) DO UPDATE SET "
                 f"{updates}, receive_count = receive_count + 1, state = 'cached'",
@@ -458,16 +464,18 @@ class Database:
             if replaced is not None:
                 self._log_reception(conn, instance, "replaced")
             cancelled: list[str] = []
-            if deliveries or replaced is not None:
+            if deliveries or existed:
                 instance_id = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ?",
                                            (instance.sop_instance_uid,)).fetchone()[0]
                 for delivery in deliveries:
                     self._queue(conn, instance_id, instance.study_instance_uid, delivery, scheduled)
-                if replaced is not None and not rerouted:
+                if existed and not rerouted:
                     conn.execute(f"UPDATE deliveries SET state = 'pending', {_START_OVER}"
                                  " WHERE instance_id = :instance_id AND state = 'in_flight'",
                                  {"now": scheduled, "instance_id": instance_id})
-                if replaced is not None and rerouted:
+                    conn.execute("UPDATE deliveries SET maybe_sent = 0 WHERE instance_id = ? AND state != 'delivered'",
+                                 (instance_id,))
+                if existed and rerouted:
                     keep = [d.destination for d in deliveries]
                     stale = conn.execute(
                         f"SELECT id, destination, state FROM deliveries WHERE instance_id = ?"
@@ -491,7 +499,7 @@ class Database:
             if row is None:
                 return False
             for delivery in deliveries:
-                self._queue(conn, row[0], cached.study_instance_uid, delivery, scheduled)
+                self._queue(conn, row[0], cached.study_instance_uid, delivery, scheduled, same_version=True)
         return True
 
     def record_duplicate(self, instance: Instance, outcome: str) -> None:
@@ -504,11 +512,17 @@ class Database:
             )
 
     @staticmethod
-    def _queue(conn: sqlite3.Connection, instance_id: int, study: str, delivery: Delivery, now: float) -> None:
+    def _queue(conn: sqlite3.Connection, instance_id: int, study: str, delivery: Delivery, now: float,
+               same_version: bool = False) -> None:
         """Queue one delivery. With ``stable_after`` it is held until its study has been quiet
         that long; each arrival pushes the study's release time back. Once a study has been
         released, its late instances go out at once, as follow-ups. ``now`` is on the schedule
-        clock."""
+        clock.
+
+        A delivery already there to that destination starts over: it is a new version's. With
+        ``same_version`` (the cached copy queued again) one still on its way is left as it
+        is, and one delivered or dead goes back to the queue as `appliance retry` puts it —
+        a delivered one known to be at the destination already (``maybe_sent``)."""
         state = "pending"
         hold = conn.execute("SELECT state FROM holds WHERE study_instance_uid = ? AND destination = ?",
                             (study, delivery.destination)).fetchone()
@@ -529,13 +543,18 @@ class Database:
                 "                  excluded.last_arrival + max(holds.stable_after, excluded.stable_after))",
                 (study, delivery.destination, delivery.stable_after or 0.0, now, now + (delivery.stable_after or 0.0)),
             )
-        # A replaced instance is sent again: its delivery starts over.
+        if same_version:
+            update = ("state = excluded.state, edits = excluded.edits, attempts = 0, next_attempt_at = :now,"
+                      " delivered_at = NULL, requeued_at = :now,"
+                      " maybe_sent = maybe_sent OR deliveries.state = 'delivered'"
+                      " WHERE deliveries.state IN ('delivered', 'dead')")
+        else:  # a replaced instance is sent again: its delivery starts over
+            update = ("study_instance_uid = excluded.study_instance_uid,"  # a correction may move it to another study
+                      f" state = excluded.state, edits = excluded.edits, {_START_OVER}")
         conn.execute(
             "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at,"
             " edits) VALUES (:instance_id, :destination, :study, :state, :now, :now, :edits)"
-            " ON CONFLICT (instance_id, destination) DO UPDATE SET"
-            " study_instance_uid = excluded.study_instance_uid,"  # a correction may move it to another study
-            f" state = excluded.state, edits = excluded.edits, {_START_OVER}",
+            f" ON CONFLICT (instance_id, destination) DO UPDATE SET {update}",
             {"instance_id": instance_id, "destination": delivery.destination, "study": study, "state": state,
              "now": now, "edits": delivery.edits},
         )

@@ -283,3 +283,57 @@ def test_deliveries_stuck_under_a_study_their_instance_left_are_repaired_by_the_
     assert [tuple(r) for r in db.query("SELECT instance_id, state, study_instance_uid FROM deliveries ORDER BY 1")] == [
         (1, "pending", "1.2.9.1"), (2, "held", "1.2.9.2")]
     db.close()
+
+
+def _delivered_everywhere(db: Database, destination: str) -> None:
+    for work in db.claim(destination, db.schedule_now() + 10**9, 100):
+        db.finish(work, "delivered", 0, None, db.schedule_now())
+
+
+def test_a_correction_of_an_evicted_instance_that_no_rule_routes_is_kept_as_unrouted(tmp_path: Path) -> None:
+    """As above, when the first version has been evicted already: its record is still there
+    (history), but what it was delivered to does not count for the correction."""
+    db = Database(tmp_path / "appliance.db")
+    db.store_instance(instance(1, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    _delivered_everywhere(db, "a")
+    ((instance_id, path),) = db.evictable(None)
+    assert db.mark_evicted(instance_id, path)
+    assert db.find_instance("1.2.3.1") is None
+    db.store_instance(instance(1, 2, 200.0, {"status": "unrouted"}), None, [])
+    assert db.evictable(None) == [] and db.count_unrouted() == 1
+    db.close()
+
+
+def test_the_cached_copy_queued_again_leaves_a_delivery_on_its_way_alone_and_retries_a_delivered_one(
+        tmp_path: Path) -> None:
+    """``appliance send --to`` of a copy the duplicate policy keeps (Database.queue_cached):
+    it is the same version, so a delivery in flight goes on (its outcome counts), and one
+    delivered goes back to the queue knowing the destination has it already (a PACS that
+    refuses duplicates then answers 0x0111, a delivery), its age kept."""
+    db = Database(tmp_path / "appliance.db")
+    db.store_instance(instance(1, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    cached = db.find_instance("1.2.3.1")
+    assert cached is not None
+    (work,) = db.claim("a", db.schedule_now() + 10**9, 10)
+    assert db.queue_cached(cached, [Delivery("a")])
+    assert db.finish(work, "delivered", 0, None, db.schedule_now()), "the delivery on its way was started over"
+    created = db.query("SELECT created_at FROM deliveries")[0][0]
+    assert db.queue_cached(cached, [Delivery("a")])
+    row = db.query("SELECT state, maybe_sent, created_at, requeued_at IS NOT NULL FROM deliveries")[0]
+    assert tuple(row) == ("pending", 1, created, 1)
+    db.close()
+
+
+def test_a_replacement_sent_to_one_destination_is_at_none_of_the_others_yet(tmp_path: Path) -> None:
+    """After an unanswered attempt to ``a`` (maybe sent there), ``appliance send --to b``
+    replaces the file: the new version is not at ``a``, so a 0x0111 from ``a`` must not count
+    as its delivery."""
+    db = Database(tmp_path / "appliance.db")
+    db.store_instance(instance(1, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    (work,) = db.claim("a", db.schedule_now() + 10**9, 10)
+    db.finish(work, "unknown", None, "no response", db.schedule_now())
+    assert db.query("SELECT maybe_sent FROM deliveries")[0][0] == 1
+    db.store_instance(instance(1, 2, 200.0, {"status": "routed"}), db.find_instance("1.2.3.1"), [Delivery("b")],
+                      rerouted=False)
+    assert {r[0]: r[1] for r in db.query("SELECT destination, maybe_sent FROM deliveries")} == {"a": 0, "b": 0}
+    db.close()
