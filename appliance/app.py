@@ -102,10 +102,11 @@ def keeping_restart_only(running: Config, new: Config) -> Config:
     return dataclasses.replace(new, **sections)
 
 
-def _config_of(text: str, config_path: str, startup: Config | None = None) -> Config:
-    """A configuration text the main process validated, read as it read it; with ``startup``,
-    keeping the box's restart-only settings."""
-    config = loads(text, config_path, base_dir=Path(config_path).resolve().parent)
+def _config_of(text: str, config_path: str, base_dir: str, startup: Config | None = None) -> Config:
+    """A configuration text the main process validated, read as it read it (a relative
+    ``storage.path`` from ``base_dir``, the file's directory when the box started); with
+    ``startup``, keeping the box's restart-only settings."""
+    config = loads(text, config_path, base_dir=Path(base_dir))
     return config if startup is None else keeping_restart_only(startup, config)
 
 
@@ -130,15 +131,15 @@ def _make_service(name: str, config: Config) -> Service:
     return PrintService(config.print, config.storage.root, db=db)
 
 
-def service_main(name: str, config_path: str, startup_text: str, text: str, updates: Any, parent: int,
-                 ready: Any = None) -> None:
+def service_main(name: str, config_path: str, base_dir: str, startup_text: str, text: str, updates: Any,
+                 parent: int, ready: Any = None) -> None:
     """Entry point of a child process: run one service until SIGTERM. ``startup_text`` is the
     configuration the box started with, ``text`` the one it runs now; ``updates`` (a
     multiprocessing Queue) brings the texts of later reloads. ``ready`` (a multiprocessing
     Event) is set once the service has started."""
     _die_with_parent(parent)
-    startup = _config_of(startup_text, config_path)
-    config = _config_of(text, config_path, startup)
+    startup = _config_of(startup_text, config_path, base_dir)
+    config = _config_of(text, config_path, base_dir, startup)
     system.setup_logging(config.logging.level)
     signals = system.Signals()
     signals.install()  # SIGHUP is for the main process; the reload it accepts comes in `updates`
@@ -157,7 +158,7 @@ def service_main(name: str, config_path: str, startup_text: str, text: str, upda
                 break
         if newest is None:
             return
-        previous, config = config, _config_of(newest, config_path, startup)
+        previous, config = config, _config_of(newest, config_path, base_dir, startup)
         if config.logging.level != previous.logging.level:
             system.setup_logging(config.logging.level)
         apply = getattr(service, "apply", None)
@@ -182,6 +183,9 @@ class Child:
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
         self.config_path = config.source
+        # Read again in a child started later, the file's directory might be another by then
+        # (a symlink repointed): a relative storage.path must stay the box's.
+        self.base_dir = str(Path(config.source).resolve().parent)
         self.startup_text = config.text  # its restart-only settings stay until the box restarts
         self.text = config.text  # the configuration the box runs now
         self.updates: Any = None  # a multiprocessing Queue: reloads, to the running child
@@ -196,8 +200,8 @@ class Child:
             self.updates.cancel_join_thread()  # nobody reads what a dead child was not given
         self.updates = context.Queue()
         self.process = context.Process(target=service_main, name=f"appliance-{self.name}",
-                                       args=(self.name, self.config_path, self.startup_text, self.text,
-                                             self.updates, os.getpid(), self.ready))
+                                       args=(self.name, self.config_path, self.base_dir, self.startup_text,
+                                             self.text, self.updates, os.getpid(), self.ready))
         self.process.start()
         self.died_at = None
         log.info("%s started (pid %s)", self.name, self.process.pid)

@@ -73,11 +73,6 @@ def _name_for(uid: str) -> str:
     return uid if _SAFE_UID.fullmatch(uid) and ".." not in uid else "x" + hashlib.sha1(uid.encode()).hexdigest()
 
 
-def cache_key(path: Path) -> str:
-    """A cached file's place in the cache: ``<study directory>/<name>``."""
-    return f"{path.parent.name}/{path.name}"
-
-
 def digest_file(path: Path) -> tuple[int, str]:
     """Size and SHA-256 of a file."""
     sha = hashlib.sha256()
@@ -183,18 +178,14 @@ class Store:
 
     def recover(self, known_paths: set[str]) -> int:
         """Remove cached files that no database row points at (a crash between rename and commit,
-        or between commit and removing a replaced copy). Returns how many were removed.
-
-        A file is known by its place in the cache (study directory and name), not by how the
-        data directory was spelled when its row was written: reached through a symlink, or
-        moved, the cache is still the database's (see ``Database.relocate``)."""
-        known = {cache_key(Path(p)) for p in known_paths}
+        or between commit and removing a replaced copy). Returns how many were removed. The
+        rows must point at this cache (``Database.relocate``)."""
         removed = 0
         for study_dir in self.cache.iterdir():
             if not study_dir.is_dir():
                 continue
             for entry in study_dir.iterdir():
-                if cache_key(entry) not in known:
+                if str(entry) not in known_paths:
                     log.warning("removing %s: the database has no record of it (interrupted receive)", entry)
                     entry.unlink()
                     removed += 1
