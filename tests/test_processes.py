@@ -17,7 +17,7 @@ import yaml
 
 from .corpus import Series, write_series
 from .pacs import RecordingSCP, destination, queue_of, wait_until
-from .peers import free_port, storescu
+from .peers import ApplianceProcess, free_port, storescu
 
 
 def children(pid: int) -> list[int]:
@@ -36,22 +36,30 @@ def forwarder_pid(pid: int) -> int | None:
     return None
 
 
+def kill_the_forwarder(box: ApplianceProcess) -> None:
+    """SIGKILL the forwarder child; return once the main process has started another."""
+    assert box.process is not None
+    first = forwarder_pid(box.process.pid)
+    assert first is not None, "the forwarder runs in a child process"
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
+               lambda: "the forwarder was not restarted")
+
+
+def three_are_delivered(box: ApplianceProcess, scp: RecordingSCP, directory: Path) -> None:
+    files = write_series(directory, directory.name, 1, 1, Series("CT", 3, 64, 64))
+    assert not storescu(box.port, files).failed
+    wait_until(lambda: len(scp.stored_uids()) == 3, 30, lambda: f"delivered {scp.stored_uids()}")
+
+
 def test_dead_forwarder_is_restarted_and_forwards(appliance_factory, tmp_path: Path) -> None:
     with ExitStack() as stack:
         scp = stack.enter_context(RecordingSCP("PACS"))
         box = appliance_factory({"destinations": {"pacs": destination(scp.ae_title, scp.port)},
                                  "routes": [{"send_to": ["pacs"]}]})
-        assert box.process is not None
-        first = forwarder_pid(box.process.pid)
-        assert first is not None, "the forwarder runs in a child process"
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
-                   lambda: "the forwarder was not restarted")
+        kill_the_forwarder(box)
         assert "forwarder (pid" in box.log() and "died" in box.log()
-
-        files = write_series(tmp_path / "ct", "restart", 1, 1, Series("CT", 3, 64, 64))
-        assert not storescu(box.port, files).failed
-        wait_until(lambda: len(scp.stored_uids()) == 3, 20, lambda: f"delivered {scp.stored_uids()}")
+        three_are_delivered(box, scp, tmp_path / "restart")
 
 
 def test_a_forwarder_thread_that_fails_restarts_the_forwarder_and_its_work_goes_on(appliance_factory,
@@ -93,19 +101,11 @@ def test_a_forwarder_restarted_after_its_file_went_bad_runs_the_box_s_configurat
     with RecordingSCP("PACS") as scp:
         box = appliance_factory({"destinations": {"pacs": destination(scp.ae_title, scp.port)},
                                  "routes": [{"send_to": ["pacs"]}]})
-        assert box.process is not None
         box.config_path.write_text("destinations:\n  pacs: {ae_title: PACS, port: [\n")
         box.reload()
         wait_until(lambda: "reload refused" in box.log(), 20, lambda: "the broken file was not refused")
-        first = forwarder_pid(box.process.pid)
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
-                   lambda: "the forwarder was not restarted")
-
-        files = write_series(tmp_path / "ct", "bad-file", 1, 1, Series("CT", 3, 64, 64))
-        assert not storescu(box.port, files).failed
-        wait_until(lambda: len(scp.stored_uids()) == 3, 30, lambda: f"delivered {scp.stored_uids()}")
+        kill_the_forwarder(box)
+        three_are_delivered(box, scp, tmp_path / "bad-file")
         assert "died with exit code 1" not in box.log(), "the restarted forwarder failed on the file"
 
 
@@ -117,22 +117,14 @@ def test_a_forwarder_restarted_after_a_reload_keeps_the_storage_path_the_box_run
         config = {"destinations": {"pacs": destination(scp.ae_title, scp.port)},
                   "routes": [{"send_to": ["pacs"]}]}
         box = appliance_factory(config)
-        assert box.process is not None
         moved = yaml.safe_load(box.config_path.read_text())
         moved["storage"]["path"] = str(tmp_path / "elsewhere")
         box.config_path.write_text(yaml.safe_dump(moved, sort_keys=False))
         box.reload()
         wait_until(lambda: "storage.path changed: it applies after a restart" in box.log(), 20,
                    lambda: "the reload was not logged")
-        first = forwarder_pid(box.process.pid)
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: forwarder_pid(box.process.pid) not in (None, first), 20,  # type: ignore[union-attr]
-                   lambda: "the forwarder was not restarted")
-
-        files = write_series(tmp_path / "ct", "moved", 1, 1, Series("CT", 3, 64, 64))
-        assert not storescu(box.port, files).failed
-        wait_until(lambda: len(scp.stored_uids()) == 3, 30, lambda: f"delivered {scp.stored_uids()}")
+        kill_the_forwarder(box)
+        three_are_delivered(box, scp, tmp_path / "moved")
         assert not (tmp_path / "elsewhere").exists(), "a process of the box used the new storage.path"
 
 

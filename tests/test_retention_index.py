@@ -60,6 +60,23 @@ def instance(uid: int, version: int, at: float, decision: dict | None) -> Instan
         decision=json.dumps(decision) if decision is not None else None)
 
 
+def database_at(path: Path, version: int) -> sqlite3.Connection:
+    """A database made by the first ``version`` migrations, as a box of that release left it."""
+    conn = sqlite3.connect(path)
+    for statements in dbmod.MIGRATIONS[:version]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={version}")
+    return conn
+
+
+def insert_instance(conn: sqlite3.Connection, row: Instance, state: str = "cached") -> None:
+    columns = ", ".join(dbmod._INSTANCE_COLUMNS)
+    marks = ", ".join("?" for _ in dbmod._INSTANCE_COLUMNS)
+    conn.execute(f"INSERT INTO instances ({columns}, state) VALUES ({marks}, ?)",
+                 [getattr(row, c) for c in dbmod._INSTANCE_COLUMNS] + [state])
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_index_finds_what_the_definition_says_after_any_history(tmp_path: Path, monkeypatch, seed: int) -> None:
     clock = Clock()
@@ -108,13 +125,7 @@ def test_a_cache_from_before_the_index_gets_it_filled_in(tmp_path: Path) -> None
     """The migration computes done_at for what is already cached: delivered, partly delivered,
     dead, discarded and unrouted instances, and evicted ones."""
     path = tmp_path / "appliance.db"
-    conn = sqlite3.connect(path)
-    for statements in dbmod.MIGRATIONS[:3]:
-        for statement in statements:
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version=3")
-    columns = ", ".join(dbmod._INSTANCE_COLUMNS)
-    marks = ", ".join("?" for _ in dbmod._INSTANCE_COLUMNS)
+    conn = database_at(path, 3)
     cases = {  # uid: (decision status, [(destination, state, delivered_at)], instance state)
         1: ("routed", [("a", "delivered", 500.0), ("b", "delivered", 700.0)], "cached"),
         2: ("routed", [("a", "delivered", 100.0), ("b", "pending", None)], "cached"),
@@ -126,8 +137,7 @@ def test_a_cache_from_before_the_index_gets_it_filled_in(tmp_path: Path) -> None
     }
     for uid, (status, deliveries, state) in cases.items():
         row = instance(uid, 1, 200.0 + uid, {"status": status})
-        conn.execute(f"INSERT INTO instances ({columns}, state) VALUES ({marks}, ?)",
-                     [getattr(row, c) for c in dbmod._INSTANCE_COLUMNS] + [state])
+        insert_instance(conn, row, state)
         for destination, delivery_state, delivered_at in deliveries:
             conn.execute("INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at,"
                          " next_attempt_at, delivered_at) VALUES (?, ?, ?, ?, 0, 0, ?)",
@@ -262,17 +272,9 @@ def test_deliveries_stuck_under_a_study_their_instance_left_are_repaired_by_the_
     filed under the new one; with no waiting hold there, it is sent at once. One still held
     under its own study's waiting hold stays held."""
     path = tmp_path / "appliance.db"
-    conn = sqlite3.connect(path)
-    for statements in dbmod.MIGRATIONS[:6]:
-        for statement in statements:
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version=6")
-    columns = ", ".join(dbmod._INSTANCE_COLUMNS)
-    marks = ", ".join("?" for _ in dbmod._INSTANCE_COLUMNS)
+    conn = database_at(path, 6)
     for uid in (1, 2):
-        row = instance(uid, 1, 100.0, {"status": "routed"})
-        conn.execute(f"INSERT INTO instances ({columns}) VALUES ({marks})",
-                     [getattr(row, c) for c in dbmod._INSTANCE_COLUMNS])
+        insert_instance(conn, instance(uid, 1, 100.0, {"status": "routed"}))
     conn.execute("INSERT INTO holds (study_instance_uid, destination, stable_after, last_arrival, release_at, state)"
                  " VALUES ('1.2.9.2', 'a', 30, 0, 30, 'waiting')")
     conn.execute("INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at,"
