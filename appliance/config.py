@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .printing.settings import PrintConfig
+from .printing.settings import PrintConfig, PrintRetry
 from .valuetypes import (
     DURATION,
     AETitle,
@@ -312,6 +312,8 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
             ctx.error(_find(root, "routes", i, key), f"routes[{i}].{key}", message)
     for name, destination in config.destinations.items():
         _check_backoff(destination.retry, root, ("destinations", name, "retry"), ctx)
+    for name, printer in getattr(config.print, "printers", {}).items():
+        _check_backoff(printer.retry, root, ("print", "printers", name, "retry"), ctx)
     ports = {"node.port": config.node.port}
     if config.web.enabled:
         ports["web.port"] = config.web.port
@@ -325,7 +327,7 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
         seen[port] = key
 
 
-def _check_backoff(retry: Retry, root: Node, keys: tuple[str, ...], ctx: Context) -> None:
+def _check_backoff(retry: Retry | PrintRetry, root: Node, keys: tuple[str, ...], ctx: Context) -> None:
     """The wait between attempts starts at initial_delay and grows up to max_delay: a cap below
     the start is a slip, reported at the key that was written (max_delay, if it was)."""
     if retry.max_delay >= retry.initial_delay:

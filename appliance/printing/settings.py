@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Literal
 
-from ..valuetypes import AETitle, BindAddress, Duration, Port
+from ..valuetypes import DURATION, AETitle, BindAddress, Duration, Port, above_zero
 from ..yamlschema import Check
 
 # ---- value types of this section (the shared ones come from valuetypes) ----
@@ -71,11 +71,14 @@ class PrintRetry:
     """Backoff for a printer that does not take a job: first delay, growth, cap, and when to give
     up (``max_attempts`` 0 = keep trying; ``give_up_after`` since the job was queued)."""
 
-    initial_delay: Duration = 10.0
+    # 0 would resend to a printer that is off as fast as it refuses; max_delay is at least
+    # initial_delay (config.py's cross-check, as for a destination).
+    initial_delay: Annotated[float, DURATION, above_zero("10s")] = 10.0
     factor: Annotated[float, Check(lambda f: f >= 1.0, "a number of at least 1")] = 2.0
-    max_delay: Duration = 300.0
+    max_delay: Annotated[float, DURATION, above_zero("5m")] = 300.0
     max_attempts: Annotated[int, Check(lambda n: n >= 0, "0 (no limit) or more")] = 0
-    give_up_after: Duration = 3 * 86400.0
+    give_up_after: Annotated[float, DURATION, above_zero(
+        "3d", "0 would fail every job at its first refusal: for that write max_attempts: 1")] = 3 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,8 @@ class PrinterConfig:
     manufacturer: str = "Edge DICOM appliance"
     model_name: str = "PostScript print server"
     retry: PrintRetry = field(default_factory=PrintRetry)
-    # Seconds a printer-status probe (for Printer N-GET) may take.
-    status_timeout: Duration = 2.0
+    # Seconds a printer-status probe (for Printer N-GET) may take; 0 would make every probe fail.
+    status_timeout: Annotated[float, DURATION, above_zero("2s")] = 2.0
 
 
 def _unique_ae_titles(printers: Mapping[str, PrinterConfig]) -> bool:

@@ -160,6 +160,16 @@ def test_print_section_of_the_configuration() -> None:
     (GOOD.replace("      cups_queue: ward_laser\n", ""), "print.printers: expected each printer's backend"),
     (GOOD.replace("port: 10400", "port: 104"), "port 104 is also used by node.port"),
     (GOOD.replace("pdf: true", "pdf: true\n      colour: yes"), "print.printers.archive.colour: unknown key"),
+    # Durations where 0 means nothing: a printer retried in a busy loop, every job failed at its
+    # first refusal, every status probe failed; and a backoff whose cap is below its start.
+    (GOOD.replace("initial_delay: 30s", "initial_delay: 0s"),
+     '18:15: print.printers.archive.retry.initial_delay: expected a duration above zero, such as "10s"'),
+    (GOOD.replace("max_delay: 10m", "max_delay: 0s, give_up_after: 0d"),
+     "18:50: print.printers.archive.retry.give_up_after: expected a duration above zero, such as \"3d\""),
+    (GOOD.replace("compression: dct", "compression: dct\n      status_timeout: 0ms"),
+     '18:7: print.printers.archive.status_timeout: expected a duration above zero, such as "2s", got "0ms"'),
+    (GOOD.replace("max_delay: 10m", "max_delay: 10s"),
+     "18:35: print.printers.archive.retry.max_delay: 10 s is shorter than initial_delay (30 s)"),
 ])
 def test_configuration_errors_name_the_line_and_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
