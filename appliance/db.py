@@ -190,6 +190,11 @@ MIGRATIONS: list[list[str]] = [
             WHERE a.delivery_id = deliveries.id AND a.outcome != 'delivered')""",
      "CREATE INDEX IF NOT EXISTS deliveries_last_failure ON deliveries(destination, last_failure)"
      " WHERE last_failure IS NOT NULL"],
+    # 11: whether an in-flight delivery's request has gone out (see requeue_in_flight): of a
+    # claimed batch, only the one on the wire when the appliance stopped was attempted. What an
+    # older release left in flight is taken as sent, as that release would have.
+    ["ALTER TABLE deliveries ADD COLUMN on_wire INTEGER NOT NULL DEFAULT 0",
+     "UPDATE deliveries SET on_wire = 1 WHERE state = 'in_flight'"],
 ]
 
 
@@ -601,19 +606,25 @@ class Database:
     # ---- forwarding queues ------------------------------------------------------------------
 
     def requeue_in_flight(self) -> int:
-        """At start-up: deliveries a previous run had in flight have an unknown outcome; send them
-        again (the destination may get a duplicate, which C-STORE tolerates). Each gets an
-        attempt that says so, outcome ``unknown``, and is marked as maybe sent (see
-        :class:`Work`). Which of the claimed ones were on the wire is not recorded (at most one
-        per association, but a power cut can also lose the outcomes of the ones before it),
-        so all are."""
+        """At start-up: deliveries a previous run had in flight go back to the queue. The one
+        whose request had gone out (``on_wire``, at most one per association) has an unknown
+        outcome: it gets an attempt that says so, outcome ``unknown``, and counts it. The rest
+        of its claimed batch was never sent: no attempt is recorded or counted for them (a
+        restart during a backlog does not use up the retry policy of hundreds of instances),
+        but, like it, they are marked as maybe sent (see :class:`Work`) — after a power cut,
+        the non-durable records of the latest sends (:meth:`finish`) may be lost with the
+        outcomes, so which were sent is not certain."""
         with self.transaction() as conn:
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, error) SELECT id, ?, 'unknown', ?"
-                         " FROM deliveries WHERE state = 'in_flight'", (time.time(), STOPPED_WHILE_SENDING))
-            return conn.execute("UPDATE deliveries SET state = 'pending', attempts = attempts + 1, maybe_sent = 1,"
-                                " last_status = NULL, last_error = ?, last_failure ="
-                                " (SELECT max(a.id) FROM attempts a WHERE a.delivery_id = deliveries.id)"
-                                " WHERE state = 'in_flight'", (STOPPED_WHILE_SENDING,)).rowcount
+                         " FROM deliveries WHERE state = 'in_flight' AND on_wire", (time.time(), STOPPED_WHILE_SENDING))
+            # Every right-hand side reads the row as it was: on_wire before it is cleared.
+            return conn.execute(
+                "UPDATE deliveries SET state = 'pending', maybe_sent = 1, on_wire = 0, attempts = attempts + on_wire,"
+                " last_status = CASE WHEN on_wire THEN NULL ELSE last_status END,"
+                " last_error = CASE WHEN on_wire THEN ? ELSE last_error END,"
+                " last_failure = CASE WHEN on_wire THEN"
+                " (SELECT max(a.id) FROM attempts a WHERE a.delivery_id = deliveries.id) ELSE last_failure END"
+                " WHERE state = 'in_flight'", (STOPPED_WHILE_SENDING,)).rowcount
 
     def release_stable_studies(self, now: float) -> list[tuple[str, str]]:
         """Release every held study whose quiet period has passed by ``now`` (schedule clock);
@@ -669,9 +680,15 @@ class Database:
                 " AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?",
                 (destination, first[0], now, limit),
             ).fetchall()
-            conn.executemany("UPDATE deliveries SET state = 'in_flight' WHERE id = ?",
-                             [(r["delivery_id"],) for r in rows])
+            # The first goes out first; each next one is marked as its request goes (sending, finish).
+            conn.executemany("UPDATE deliveries SET state = 'in_flight', on_wire = ? WHERE id = ?",
+                             [(int(i == 0), r["delivery_id"]) for i, r in enumerate(rows)])
         return [Work(**{**dict(r), "maybe_sent": bool(r["maybe_sent"])}) for r in rows]
+
+    def sending(self, work: Work) -> None:
+        """Its request is going out (see :meth:`requeue_in_flight`). Not fsync'd, as :meth:`claim`."""
+        with self.transaction(durable=False) as conn:
+            conn.execute("UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'", (work.delivery_id,))
 
     def unclaim(self, works: Sequence[Work]) -> None:
         """Deliveries claimed but not attempted go back to pending, with no attempt counted."""
@@ -701,7 +718,8 @@ class Database:
                                     (now, destination, now)).rowcount)
 
     def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
-               next_attempt_at: float | None = None, transcoded: bool = False, maybe_sent: bool = False) -> bool:
+               next_attempt_at: float | None = None, transcoded: bool = False, maybe_sent: bool = False,
+               following: Work | None = None) -> bool:
         """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
         pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``). An ``unknown``
         outcome (or ``maybe_sent``: one given up on as dead) marks the delivery as maybe sent
@@ -717,7 +735,10 @@ class Database:
         the instance: a replacement (``node.on_duplicate: replace``) that arrived while the old
         file was on its way has queued the delivery afresh, and the old file's "delivered" must
         not stand for the new one. The attempt is recorded either way. Returns whether the
-        outcome was applied."""
+        outcome was applied.
+
+        ``following``: the delivery whose request goes out next, marked as :meth:`sending` in
+        the same commit."""
         now = time.time()
         scheduled = next_attempt_at or self.schedule_now()
         state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
@@ -737,6 +758,9 @@ class Database:
             if outcome != "delivered" and recorded.rowcount == 1:  # applied or not: it failed there
                 conn.execute("UPDATE deliveries SET last_failure = ? WHERE id = ?",
                              (recorded.lastrowid, work.delivery_id))
+            if following is not None:
+                conn.execute("UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'",
+                             (following.delivery_id,))
         return applied
 
     def retry_dead(self, destination: str | None) -> int:

@@ -378,6 +378,8 @@ class Forwarder:
                 self.db.unclaim(batch[position:])
                 interrupted = True
                 break
+            if position:  # the claim marked the first; a chain marks its next ones as they go
+                self.db.sending(batch[position])
             run = self._chainable(name, link, batch, position)
             if len(run) > 1:
                 delivered, chained = self._send_chain(name, destination, link, run)
@@ -647,8 +649,10 @@ class Forwarder:
         def goes_on(response: C_STORE) -> bool:  # DUL thread; if not, the worker records it its usual way
             return statuses.store_outcome(int(response.Status)) == "delivered"  # type: ignore[arg-type]
 
-        def record(index: int, response: C_STORE) -> None:  # DUL thread
-            self.db.finish(works[index], "delivered", int(response.Status), None)  # type: ignore[arg-type]
+        def record(index: int, response: C_STORE) -> None:  # DUL thread; the next request is going out
+            following = works[index + 1] if index + 1 < len(works) else None
+            self.db.finish(works[index], "delivered", int(response.Status), None,  # type: ignore[arg-type]
+                           following=following)
 
         chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.next_message_id(), goes_on, record,
                                    self._stop.is_set)

@@ -686,6 +686,47 @@ def test_a_duplicate_refused_after_the_appliance_stopped_while_sending_is_delive
     assert "stopped while sending" in history[0]["error"], history[0]["error"]
 
 
+class HoldsTheFirst(DuplicateRejectingPACS):
+    """A :class:`DuplicateRejectingPACS` that holds the answer to the first image it gets."""
+
+    def __call__(self, uid: str, nth: int) -> int:
+        if self.held is None:
+            self.held = uid
+        return super().__call__(uid, nth)
+
+
+def test_a_restart_counts_an_attempt_only_for_the_image_that_was_on_the_wire(appliance_factory, stack,
+                                                                             tmp_path) -> None:
+    """Five images of a study queued while the appliance was off are claimed together; the
+    appliance is killed while the PACS holds the answer to the first. After the restart the
+    first has an attempt that says the appliance stopped while sending it (then 0x0111: the
+    PACS had it), and the four never sent have none: a restart during a backlog does not use
+    up their retry policy (``max_attempts: 2`` here) or write a history of sends that did not
+    happen."""
+    files = write_series(tmp_path / "ct", "on-wire", 1, 1, Series("CT", 5, 64, 64))
+    pacs = HoldsTheFirst()
+    scp = stack.enter_context(RecordingSCP("DEDUP", keep_datasets=False))
+    scp.respond = pacs
+    box = appliance_factory({"destinations": {"dedup": destination(scp.ae_title, scp.port,
+                                                                    retry={"max_attempts": 2})},
+                             "routes": [{"send_to": ["dedup"]}]})
+    box.stop()
+    assert "imported 5" in box.cli("send", str(tmp_path / "ct")).stdout
+    box.start()
+    assert pacs.arrived.wait(20), "no image reached the PACS"
+    assert queue_of(box, "dedup")["in_flight"] == 5, queue_of(box, "dedup")
+    box.kill()
+    pacs.release.set()
+    box.start()
+    wait_until(lambda: queue_of(box, "dedup")["delivered"] == 5, 30, lambda: f"queue: {queue_of(box, 'dedup')}")
+    rows, history = deliveries(box, "dedup"), attempts(box, "dedup")
+    outcomes = {uid: [(a["outcome"], as_status(a["status"])) for a in tried] for uid, tried in history.items()}
+    assert outcomes == {uid: [("unknown", None), ("delivered", 0x0111)] if uid == pacs.held else [("delivered", 0)]
+                        for uid in uids(files)}
+    assert {uid: row["attempts"] for uid, row in rows.items()} == {uid: 2 if uid == pacs.held else 1
+                                                                  for uid in uids(files)}
+
+
 def test_association_rejected_permanently_is_dead_transiently_is_retried(appliance_factory, stack,
                                                                         tmp_path) -> None:
     """A storescp that refuses every association (A-ASSOCIATE-RJ, rejected permanent) makes dead

@@ -339,3 +339,51 @@ def test_a_replacement_sent_to_one_destination_is_at_none_of_the_others_yet(tmp_
                       rerouted=False)
     assert {r[0]: r[1] for r in db.query("SELECT destination, maybe_sent FROM deliveries")} == {"a": 0, "b": 0}
     db.close()
+
+
+def test_only_the_delivery_on_the_wire_gets_an_attempt_when_the_appliance_stopped(tmp_path: Path) -> None:
+    """Of a claimed batch, the first is on the wire; each ``finish`` marks the one whose request
+    goes out next, ``sending`` one sent on its own. At start-up only the delivery on the wire
+    gets an ``unknown`` attempt (and counts it); the others go back as they were, every one
+    marked as maybe sent."""
+    db = Database(tmp_path / "appliance.db")
+    for uid in range(5):
+        db.store_instance(instance(uid * 5, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    works = db.claim("a", db.schedule_now() + 10**9, 10)
+    assert len(works) == 5
+    db.finish(works[0], "delivered", 0, None, db.schedule_now(), following=works[1])
+    db.finish(works[1], "retry", 0xA700, "out of resources", db.schedule_now())
+    db.sending(works[2])  # on the wire when the appliance stops
+    assert db.requeue_in_flight() == 3
+    rows = {r["id"]: r for r in db.query("SELECT id, state, attempts, maybe_sent, last_error FROM deliveries")}
+    tried = {r[0] for r in db.query("SELECT delivery_id FROM attempts WHERE outcome = 'unknown'")}
+    assert tried == {works[2].delivery_id}
+    assert [(rows[w.delivery_id]["state"], rows[w.delivery_id]["attempts"], rows[w.delivery_id]["maybe_sent"])
+            for w in works] == [("delivered", 1, 0), ("pending", 1, 0), ("pending", 1, 1), ("pending", 0, 1),
+                                ("pending", 0, 1)]
+    assert rows[works[1].delivery_id]["last_error"] == "out of resources"
+    assert rows[works[2].delivery_id]["last_error"] == dbmod.STOPPED_WHILE_SENDING
+    assert rows[works[3].delivery_id]["last_error"] is None
+    # Claimed again, only the new first is on the wire: the earlier mark does not stay.
+    again = db.claim("a", db.schedule_now() + 10**9, 10)
+    assert [w.delivery_id for w in again] == [w.delivery_id for w in works[1:]]
+    assert [r[0] for r in db.query("SELECT on_wire FROM deliveries WHERE state = 'in_flight' ORDER BY id")] == [
+        1, 0, 0, 0]
+    db.close()
+
+
+def test_what_an_older_release_left_in_flight_is_taken_as_sent(tmp_path: Path) -> None:
+    """Migration 11: an older release did not record which delivery was on the wire; what it
+    left in flight gets the attempt it would have given it."""
+    path = tmp_path / "appliance.db"
+    conn = database_at(path, 10)
+    insert_instance(conn, instance(1, 1, 100.0, {"status": "routed"}))
+    conn.execute("INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at,"
+                 " next_attempt_at) VALUES (1, 'a', '1.2.9.1', 'in_flight', 0, 0)")
+    conn.commit()
+    conn.close()
+    db = Database(path)
+    assert db.requeue_in_flight() == 1
+    assert [tuple(r) for r in db.query("SELECT state, attempts, maybe_sent FROM deliveries")] == [("pending", 1, 1)]
+    assert [r[0] for r in db.query("SELECT outcome FROM attempts")] == ["unknown"]
+    db.close()
