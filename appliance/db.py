@@ -691,10 +691,14 @@ class Database:
             conn.execute("UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'", (work.delivery_id,))
 
     def unclaim(self, works: Sequence[Work]) -> None:
-        """Deliveries claimed but not attempted go back to pending, with no attempt counted."""
+        """Deliveries claimed but not attempted go back to pending, with no attempt counted —
+        while each is still this claim of this version (as in :meth:`finish`): a replacement
+        that arrived meanwhile has queued the delivery afresh, and another association may
+        have claimed it since."""
         with self.transaction() as conn:
-            conn.executemany("UPDATE deliveries SET state = 'pending' WHERE id = ? AND state = 'in_flight'",
-                             [(w.delivery_id,) for w in works])
+            conn.executemany("UPDATE deliveries SET state = 'pending' WHERE id = ? AND state = 'in_flight'"
+                             " AND (SELECT path FROM instances WHERE id = ?) = ?",
+                             [(w.delivery_id, w.instance_id, w.path) for w in works])
 
     def next_due(self, destination: str) -> float | None:
         """When the next pending delivery that :meth:`claim` could take is due (studies in

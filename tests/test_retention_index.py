@@ -387,3 +387,23 @@ def test_what_an_older_release_left_in_flight_is_taken_as_sent(tmp_path: Path) -
     assert [tuple(r) for r in db.query("SELECT state, attempts, maybe_sent FROM deliveries")] == [("pending", 1, 1)]
     assert [r[0] for r in db.query("SELECT outcome FROM attempts")] == ["unknown"]
     db.close()
+
+
+def test_giving_back_a_claim_leaves_alone_the_new_version_another_association_has_claimed(tmp_path: Path) -> None:
+    """A replacement arrives while the old version's delivery is claimed; another association
+    claims the new version. The first association gives back what it had not sent (its chain
+    broke): that must not put the new version, on its way on the other association, back in
+    the queue to be sent a second time."""
+    db = Database(tmp_path / "appliance.db")
+    db.store_instance(instance(1, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    (old,) = db.claim("a", db.schedule_now() + 10**9, 10)
+    db.store_instance(instance(1, 2, 200.0, {"status": "routed"}), db.find_instance("1.2.3.1"), [Delivery("a")],
+                      rerouted=False)
+    (new,) = db.claim("a", db.schedule_now() + 10**9, 10)
+    assert new.delivery_id == old.delivery_id and new.path != old.path
+    db.unclaim([old])
+    assert [r[0] for r in db.query("SELECT state FROM deliveries")] == ["in_flight"]
+    assert db.claim("a", db.schedule_now() + 10**9, 10) == []
+    db.unclaim([new])
+    assert [r[0] for r in db.query("SELECT state FROM deliveries")] == ["pending"]
+    db.close()
