@@ -459,8 +459,12 @@ class Database:
         values = [getattr(instance, c) for c in _INSTANCE_COLUMNS]
         scheduled = self.schedule_now()
         with self.transaction() as conn:
-            existed = conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
-                                   (instance.sop_instance_uid,)).fetchone() is not None
+            previous = conn.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
+                                    (instance.sop_instance_uid,)).fetchone()
+            existed = previous is not None
+            # A modality sending an image again as it was (the same bytes, which the meta
+            # written on receipt keeps): the destinations that have it have this version.
+            identical = existed and previous[0] == instance.sha256
             conn.execute(
                 f"INSERT INTO instances ({columns}) VALUES ({marks}) ON CONFLICT(sop_instance_uid) DO UPDATE SET "
                 f"{updates}, receive_count = receive_count + 1, state = 'cached'",
@@ -473,11 +477,13 @@ class Database:
                 instance_id = conn.execute("SELECT id FROM instances WHERE sop_instance_uid = ?",
                                            (instance.sop_instance_uid,)).fetchone()[0]
                 for delivery in deliveries:
-                    self._queue(conn, instance_id, instance.study_instance_uid, delivery, scheduled)
+                    self._queue(conn, instance_id, instance.study_instance_uid, delivery, scheduled,
+                                identical=identical)
                 if existed and not rerouted:
-                    conn.execute(f"UPDATE deliveries SET state = 'pending', {_START_OVER}"
+                    conn.execute(f"UPDATE deliveries SET state = 'pending', {_START_OVER},"
+                                 " maybe_sent = :identical"
                                  " WHERE instance_id = :instance_id AND state = 'in_flight'",
-                                 {"now": scheduled, "instance_id": instance_id})
+                                 {"now": scheduled, "instance_id": instance_id, "identical": int(identical)})
                     conn.execute("UPDATE deliveries SET maybe_sent = 0 WHERE instance_id = ? AND state != 'delivered'",
                                  (instance_id,))
                 if existed and rerouted:
@@ -518,7 +524,7 @@ class Database:
 
     @staticmethod
     def _queue(conn: sqlite3.Connection, instance_id: int, study: str, delivery: Delivery, now: float,
-               same_version: bool = False) -> None:
+               same_version: bool = False, identical: bool = False) -> None:
         """Queue one delivery. With ``stable_after`` it is held until its study has been quiet
         that long; each arrival pushes the study's release time back. Once a study has been
         released, its late instances go out at once, as follow-ups. ``now`` is on the schedule
@@ -527,7 +533,10 @@ class Database:
         A delivery already there to that destination starts over: it is a new version's. With
         ``same_version`` (the cached copy queued again) one still on its way is left as it
         is, and one delivered or dead goes back to the queue as `appliance retry` puts it —
-        a delivered one known to be at the destination already (``maybe_sent``)."""
+        a delivered one known to be at the destination already (``maybe_sent``). A new version
+        ``identical`` to the one it replaces (a modality's resend) starts over too, but one
+        delivered, or maybe sent, with the same tag edits is known to be there already: a PACS
+        that refuses duplicates answers 0x0111, which is then its delivery, not a dead letter."""
         state = "pending"
         hold = conn.execute("SELECT state FROM holds WHERE study_instance_uid = ? AND destination = ?",
                             (study, delivery.destination)).fetchone()
@@ -556,6 +565,9 @@ class Database:
         else:  # a replaced instance is sent again: its delivery starts over
             update = ("study_instance_uid = excluded.study_instance_uid,"  # a correction may move it to another study
                       f" state = excluded.state, edits = excluded.edits, {_START_OVER}")
+            if identical:  # every right-hand side reads the row as it was
+                update += (", maybe_sent = (deliveries.state = 'delivered' OR deliveries.maybe_sent)"
+                           " AND deliveries.edits IS excluded.edits")
         conn.execute(
             "INSERT INTO deliveries (instance_id, destination, study_instance_uid, state, created_at, next_attempt_at,"
             " edits) VALUES (:instance_id, :destination, :study, :state, :now, :now, :edits)"

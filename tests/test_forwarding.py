@@ -686,6 +686,31 @@ def test_a_duplicate_refused_after_the_appliance_stopped_while_sending_is_delive
     assert "stopped while sending" in history[0]["error"], history[0]["error"]
 
 
+def test_an_image_a_modality_sends_again_as_it_was_is_not_a_dead_letter_at_a_pacs_that_has_it(
+        appliance_factory, stack, tmp_path) -> None:
+    """A modality sends a series again, unchanged (node.on_duplicate: replace). The appliance
+    forwards it again; a PACS that refuses duplicates answers 0x0111, and since it is the very
+    version delivered there, that is its delivery. An image changed in between is a new
+    version: 0x0111 from that PACS is a dead letter."""
+    files = write_series(tmp_path / "ct", "resend", 1, 1, Series("CT", 3, 64, 64))
+    pacs = DuplicateRejectingPACS()
+    scp = stack.enter_context(RecordingSCP("DEDUP", keep_datasets=False))
+    scp.respond = pacs
+    box = appliance_factory({"destinations": {"dedup": destination(scp.ae_title, scp.port)},
+                             "routes": [{"send_to": ["dedup"]}]})
+    send(box, files)
+    wait_until(lambda: queue_of(box, "dedup")["delivered"] == 3, 30, lambda: f"queue: {queue_of(box, 'dedup')}")
+    changed = pydicom.dcmread(files[2])
+    changed.SeriesDescription = "corrected"
+    changed.save_as(files[2])
+    send(box, files)
+    wait_until(lambda: len(scp.receptions()) == 6 and queue_of(box, "dedup")["delivered"]
+               + queue_of(box, "dedup")["dead"] == 3, 30, lambda: f"queue: {queue_of(box, 'dedup')}")
+    rows = deliveries(box, "dedup")
+    assert {uid: (row["state"], as_status(row["last_status"])) for uid, row in rows.items()} == {
+        **{sop_uid(p): ("delivered", 0x0111) for p in files[:2]}, sop_uid(files[2]): ("dead", 0x0111)}
+
+
 class HoldsTheFirst(DuplicateRejectingPACS):
     """A :class:`DuplicateRejectingPACS` that holds the answer to the first image it gets."""
 

@@ -7,6 +7,7 @@ the index did. And the history of evicted instances is forgotten after
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sqlite3
@@ -406,4 +407,30 @@ def test_giving_back_a_claim_leaves_alone_the_new_version_another_association_ha
     assert db.claim("a", db.schedule_now() + 10**9, 10) == []
     db.unclaim([new])
     assert [r[0] for r in db.query("SELECT state FROM deliveries")] == ["pending"]
+    db.close()
+
+
+def test_a_resend_of_the_same_bytes_is_known_to_be_where_it_was_delivered(tmp_path: Path) -> None:
+    """A modality sends an image again as it was: it is queued again (a resend is how a
+    technician pushes a study once more), knowing that where it was delivered it is already
+    (a 0x0111 then is its delivery). A different version is not; nor is the same bytes with
+    other tag edits for that destination."""
+    db = Database(tmp_path / "appliance.db")
+    first = instance(1, 1, 100.0, {"status": "routed"})
+    db.store_instance(first, None, [Delivery("a"), Delivery("b", edits='{"set": 1}'), Delivery("c")])
+    for destination in ("a", "b"):
+        _delivered_everywhere(db, destination)
+
+    def maybe_sent() -> dict[str, tuple[str, int]]:
+        return {r[0]: (r[1], r[2]) for r in db.query("SELECT destination, state, maybe_sent FROM deliveries")}
+
+    again = dataclasses.replace(first, path="/cache/1.again.dcm", received_at=200.0)
+    db.store_instance(again, db.find_instance("1.2.3.1"), [Delivery("a"), Delivery("b", edits='{"set": 2}'),
+                                                           Delivery("c")])
+    assert maybe_sent() == {"a": ("pending", 1), "b": ("pending", 0), "c": ("pending", 0)}
+    _delivered_everywhere(db, "a")
+    changed = instance(1, 2, 300.0, {"status": "routed"})
+    assert changed.sha256 != first.sha256
+    db.store_instance(changed, db.find_instance("1.2.3.1"), [Delivery("a")])
+    assert maybe_sent()["a"] == ("pending", 0)
     db.close()
