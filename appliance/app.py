@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -243,6 +244,31 @@ class Child:
 
 # ---- the box ------------------------------------------------------------------------------------
 
+class StartupError(Exception):
+    """The box cannot start; the message says why, in one line of the journal."""
+
+
+def hold_data_directory(root: Path) -> int:
+    """Take the data directory for this process (an exclusive lock on ``run.lock`` in it, held
+    until it exits; the file says its pid), before anything there is touched. Start-up clears
+    what an interrupted run left (partial receives, unindexed cache files): a second `appliance
+    run` on a directory a running box uses — a technician typing it while the service runs —
+    would take that box's receptions in progress, and files it has just admitted and is about
+    to acknowledge, for leftovers and delete them. Returns the lock's file descriptor."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "run.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StartupError(f"another appliance{f' (pid {holder})' if holder.isdigit() else ''} is running on the"
+                           f" data directory {root}: not starting") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Appliance:
     """The running box: its configuration, cache, receiver and child services."""
 
@@ -252,8 +278,11 @@ class Appliance:
         self.store = Store(config.storage.root)
         self.receiver: Receiver | None = None
         self.children: list[Child] = []
+        self._lock: int | None = None
 
     def start(self) -> None:
+        """Raises StartupError (before it touches the data directory, if another box uses it)."""
+        self._lock = hold_data_directory(self.config.storage.root)
         self.store.prepare()
         db = open_database(self.config.storage.root)
         moved = db.relocate(self.store.cache)
@@ -270,7 +299,12 @@ class Appliance:
         for child in self.children:
             child.start()
         self.receiver = Receiver(self.config, db, self.store)
-        self.receiver.start()
+        try:
+            self.receiver.start()
+        except OSError as exc:
+            node = self.config.node
+            raise StartupError(f"cannot listen on {node.bind_address} port {node.port}: "
+                               f"{exc.strerror or exc}") from exc
         deadline = time.monotonic() + _CHILD_READY_SECONDS
         late = [c.name for c in self.children if not c.wait_ready(max(0.0, deadline - time.monotonic()))]
         if late:
@@ -288,6 +322,9 @@ class Appliance:
             self.receiver.intake.db.close()
         for child in self.children:
             child.stop()
+        if self._lock is not None:
+            os.close(self._lock)  # the data directory is free for the next run
+            self._lock = None
 
     def reload(self) -> bool:
         """Apply a new configuration file to new work; an invalid one changes nothing."""
@@ -319,7 +356,12 @@ def run(config_path: Path) -> int:
     signals = system.Signals()
     signals.install()
     appliance = Appliance(config, config_path)
-    appliance.start()
+    try:
+        appliance.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        appliance.stop()
+        return 1
     system.notify(f"READY=1\nSTATUS=receiving as {config.node.ae_title} on port {config.node.port}")
     watchdog = system.watchdog_interval()
     try:

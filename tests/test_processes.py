@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 
 from .corpus import Series, write_series
 from .pacs import RecordingSCP, destination, queue_of, wait_until
-from .peers import ApplianceProcess, free_port, storescu
+from .peers import REPO, ApplianceProcess, free_port, storescu
 
 
 def children(pid: int) -> list[int]:
@@ -193,3 +194,54 @@ def test_a_reload_applies_the_receiver_s_timeouts_and_the_log_level(appliance_fa
     since = box.log()[len(logged):]
     assert "applies after a restart" not in since
     assert " INFO " not in since, f"logged at INFO after a reload to warning: {since}"
+
+
+def _run_again(box: ApplianceProcess, config: Path) -> subprocess.CompletedProcess[str]:
+    """``appliance run`` with ``config``, in the foreground, as a technician would type it."""
+    return subprocess.run([sys.executable, "-m", "appliance", "run", "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+
+
+def test_a_second_run_on_the_data_directory_of_a_running_box_refuses_and_touches_nothing(appliance_factory,
+                                                                                       tmp_path: Path) -> None:
+    """While a box runs, `appliance run` on its data directory (here on another port) would
+    clear what it takes for an interrupted run's leftovers: the running box's receptions in
+    progress (in incoming/) and files it has just cached and not yet indexed. It refuses, says
+    why, and removes nothing; the running box goes on."""
+    box = appliance_factory({})
+    in_progress = box.data / "incoming" / "rx-receiving.dcm"
+    admitted = box.data / "cache" / "1.2.3" / "1.2.3.4.abcdef012345.0123456789ab.dcm"
+    admitted.parent.mkdir(parents=True, exist_ok=True)
+    for path in (in_progress, admitted):
+        path.write_bytes(b"\0" * 132)
+    other = yaml.safe_load(box.config_path.read_text())
+    other["node"]["port"] = free_port()
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(other))
+    result = _run_again(box, second)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"another appliance (pid {box.process.pid}) is running on the data directory" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert in_progress.exists() and admitted.exists()
+    assert box.process.poll() is None
+    box.stop()
+    box.start()  # the lock went with the first box
+    assert not in_progress.exists() and not admitted.exists()  # leftovers of a stopped run: cleared
+
+
+def test_a_port_in_use_is_one_line_in_the_journal_and_exit_status_1(tmp_path: Path) -> None:
+    """A port another program listens on: one clear line, no traceback, nothing left running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        box = ApplianceProcess(tmp_path / "box", {})
+        config = yaml.safe_load(box.config_path.read_text())
+        config["node"]["port"] = taken.getsockname()[1]
+        box.write_config(config)
+        result = _run_again(box, box.config_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1 port {config['node']['port']}: Address already in use" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
