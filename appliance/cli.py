@@ -84,12 +84,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import ConfigError, load
 
+    path = args.file or _config_path(args)
     try:
-        load(args.file)
+        load(path)
     except ConfigError as exc:
         print(exc)
         return 1
-    print(f"{args.file}: OK")
+    print(f"{path}: OK")
     return 0
 
 
@@ -152,7 +153,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print("name a destination, or --all", file=sys.stderr)
         return 2
     _as_data_owner(config.storage.root)
-    count = open_database(config.storage.root).retry_dead(None if args.all else args.destination)
+    db = open_database(config.storage.root)
+    if not args.all and args.destination not in config.destinations and not db.has_deliveries(args.destination):
+        # A destination no longer configured that still has items is retried like any other.
+        print(f'unknown destination "{args.destination}" (destinations: {", ".join(config.destinations) or "none"})',
+              file=sys.stderr)
+        return 2
+    count = db.retry_dead(None if args.all else args.destination)
     if count:
         Nudger(config.storage.root).nudge()  # the forwarder sends them now, not at its next look
     where = "all destinations" if args.all else args.destination
@@ -215,8 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run the appliance in the foreground")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a configuration file; exit 0 if it is OK")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser("check-config", parents=[common], help="validate a configuration file; exit 0 if it is OK")
+    p.add_argument("file", type=Path, nargs="?", help="the file (default: the one --config names)")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
@@ -262,4 +269,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`appliance ls | head`): what it did not read is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

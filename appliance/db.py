@@ -779,6 +779,10 @@ class Database:
                              (following.delivery_id,))
         return applied
 
+    def has_deliveries(self, destination: str) -> bool:
+        """Whether any delivery (in any state) is to ``destination``."""
+        return bool(self.query("SELECT 1 FROM deliveries WHERE destination = ? LIMIT 1", (destination,)))
+
     def retry_dead(self, destination: str | None) -> int:
         """Dead letters back to pending (all destinations when ``destination`` is None), due now.
         The retry policy starts afresh (``requeued_at``, attempts); when they were queued

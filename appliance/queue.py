@@ -100,7 +100,7 @@ def import_files(config: Config, paths: Sequence[Path], only_to: str | None = No
                 imported += 1
             else:
                 skipped += 1
-                print(f"\rskipped {path}: {detail}", file=sys.stderr)
+                print(f"{_BAR_START if sys.stderr.isatty() else ''}skipped {path}: {detail}", file=sys.stderr)
             _progress(number, len(files))
     finally:
         db.close()
@@ -145,7 +145,15 @@ def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_t
                 leftover.unlink(missing_ok=True)
 
 
+_BAR_START = "\r"  # back over the progress bar, on a terminal
+
+
 def _progress(done: int, total: int) -> None:
+    """A bar redrawn in place on a terminal; to a file or a pipe, nothing but the end."""
+    if not sys.stderr.isatty():
+        if done == total:
+            print(f"{done}/{total} done", end="", file=sys.stderr)
+        return
     width = 30
     filled = width * done // max(1, total)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+    print(f"{_BAR_START}[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)

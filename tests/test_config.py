@@ -4,6 +4,7 @@ keeps its configuration when a reload is invalid."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -276,6 +277,13 @@ def test_check_config_command(tmp_path: Path) -> None:
     blank.write_text("# to be filled in\n")
     empty = check_config(blank)
     assert empty.returncode == 1 and empty.stdout.strip() == f"{blank}:1:1: the file has no settings"
+    # As every command that reads the configuration: --config, else $APPLIANCE_CONFIG.
+    named = subprocess.run([sys.executable, "-m", "appliance", "check-config", "--config", str(bad)],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert named.returncode == 1 and named.stdout.startswith(f"{bad}:7:5: "), named.stdout + named.stderr
+    from_env = subprocess.run([sys.executable, "-m", "appliance", "check-config"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "APPLIANCE_CONFIG": str(good)})
+    assert from_env.returncode == 0 and from_env.stdout.strip() == f"{good}: OK", from_env.stdout + from_env.stderr
 
 
 def test_check_config_names_the_place_of_what_yaml_itself_refuses(tmp_path: Path) -> None:

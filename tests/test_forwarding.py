@@ -548,6 +548,8 @@ def test_statuses_decide_delivered_retry_or_dead_letter_and_retry_requeues(appli
                lambda: f"not delivered after `retry --all`: {queue_of(box, 'statuses')}")
     assert scp.stored_uids() == {u: 1 for u in ids}
     assert queue_of(box, "statuses")["dead"] == 0
+    mistyped = box.cli("retry", "statuse", check=False)
+    assert mistyped.returncode == 2 and 'unknown destination "statuse"' in mistyped.stderr, mistyped.stderr
 
 
 def test_no_response_is_delivery_unknown_and_retried_never_success(appliance_factory, stack, tmp_path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +26,7 @@ from appliance.store import Store
 
 from .corpus import Series, compress, make_instance, write_series
 from .pacs import RecordingSCP, cache_rows, closed_port, destination, queue, sop_uid, wait_until
+from .peers import REPO
 
 
 @pytest.fixture
@@ -159,7 +162,10 @@ def test_queue_marks_a_destination_that_is_no_longer_configured(appliance_factor
                                               "old": destination("OLD", closed_port())},
                              "routes": [{"send_to": ["central"]}]}, start=False)
     files = write_series(tmp_path / "import", "removed", 1, 1, Series("CT", 2, 64, 64))
-    assert "imported 2, skipped 0" in box.cli("send", str(files[0].parent), "--to", "old").stdout
+    imported = box.cli("send", str(files[0].parent), "--to", "old")
+    assert "imported 2, skipped 0" in imported.stdout
+    # Not a terminal: no progress bar drawn over itself, only the end.
+    assert imported.stderr.strip() == "2/2 done", repr(imported.stderr)
     assert "imported 1, skipped 0" in box.cli("send", str(files[0]), "--to", "central").stdout
     config = yaml.safe_load(box.config_path.read_text())
     del config["destinations"]["old"]
@@ -172,6 +178,9 @@ def test_queue_marks_a_destination_that_is_no_longer_configured(appliance_factor
     rows = {line.split()[0]: line for line in table.splitlines()[1:] if line and not line.startswith(" ")}
     assert "(not configured)" in rows["old"], table
     assert "(not configured)" not in rows["central"], table
+    # Its dead letters can still be put back; a name that has nothing is a typo.
+    assert box.cli("retry", "old").returncode == 0
+    assert box.cli("retry", "olde", check=False).returncode == 2
 
 
 def test_a_damaged_deflated_data_set_is_refused_as_unreadable(tmp_path) -> None:
@@ -241,3 +250,15 @@ def test_send_to_a_destination_queues_an_instance_already_cached_whatever_the_du
     assert entries["central"]["pending"] == 2, entries  # what the rules queued is left as it was
     if policy != "replace":
         assert {uid: row["path"] for uid, row in cache_rows(box).items()} == cached
+
+
+def test_a_listing_piped_into_a_reader_that_stops_early_ends_quietly(appliance_factory, tmp_path) -> None:
+    """`appliance ls | head -1` on a box with many studies: no traceback for the lines head
+    did not want."""
+    box = appliance_factory({}, start=False)
+    for study in range(300):
+        write_series(tmp_path / "import" / str(study), f"many-{study}", 1, 1, Series("CT", 1, 16, 16))
+    assert "imported 300" in box.cli("send", str(tmp_path / "import")).stdout
+    listing = subprocess.run(f"{sys.executable} -m appliance ls --config {box.config_path} | head -1", shell=True,
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert listing.stdout.startswith("PATIENT") and listing.stderr == "", listing.stderr
