@@ -283,13 +283,14 @@ class Appliance:
     def start(self) -> None:
         """Raises StartupError (before it touches the data directory, if another box uses it)."""
         self._lock = hold_data_directory(self.config.storage.root)
-        self.store.prepare()
-        db = open_database(self.config.storage.root)
-        moved = db.relocate(self.store.cache)
-        if moved:
-            log.warning("%d cached instance(s) were recorded under another path of the data directory; they are"
-                        " now read from %s", moved, self.store.cache)
-        removed = self.store.recover(db.cached_paths())
+        with self.store.clearing():
+            self.store.prepare()
+            db = open_database(self.config.storage.root)
+            moved = db.relocate(self.store.cache)
+            if moved:
+                log.warning("%d cached instance(s) were recorded under another path of the data directory; they are"
+                            " now read from %s", moved, self.store.cache)
+            removed = self.store.recover(db.cached_paths())
         if removed:
             log.warning("removed %d unindexed cache file(s): interrupted receives, never acknowledged", removed)
         # Children first: they are spawned before this process has the receiver's threads.

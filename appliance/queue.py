@@ -95,7 +95,8 @@ def import_files(config: Config, paths: Sequence[Path], only_to: str | None = No
     imported = skipped = 0
     try:
         for number, path in enumerate(files, start=1):
-            detail = _import_one(intake, store, path, origin, only_to, reading)
+            with store.importing():
+                detail = _import_one(intake, store, path, origin, only_to, reading)
             if detail is None:
                 imported += 1
             else:

@@ -6,6 +6,8 @@ Layout under the data directory::
     outgoing/                      edited copies being sent (removed after the send)
     cache/<StudyUID>/<SOPUID>.<sha256[:12]>.<reception>.dcm
     reserve                        space held back for the database on a full disk (see below)
+    run.lock                       held by the box running on this directory (app.py)
+    admission.lock                 start-up's clearing, against imports (Store.clearing)
 
 A file enters the cache durably: its data is fsync'd, it is renamed into its study directory
 (atomic on one filesystem, which is why ``incoming/`` sits beside ``cache/``), and the directory
@@ -20,12 +22,15 @@ files no row points at.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +180,35 @@ class Store:
             path.parent.rmdir()  # the last instance of a study takes its directory with it
         except OSError:
             pass
+
+    @contextmanager
+    def clearing(self) -> Iterator[None]:
+        """Held by start-up while it clears what an interrupted run left (:meth:`prepare`,
+        :meth:`recover`). `appliance send` may be importing at that moment (a service restarted
+        during an import from a USB stick): its copy in ``incoming/``, or its file just admitted
+        into the cache and not yet indexed, would be taken for leftovers, and an image it then
+        reports as imported would have no file. Exclusive against :meth:`importing`."""
+        with self._admission_lock(fcntl.LOCK_EX):
+            yield
+
+    @contextmanager
+    def importing(self) -> Iterator[None]:
+        """Held by `appliance send` while it imports one file (shared: imports go on together;
+        start-up's :meth:`clearing` waits for the one in progress)."""
+        with self._admission_lock(fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
+    def _admission_lock(self, mode: int) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Read-only: flock needs no more, and the file may be another user's (root's, the
+        # service's) whoever made it first.
+        fd = os.open(self.root / "admission.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
 
     def recover(self, known_paths: set[str]) -> int:
         """Remove cached files that no database row points at (a crash between rename and commit,

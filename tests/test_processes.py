@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from appliance.store import Store
+
 from .corpus import Series, write_series
 from .pacs import RecordingSCP, destination, queue_of, wait_until
 from .peers import REPO, ApplianceProcess, free_port, storescu
@@ -245,3 +247,23 @@ def test_a_port_in_use_is_one_line_in_the_journal_and_exit_status_1(tmp_path: Pa
     assert f"cannot listen on 127.0.0.1 port {config['node']['port']}: Address already in use" in result.stderr, \
         result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_start_up_clears_leftovers_only_once_an_import_in_progress_has_finished(appliance_factory,
+                                                                                 tmp_path: Path) -> None:
+    """`appliance send` is importing (here: this test holds the lock an import holds, with the
+    import's copy in incoming/) when the box starts: start-up waits for that import before it
+    clears what an interrupted run left, so that the copy is not removed under it."""
+    box = appliance_factory({}, start=False)
+    store = Store(box.data)
+    copy = box.data / "incoming" / "tmp-import.dcm"
+    with store.importing():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(b"\0" * 132)
+        box.start(wait=False)
+        time.sleep(1.5)
+        assert copy.exists(), "start-up cleared incoming/ while an import was in progress"
+        assert box.process is not None and box.process.poll() is None
+    assert box.notify is not None
+    box.notify.wait_for("READY=1", 60, box.process)
+    assert not copy.exists()

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -262,3 +263,19 @@ def test_a_listing_piped_into_a_reader_that_stops_early_ends_quietly(appliance_f
     listing = subprocess.run(f"{sys.executable} -m appliance ls --config {box.config_path} | head -1", shell=True,
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert listing.stdout.startswith("PATIENT") and listing.stderr == "", listing.stderr
+
+
+def test_an_import_waits_while_start_up_clears_leftovers(appliance_factory, tmp_path) -> None:
+    """The other side of start-up's clearing: while it runs (held here by the test), `appliance
+    send` imports nothing; then it goes on."""
+    box = appliance_factory({}, start=False)
+    files = write_series(tmp_path / "import", "while-clearing", 1, 1, Series("CT", 3, 16, 16))
+    with Store(box.data).clearing():
+        sender = subprocess.Popen([sys.executable, "-m", "appliance", "send", str(tmp_path / "import"),
+                                   "--config", str(box.config_path)], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert sender.poll() is None and not list((box.data / "cache").rglob("*.dcm"))
+    out, err = sender.communicate(timeout=60)
+    assert sender.returncode == 0 and "imported 3, skipped 0" in out, out + err
+    assert set(cache_rows(box)) == {sop_uid(p) for p in files}
