@@ -6,6 +6,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .dicomnet import application_entity, tune_socket
+from .statuses import describe_rejection
 
 
 def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout: float = 10.0) -> tuple[bool, str]:
@@ -16,9 +17,7 @@ def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout:
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
     where = f"{ae_title}@{host}:{port}"
     if assoc.is_rejected:
-        rj = assoc.acceptor.primitive
-        detail = f" (result {rj.result}, source {rj.result_source}, reason {rj.diagnostic})" if rj else ""
-        return False, f"{where}: association rejected{detail}"
+        return False, f"{where}: {describe_rejection(assoc.acceptor.primitive)}"
     if not assoc.is_established:
         return False, f"{where}: no association (connection refused, timed out or aborted)"
     try:

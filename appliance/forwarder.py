@@ -526,10 +526,8 @@ class Forwarder:
             raise AssociationFailed(f"cannot resolve or reach {destination.host}: {exc}") from exc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
-            result = getattr(rj, "result", None)
-            detail = f"association rejected (result {result}, source {getattr(rj, 'result_source', '?')}," \
-                     f" reason {getattr(rj, 'diagnostic', '?')})"
-            raise AssociationFailed(detail, permanent=result == statuses.REJECTED_PERMANENT)
+            raise AssociationFailed(statuses.describe_rejection(rj),
+                                    permanent=getattr(rj, "result", None) == statuses.REJECTED_PERMANENT)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts when the peer accepts none of our contexts: no retry will change that.
             classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 SUCCESS = 0x0000
 
 # C-STORE (PS3.4 B.2.3)
@@ -31,6 +33,32 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no re
 # A-ASSOCIATE-RJ result: transient rejections are retried, permanent ones are dead letters.
 REJECTED_PERMANENT = 0x01
 REJECTED_TRANSIENT = 0x02
+
+
+def describe_rejection(rj: Any) -> str:
+    """An A-ASSOCIATE-RJ (pynetdicom's primitive) for a technician, with its codes for whoever
+    reads PS3.8 9.3.4: "rejected permanently by the service user: called AE title not
+    recognised (result 1, source 1, reason 7)"."""
+    if rj is None:
+        return "association rejected"
+    result: Any = getattr(rj, "result", None)
+    source: Any = getattr(rj, "result_source", None)
+    reason: Any = getattr(rj, "diagnostic", None)
+    how = {REJECTED_PERMANENT: "rejected permanently", REJECTED_TRANSIENT: "rejected for now"}.get(result, "rejected")
+    who = {1: "the service user (the peer's application)", 2: "the service provider (ACSE)",
+           3: "the service provider (presentation)"}.get(source, "the peer")
+    why = _REJECT_REASONS.get((source, reason), "no reason given")
+    return f"association {how} by {who}: {why} (result {result}, source {source}, reason {reason})"
+
+
+_REJECT_REASONS = {
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
 
 
 def store_outcome(status: int) -> str:

@@ -783,6 +783,8 @@ def test_association_rejected_permanently_is_dead_transiently_is_retried(applian
         rejections = [i for i, a in enumerate(rows) if "reject" in (a["error"] or "")]
         assert rejections and rejections[0] == len(rows) - 1 and rows[-1]["outcome"] == "dead", \
             [dict(a) for a in rows]
+        assert rows[-1]["error"] == ("association rejected permanently by the service user (the peer's"
+                                     " application): no reason given (result 1, source 1, reason 1)"), rows[-1]["error"]
     wait_until(lambda: sum(len(r) for r in attempts(box, "busy").values()) >= 2 * len(ids), 20,
                lambda: f"a busy destination was not retried: {queue_of(box, 'busy')}")
     assert {a["outcome"] for rows in attempts(box, "busy").values() for a in rows} == {"retry"}

@@ -155,7 +155,9 @@ def test_echo_and_cli_echo(appliance_factory) -> None:
     ok = box.cli("echo", "127.0.0.1", str(box.port), "EDGE", check=False)
     assert ok.returncode == 0 and "C-ECHO OK" in ok.stdout
     bad = box.cli("echo", "127.0.0.1", str(box.port), "NOTEDGE", check=False)
-    assert bad.returncode == 1 and "rejected" in bad.stdout
+    assert bad.returncode == 1 and bad.stdout.strip().endswith(
+        "association rejected permanently by the service user (the peer's application): called AE title not"
+        " recognised (result 1, source 1, reason 7)"), bad.stdout
 
 
 # ---- power cuts ---------------------------------------------------------------------------------
