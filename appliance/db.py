@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -778,6 +778,12 @@ class Database:
                 conn.execute("UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'",
                              (following.delivery_id,))
         return applied
+
+    def waiting_for_others(self, configured: Collection[str]) -> dict[str, int]:
+        """Destinations not in ``configured`` with deliveries not yet delivered, and how many."""
+        rows = self.query("SELECT destination, count(*) FROM deliveries WHERE state != 'delivered'"
+                          " GROUP BY destination")
+        return {str(name): int(count) for name, count in rows if name not in configured}
 
     def has_deliveries(self, destination: str) -> bool:
         """Whether any delivery (in any state) is to ``destination``."""

@@ -183,6 +183,11 @@ class Forwarder:
                 worker = self._threads.get((name, index))
                 if worker is None or not worker.is_alive():  # new, or removed earlier and now back
                     self._spawn(name, index, self._work, name, index)
+        # A destination removed or renamed in the file leaves its queue behind, kept for it: say
+        # so where the admin looks after a reload, not only in `appliance queue`.
+        for name, waiting in self.db.waiting_for_others(config.destinations).items():
+            log.warning("destination %s is no longer configured: %d instance(s) not delivered there wait for it,"
+                        " and go out once it is configured again under that name", name, waiting)
         self.wake()
 
     def stop(self, timeout: float = 30.0) -> None:

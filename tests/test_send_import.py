@@ -182,6 +182,11 @@ def test_queue_marks_a_destination_that_is_no_longer_configured(appliance_factor
     # Its dead letters can still be put back; a name that has nothing is a typo.
     assert box.cli("retry", "old").returncode == 0
     assert box.cli("retry", "olde", check=False).returncode == 2
+    # The journal says so too, where an admin looks after editing the file.
+    box.start()
+    wait_until(lambda: "destination old is no longer configured: 2 instance(s) not delivered there wait for it"
+               in box.log(), 10, lambda: box.log()[-2000:])
+    assert "destination central is no longer configured" not in box.log()
 
 
 def test_a_damaged_deflated_data_set_is_refused_as_unreadable(tmp_path) -> None:
