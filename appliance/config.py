@@ -28,6 +28,7 @@ from .valuetypes import (
     BindAddress,
     DiskSpace,
     Duration,
+    Host,
     Network,
     Port,
     PositiveInt,
@@ -132,7 +133,7 @@ class Destination:
     """A remote Storage SCP (a PACS, a workstation) that instances are forwarded to."""
 
     ae_title: AETitle
-    host: Annotated[str, Check(lambda h: bool(h.strip()), "a host name or address")]
+    host: Host
     port: Port
     calling_ae: AETitle | None = None
     max_associations: PositiveInt = 1

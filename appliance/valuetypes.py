@@ -96,6 +96,20 @@ Network = Annotated[
 BindAddress = Annotated[str, Check(lambda a: _is_ip(a), "an IP address to listen on")]
 
 
+def is_host(text: str) -> bool:
+    """An IP address, or a DNS name (RFC 1123 labels, and underscores, which hosts files and
+    some sites' names have; a trailing dot allowed). Not "host:port" nor a URL: the port is a
+    key of its own."""
+    if _is_ip(text):
+        return True
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(
+        re.fullmatch(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label) for label in name.split("."))
+
+
+Host = Annotated[str, Check(is_host, "a host name or IP address, without a port (that is the port key) or scheme")]
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

@@ -235,11 +235,27 @@ def read(
         if tp is str and not node.tag.endswith(":str"):
             ok = False
         if not ok:
-            ctx.error(at, path, f"expected {words}, got {describe(node)}")
+            ctx.error(at, path, f"expected {words}, got {describe(node)}{_quoting_hint(tp, node)}")
             return INVALID
         return value
 
     raise TypeError(f"configuration type not supported: {tp!r}")
+
+
+def _quoting_hint(expected: type, node: ScalarNode) -> str:
+    """Why a scalar that reads as the right value is not one: YAML's own typing of an unquoted
+    word (NO, on, 1234 are a boolean and a number, not text), or quotes around a number."""
+    if expected is str and node.style is None and not node.tag.endswith(":null"):
+        kind = {"bool": "a yes/no value", "int": "a number", "float": "a number"}.get(node.tag.rsplit(":", 1)[-1])
+        if kind is not None:
+            return f" (YAML reads {node.value} without quotes as {kind}: write \"{node.value}\")"
+    if expected in (int, float) and node.style in ("'", '"') and node.tag.endswith(":str"):
+        try:
+            expected(node.value)
+        except ValueError:
+            return ""
+        return f" (in quotes it is text: write {node.value} without them)"
+    return ""
 
 
 def _read_parsed(parse: Parse, base: Any, node: Node, path: str, ctx: Context, at: Node) -> Any:

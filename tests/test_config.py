@@ -67,6 +67,18 @@ BAD = [
      '3:5: storage.disk.evict_above: expected a size such as "2GiB"'),
     ("destination port", "destinations:\n  central:\n    ae_title: PACS\n    host: h\n    port: 104a\n",
      '5:5: destinations.central.port: expected an integer 1-65535, got "104a"'),
+    # YAML's own typing of unquoted words and numbers, and quotes around a number: said so.
+    ("AE title YAML reads as a boolean", "node:\n  ae_title: NO\n",
+     '2:3: node.ae_title: expected an AE title (1-16 printable ASCII characters, no backslash), got "NO" (YAML reads'
+     ' NO without quotes as a yes/no value: write "NO")'),
+    ("AE title YAML reads as a number", "node:\n  ae_title: 1234\n",
+     '2:3: node.ae_title: expected an AE title (1-16 printable ASCII characters, no backslash), got "1234" (YAML'
+     ' reads 1234 without quotes as a number: write "1234")'),
+    ("port in quotes", 'node:\n  port: "4252"\n',
+     '2:3: node.port: expected an integer 1-65535, got "4252" (in quotes it is text: write 4252 without them)'),
+    ("port in the host", "destinations:\n  c: {ae_title: P, host: '127.0.0.1:4252', port: 4252}\n",
+     '2:20: destinations.c.host: expected a host name or IP address, without a port (that is the port key) or'
+     ' scheme, got "127.0.0.1:4252"'),
     ("destination missing host", "destinations:\n  central:\n    ae_title: PACS\n    port: 104\n",
      "2:3: destinations.central.host: required key is missing"),
     ("destination bad AE", "destinations:\n  central: {ae_title: 'PACS\\ONE', host: h, port: 104}\n",
