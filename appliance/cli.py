@@ -112,13 +112,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     _as_data_owner(config.storage.root)
     db = open_database(config.storage.root)
     studies = db.studies()
-    header = f"{'PATIENT':<28} {'STUDY DATE':<10} {'MOD':<8} {'INST':>6} {'SIZE':>10}  {'STATE':<8} STUDY UID"
+    header = f"{'PATIENT':<28} {'STUDY DATE':<10} {'MOD':<8} {'INST':>6} {'SIZE':>10}  {'STATE':<9} STUDY UID"
     print(header)
     for s in studies:
         patient = f"{s.patient_name or '-'} ({s.patient_id or '-'})"
         date = s.study_date or "-"
         print(f"{patient[:28]:<28} {date:<10} {s.modalities or '-':<8} {s.instances:>6} "
-              f"{_size(s.size):>10}  {s.state:<8} {s.study_instance_uid}")
+              f"{_size(s.size):>10}  {s.state:<9} {s.study_instance_uid}")
     total = sum(s.instances for s in studies)
     print(f"{len(studies)} studies, {total} instances, {_size(sum(s.size for s in studies))}")
     return 0

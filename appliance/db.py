@@ -603,13 +603,31 @@ class Database:
         return len(moved)
 
     def studies(self) -> list[StudySummary]:
+        """Every study the cache holds or held, newest first, with its state: what its cached
+        instances wait for, the most pressing first — ``dead`` (a dead letter to see to),
+        ``sending`` (queued or in flight), ``held`` (waiting to be stable), ``delivered``
+        (wherever its rules send it), else ``unrouted`` (kept, matched no rule that sends it) or
+        ``discarded``; ``evicted`` once no instance is cached."""
         rows = self.query(
             """
+            WITH queued AS (
+                SELECT i.study_instance_uid AS study, sum(d.state = 'dead') AS dead,
+                       sum(d.state IN ('pending', 'in_flight')) AS sending, sum(d.state = 'held') AS held,
+                       sum(d.state = 'delivered') AS delivered
+                FROM deliveries d JOIN instances i ON i.id = d.instance_id
+                WHERE i.state = 'cached' GROUP BY i.study_instance_uid)
             SELECT study_instance_uid, max(patient_id) AS patient_id, max(patient_name) AS patient_name,
                    max(study_date) AS study_date, group_concat(DISTINCT modality) AS modalities,
                    count(*) AS instances, sum(size) AS size, max(received_at) AS last_received,
-                   CASE WHEN sum(state = 'cached') = 0 THEN 'evicted' ELSE 'cached' END AS state
-            FROM instances GROUP BY study_instance_uid ORDER BY last_received DESC
+                   CASE WHEN sum(state = 'cached') = 0 THEN 'evicted'
+                        WHEN max(q.dead) > 0 THEN 'dead' WHEN max(q.sending) > 0 THEN 'sending'
+                        WHEN max(q.held) > 0 THEN 'held'
+                        WHEN sum(state = 'cached' AND (decision IS NULL
+                                 OR json_extract(decision, '$.status') = 'unrouted')) > 0 THEN 'unrouted'
+                        WHEN max(q.delivered) > 0 THEN 'delivered'
+                        ELSE 'discarded' END AS state
+            FROM instances LEFT JOIN queued q ON q.study = instances.study_instance_uid
+            GROUP BY study_instance_uid ORDER BY last_received DESC
             """
         )
         return [StudySummary(**dict(row)) for row in rows]

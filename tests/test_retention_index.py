@@ -434,3 +434,34 @@ def test_a_resend_of_the_same_bytes_is_known_to_be_where_it_was_delivered(tmp_pa
     db.store_instance(changed, db.find_instance("1.2.3.1"), [Delivery("a")])
     assert maybe_sent()["a"] == ("pending", 0)
     db.close()
+
+
+def test_a_study_s_state_is_what_its_cached_instances_wait_for(tmp_path: Path) -> None:
+    """``appliance ls``: a dead letter is shown first, then sending, held, unrouted, delivered;
+    a study whose instances were all discarded says so; one with nothing cached, evicted."""
+    db = Database(tmp_path / "appliance.db")
+
+    def study(uid: int, decision: str, deliveries: list[Delivery]) -> None:
+        db.store_instance(dataclasses.replace(instance(uid, 1, 100.0 + uid, {"status": decision}),
+                                              study_instance_uid=f"study-{uid // 10}"), None, deliveries)
+
+    study(10, "routed", [Delivery("a")])  # study-1: delivered
+    study(20, "routed", [Delivery("a")])  # study-2: delivered, and one dead
+    study(21, "routed", [Delivery("b")])
+    study(30, "routed", [Delivery("c")])  # study-3: sending
+    study(40, "routed", [Delivery("d", stable_after=30.0)])  # study-4: held
+    study(50, "unrouted", [])  # study-5: unrouted beside a delivered one
+    study(51, "routed", [Delivery("a")])
+    study(60, "discarded", [])  # study-6: discarded
+    study(70, "routed", [Delivery("a")])  # study-7: evicted
+    while works := db.claim("a", db.schedule_now() + 10**9, 10):  # a study at a time
+        for work in works:
+            db.finish(work, "delivered", 0, None)
+    for work in db.claim("b", db.schedule_now() + 10**9, 10):
+        db.finish(work, "dead", 0xA900, "refused")
+    ((evicted_id, evicted_path),) = [(i, p) for i, p in db.evictable(None) if "70" in p]
+    assert db.mark_evicted(evicted_id, evicted_path)
+    states = {s.study_instance_uid: s.state for s in db.studies()}
+    assert states == {"study-1": "delivered", "study-2": "dead", "study-3": "sending", "study-4": "held",
+                      "study-5": "unrouted", "study-6": "discarded", "study-7": "evicted"}
+    db.close()
