@@ -140,7 +140,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args)
     _as_data_owner(config.storage.root)
-    print(queue_report(config, as_json=args.json))
+    print(queue_report(config, as_json=args.json, dead=args.dead_limit if args.dead else 0))
     return 0
 
 
@@ -239,6 +239,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("queue", parents=[common], help="forwarding queues: pending, in flight, dead, waiting studies")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--dead", action="store_true", help="also list the dead letters: which instance, where, why")
+    p.add_argument("--limit", dest="dead_limit", type=int, default=100,
+                   help="with --dead: the N most recent (default: 100)")
     p.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("retry", parents=[common], help="put dead letters back in the queue")

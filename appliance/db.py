@@ -853,6 +853,20 @@ class Database:
         status, error = rows[0]
         return str(error) if error else f"status 0x{status:04X}" if status is not None else "failed"
 
+    def dead_letters(self, limit: int) -> tuple[int, list[sqlite3.Row]]:
+        """How many deliveries are dead letters, and the ``limit`` most recent (by their last
+        attempt): destination, the instance (patient, study, modality, SOP Instance UID), how
+        many attempts, and the last one's time, status and error."""
+        total = int(self.query("SELECT count(*) FROM deliveries WHERE state = 'dead'")[0][0])
+        rows = self.query(
+            "SELECT d.destination, d.attempts, i.patient_name, i.patient_id, i.study_date, i.modality,"
+            " i.study_instance_uid, i.sop_instance_uid, a.at, coalesce(a.status, d.last_status) AS status,"
+            " coalesce(a.error, d.last_error) AS error"
+            " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
+            " LEFT JOIN attempts a ON a.id = d.last_failure"
+            " WHERE d.state = 'dead' ORDER BY a.at DESC, d.id DESC LIMIT ?", (limit,))
+        return total, rows
+
     def holds(self) -> list[sqlite3.Row]:
         """Stable-study holds; ``release_at`` is on the schedule clock."""
         return self.query("SELECT study_instance_uid, destination, release_at, state FROM holds"

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -19,7 +20,9 @@ from .rules import Origin
 from .store import Store
 
 
-def queue_report(config: Config, as_json: bool = False) -> str:
+def queue_report(config: Config, as_json: bool = False, dead: int = 0) -> str:
+    """The queues, as ``appliance queue`` prints them; with ``dead``, that many of the most
+    recent dead letters too, each with its instance and why."""
     db = open_database(config.storage.root)
     try:
         summaries = db.queue_summaries(list(config.destinations))
@@ -27,8 +30,14 @@ def queue_report(config: Config, as_json: bool = False) -> str:
         unrouted = db.count_unrouted()
         now = db.schedule_now()  # holds are kept on the schedule clock (clock.py)
         release_walls = [db.wall_time_of(h["release_at"]) for h in holds]
+        dead_total, dead_rows = db.dead_letters(dead) if dead else (0, [])
     finally:
         db.close()
+    letters = [{"destination": r["destination"], "sop_instance_uid": r["sop_instance_uid"],
+                "study_instance_uid": r["study_instance_uid"], "patient_name": r["patient_name"],
+                "patient_id": r["patient_id"], "study_date": r["study_date"], "modality": r["modality"],
+                "attempts": r["attempts"], "last_attempt_at": r["at"], "status": r["status"], "error": r["error"]}
+               for r in dead_rows]
     # A destination taken out of the configuration (or renamed) keeps its deliveries: they
     # go out if it comes back, and ``appliance retry NAME`` still works, so it stays listed.
     configured = {s.name: s.name in config.destinations for s in summaries}
@@ -39,6 +48,7 @@ def queue_report(config: Config, as_json: bool = False) -> str:
                        "release_at": wall, "releases_in": max(0.0, h["release_at"] - now), "state": h["state"]}
                       for h, wall in zip(holds, release_walls, strict=True)],
             "unrouted": unrouted,
+            **({"dead_letters": letters, "dead_letters_total": dead_total} if dead else {}),
         }, indent=2)
     lines = [f"{'DESTINATION':<16} {'PENDING':>8} {'HELD':>6} {'FLIGHT':>6} {'DELIVERED':>10} {'DEAD':>6}"
              f" {'OLDEST':>8}  LAST ERROR"]
@@ -60,6 +70,18 @@ def queue_report(config: Config, as_json: bool = False) -> str:
             lines.append(f"  {h['study_instance_uid']} -> {h['destination']}: releases in "
                          f"{_age(max(0.0, h['release_at'] - now))}")
     lines.append(f"\n{unrouted} unrouted instance(s) in the cache (matched no rule that sends them anywhere)")
+    if dead:
+        lines.append("")
+        shown = f"the {len(letters)} most recent of {dead_total}" if dead_total > len(letters) else f"{dead_total}"
+        lines.append(f"dead letters ({shown}; `appliance retry DESTINATION` puts them back in the queue):")
+        for letter in letters:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(letter["last_attempt_at"])) \
+                if letter["last_attempt_at"] else "-"
+            status = f"0x{letter['status']:04X}" if letter["status"] is not None else "-"
+            patient = f"{letter['patient_name'] or '-'} ({letter['patient_id'] or '-'})"
+            lines.append(f"  {when}  {letter['destination']}  {patient}  {letter['modality'] or '-'}"
+                         f"  {letter['sop_instance_uid']}  {status}: {letter['error'] or 'failed'}"
+                         f" ({letter['attempts']} attempt(s))")
     return "\n".join(lines)
 
 

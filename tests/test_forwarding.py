@@ -11,6 +11,7 @@ the queue, the dead letters and the cache are visible and manageable from the CL
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -535,6 +536,14 @@ def test_statuses_decide_delivered_retry_or_dead_letter_and_retry_requeues(appli
     assert scp.stored_uids() == {u: 1 for u in ids[:5]}
     state = queue_of(box, "statuses")
     assert (state["delivered"], state["dead"], state["pending"]) == (5, 2, 0), state
+    # Which instances, and why: what an admin reads before `appliance retry`.
+    letters = json.loads(box.cli("queue", "--json", "--dead").stdout)
+    assert letters["dead_letters_total"] == 2
+    assert {(d["sop_instance_uid"], d["destination"], d["status"], d["attempts"]) for d in letters["dead_letters"]} \
+        == {(ids[5], "statuses", 0xA900, 1), (ids[6], "statuses", 0xC000, 1)}
+    listed = box.cli("queue", "--dead", "--limit", "1").stdout
+    assert "dead letters (the 1 most recent of 2;" in listed, listed
+    assert sum(ids[5] in line or ids[6] in line for line in listed.splitlines()) == 1, listed
 
     retried = box.cli("retry", "statuses")
     assert re.search(r"\b2\b", retried.stdout), retried.stdout
