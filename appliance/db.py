@@ -291,6 +291,7 @@ class QueueSummary:
     transcoded: int
     oldest_pending_age: float | None
     last_error: str | None
+    last_error_at: float | None = None  # wall clock: a failure long ago reads as such
 
 
 @dataclass(frozen=True)
@@ -833,25 +834,27 @@ class Database:
         result = []
         for name in list(destinations) + sorted(set(counts) - set(destinations)):
             row = counts.get(name)
+            last_error, last_error_at = self._last_failure(name) if row else (None, None)
             result.append(QueueSummary(
                 name=name, pending=int(row["pending"]) if row else 0, held=int(row["held"]) if row else 0,
                 in_flight=int(row["in_flight"]) if row else 0, delivered=int(row["delivered"]) if row else 0,
                 dead=int(row["dead"]) if row else 0, transcoded=int(row["transcoded"]) if row else 0,
                 oldest_pending_age=(now - row["oldest"]) if row and row["oldest"] is not None else None,
-                last_error=self._last_failure(name) if row else None,
+                last_error=last_error, last_error_at=last_error_at,
             ))
         return result
 
-    def _last_failure(self, destination: str) -> str | None:
+    def _last_failure(self, destination: str) -> tuple[str | None, float | None]:
         """The error of the latest attempt to ``destination`` that did not deliver, whatever
-        became of its delivery since (migration 10: one seek in deliveries_last_failure)."""
+        became of its delivery since (migration 10: one seek in deliveries_last_failure), and
+        when it was made."""
         rows = self.query(
-            "SELECT a.status, a.error FROM attempts a WHERE a.id = (SELECT max(last_failure) FROM deliveries"
+            "SELECT a.status, a.error, a.at FROM attempts a WHERE a.id = (SELECT max(last_failure) FROM deliveries"
             " WHERE destination = ? AND last_failure IS NOT NULL)", (destination,))
         if not rows:
-            return None
-        status, error = rows[0]
-        return str(error) if error else f"status 0x{status:04X}" if status is not None else "failed"
+            return None, None
+        status, error, at = rows[0]
+        return (str(error) if error else f"status 0x{status:04X}" if status is not None else "failed"), float(at)
 
     def dead_letters(self, limit: int) -> tuple[int, list[sqlite3.Row]]:
         """How many deliveries are dead letters, and the ``limit`` most recent (by their last

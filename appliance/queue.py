@@ -55,6 +55,8 @@ def queue_report(config: Config, as_json: bool = False, dead: int = 0) -> str:
     for s in summaries:
         age = _age(s.oldest_pending_age) if s.oldest_pending_age is not None else "-"
         last_error = s.last_error or "-"
+        if s.last_error_at is not None:
+            last_error = f"{last_error} ({_age(max(0.0, time.time() - s.last_error_at))} ago)"
         if not configured[s.name]:
             last_error = f"(not configured) {last_error}"
         lines.append(f"{s.name:<16} {s.pending:>8} {s.held:>6} {s.in_flight:>6} {s.delivered:>10} {s.dead:>6}"

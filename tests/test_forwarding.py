@@ -613,7 +613,9 @@ def test_queue_last_error_is_the_error_of_the_latest_failed_attempt(appliance_fa
     wait_until(lambda: queue_of(box, "pacs")["delivered"] == 1, 20, lambda: str(queue_of(box, "pacs")))
     state = queue_of(box, "pacs")
     assert state["dead"] == 1 and "0xA700" in (state["last_error"] or ""), state
-    assert "0xA700" in box.cli("queue").stdout
+    table = box.cli("queue").stdout
+    assert re.search(r"0xA700.* \(\d+s ago\)$", table, re.MULTILINE), table  # when, as well as what
+    assert time.time() - 60 < state["last_error_at"] <= time.time(), state
 
     box.cli("retry", "pacs")
     wait_until(lambda: len([r for r in scp.receptions() if r.sop_instance_uid == refused]) == 2
