@@ -195,6 +195,14 @@ MIGRATIONS: list[list[str]] = [
     # older release left in flight is taken as sent, as that release would have.
     ["ALTER TABLE deliveries ADD COLUMN on_wire INTEGER NOT NULL DEFAULT 0",
      "UPDATE deliveries SET on_wire = 1 WHERE state = 'in_flight'"],
+    # 12: a delivery whose own send failed while the destination took others (the PACS aborted
+    # on it, or refused it for now) goes after those that have not: see claim.
+    # Indexed in the orders claim takes them: the study of the first due delivery, then that
+    # study's, are found at the front of an index instead of by sorting every pending delivery
+    # of the destination (64 ms a claim with 200,000 pending).
+    ["ALTER TABLE deliveries ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0",
+     "CREATE INDEX deliveries_claim ON deliveries(destination, state, deferred, id)",
+     "CREATE INDEX deliveries_study ON deliveries(destination, study_instance_uid, state, deferred, id)"],
 ]
 
 
@@ -241,7 +249,7 @@ _NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM d
 # schedule clock), nothing attempted, nothing delivered. The same whether the rules queued it
 # again or it was in flight when `appliance send --to` replaced the file it was sending.
 _START_OVER = ("attempts = 0, created_at = :now, next_attempt_at = :now, delivered_at = NULL, last_status = NULL,"
-               " last_error = NULL, transcoded = 0, maybe_sent = 0, requeued_at = NULL")
+               " last_error = NULL, transcoded = 0, maybe_sent = 0, requeued_at = NULL, deferred = 0")
 
 
 @dataclass(frozen=True)
@@ -684,6 +692,10 @@ class Database:
         sent last, taken first if it has more, so that a study arriving while it is forwarded
         stays on one association.
 
+        Deferred deliveries (:meth:`postpone`) come after the others, in the choice of the study
+        and within it: one the PACS aborts on, or refuses for now, every time must not lead each
+        association and hold back what is behind it — nor, with two such, take turns at it.
+
         Not fsync'd, like :meth:`finish`: a claim lost to a power cut leaves its deliveries
         pending, which is what the start-up makes of in-flight ones anyway."""
         with self.transaction(durable=False) as conn:
@@ -695,8 +707,9 @@ class Database:
                     (destination, prefer, now, destination)).fetchone()
             if first is None:
                 first = conn.execute(
-                    "SELECT study_instance_uid FROM deliveries d WHERE destination = ? AND state = 'pending'"
-                    f" AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} ORDER BY id LIMIT 1",
+                    "SELECT study_instance_uid FROM deliveries d INDEXED BY deliveries_claim"
+                    " WHERE destination = ? AND state = 'pending'"
+                    f" AND next_attempt_at <= ? AND {_NOT_IN_FLIGHT} ORDER BY deferred, id LIMIT 1",
                     (destination, now, destination),
                 ).fetchone()
             if first is None:
@@ -706,9 +719,9 @@ class Database:
                 " i.id AS instance_id, i.sop_instance_uid,"
                 " i.sop_class_uid, i.study_instance_uid, i.transfer_syntax, i.path, i.decision, d.edits,"
                 " d.maybe_sent"
-                " FROM deliveries d JOIN instances i ON i.id = d.instance_id"
+                " FROM deliveries d INDEXED BY deliveries_study JOIN instances i ON i.id = d.instance_id"
                 " WHERE d.destination = ? AND d.study_instance_uid = ? AND d.state = 'pending'"
-                " AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?",
+                " AND d.next_attempt_at <= ? ORDER BY d.deferred, d.id LIMIT ?",
                 (destination, first[0], now, limit),
             ).fetchall()
             # The first goes out first; each next one is marked as its request goes (sending, finish).
@@ -740,9 +753,10 @@ class Database:
         return float(rows[0][0]) if rows else None
 
     def postpone(self, work: Work, until: float) -> None:
-        """Make a delivery back in the queue wait at least until ``until`` (schedule clock)."""
+        """Make a delivery back in the queue wait at least until ``until`` (schedule clock), and
+        defer it: its own send failed, so the others go first (see :meth:`claim`)."""
         with self.transaction(durable=False) as conn:
-            conn.execute("UPDATE deliveries SET next_attempt_at = max(next_attempt_at, ?) WHERE id = ?"
+            conn.execute("UPDATE deliveries SET next_attempt_at = max(next_attempt_at, ?), deferred = 1 WHERE id = ?"
                          " AND state = 'pending'", (until, work.delivery_id))
 
     def make_due(self, destination: str, now: float) -> int:
@@ -815,8 +829,9 @@ class Database:
         now = self.schedule_now()
         with self.transaction() as conn:
             count = conn.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, requeued_at = ?, next_attempt_at = ?"
-                " WHERE state = 'dead' AND (? IS NULL OR destination = ?)", (now, now, destination, destination),
+                "UPDATE deliveries SET state = 'pending', attempts = 0, requeued_at = ?, next_attempt_at = ?,"
+                " deferred = 0 WHERE state = 'dead' AND (? IS NULL OR destination = ?)",
+                (now, now, destination, destination),
             ).rowcount
         return int(count)
 

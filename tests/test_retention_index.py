@@ -465,3 +465,24 @@ def test_a_study_s_state_is_what_its_cached_instances_wait_for(tmp_path: Path) -
     assert states == {"study-1": "delivered", "study-2": "dead", "study-3": "sending", "study-4": "held",
                       "study-5": "unrouted", "study-6": "discarded", "study-7": "evicted"}
     db.close()
+
+
+def test_a_deferred_delivery_goes_after_the_others_of_its_study_and_of_the_next(tmp_path: Path) -> None:
+    """``postpone`` (its own send failed) defers a delivery: once due again it comes after every
+    other due delivery, in the choice of the study and within it."""
+    db = Database(tmp_path / "appliance.db")
+    for uid in (0, 5, 10, 1):  # study 1.2.9.0: 0, 5, 10; study 1.2.9.1: 1
+        db.store_instance(instance(uid, 1, 100.0, {"status": "routed"}), None, [Delivery("a")])
+    now = db.schedule_now()
+    first = db.claim("a", now, 10)
+    assert [w.sop_instance_uid for w in first] == ["1.2.3.0", "1.2.3.5", "1.2.3.10"]
+    db.unclaim(first[1:])
+    db.finish(first[0], "unknown", None, "aborted", now)
+    db.postpone(first[0], now)
+    again = db.claim("a", now + 1, 10)
+    assert [w.sop_instance_uid for w in again] == ["1.2.3.5", "1.2.3.10", "1.2.3.0"]
+    for work in again[:2]:
+        db.finish(work, "delivered", 0, None)
+    db.unclaim(again[2:])
+    assert [w.sop_instance_uid for w in db.claim("a", now + 1, 10)] == ["1.2.3.1"]
+    db.close()
