@@ -90,13 +90,22 @@ class Intake:
             free = self.store.usage().free
             return Outcome("no-room", detail=f"{free / 1e6:.0f} MB free is below storage.disk.min_free "
                                              f"({config.storage.disk.min_free})")
+        trailing: list[int] = []
         try:
             if config.routes and only_to is None:
-                header = read_for_routing(received, config, transfer_syntax, dataset_offset)
+                header = read_for_routing(received, config, transfer_syntax, dataset_offset, trailing)
             else:
-                header = _read_header(received, _HEADER_TAGS, transfer_syntax, dataset_offset)
+                header = _read_header(received, _HEADER_TAGS, transfer_syntax, dataset_offset, trailing=trailing)
         except UNREADABLE as exc:
             return Outcome("unreadable", detail=f"cannot read its data set: {exc}")
+        if trailing and trailing[0]:
+            # Padding after the last element (a writer's NUL) is no part of the data set, and
+            # passed on it could make it of odd length: the cache keeps the data set alone.
+            try:
+                os.truncate(received, os.stat(received).st_size - trailing[0])
+            except OSError as exc:
+                return Outcome("failed", detail=f"cannot remove the padding after its last element: {exc}")
+            digest = None
         # An instance says what it is itself (SOP Common, type 1): a data set without these is
         # none, whatever the C-STORE request or the file meta name (an empty data set, say).
         own_uid, own_class = _text(header, "SOPInstanceUID"), _text(header, "SOPClassUID")
@@ -200,13 +209,13 @@ class Intake:
             log.error("%s: cannot remove %s %s (removed at the next start): %s", where, what, path, exc)
 
 
-def read_for_routing(path: Path, config: Config, syntax: str | None = None, offset: int | None = None
-                     ) -> pydicom.Dataset:
+def read_for_routing(path: Path, config: Config, syntax: str | None = None, offset: int | None = None,
+                     trailing: list[int] | None = None) -> pydicom.Dataset:
     """The header of ``path`` as intake reads it to index and route it under ``config``: what
     ``route-test`` shows must be what a received instance is routed on. ``syntax`` and
     ``offset``, when the caller knows them, say how and where its data set starts."""
     tags, with_meta = _tags_to_read(config)
-    return _read_header(path, tags, syntax, offset, with_meta)
+    return _read_header(path, tags, syntax, offset, with_meta, trailing)
 
 
 _tags_for_config: tuple[Config, frozenset[int], bool] | None = None
@@ -253,7 +262,7 @@ def _private_creator(tag: int) -> int | None:
 
 
 def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | None, offset: int | None,
-                 with_meta: bool = False) -> pydicom.Dataset:
+                 with_meta: bool = False, trailing: list[int] | None = None) -> pydicom.Dataset:
     """The data set up to its pixels (only ``tags`` if given; all if None), with the file meta
     if ``with_meta``. When the caller knows where the data set starts and how it is encoded,
     it is read from there: the receiver wrote the meta itself, and pydicom's ``dcmread``
@@ -262,7 +271,8 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
 
     Raises :class:`Truncated` (an ``EOFError``) or ``ValueError`` unless every element of the
     data set, the pixel data's included, ends within the file, and the file ends where an
-    element ends (see :func:`check_elements`)."""
+    element ends (see :func:`check_elements`), and unless the data set is of even length.
+    ``trailing`` gets how many bytes of padding follow its last element (see :meth:`Intake.admit`)."""
     specific: list[BaseTag | int] | None = [Tag(t) for t in tags] if tags is not None else None
     meta: FileMetaDataset | None = None
     with open(path, "rb") as raw:
@@ -299,8 +309,21 @@ def _read_header(path: Path, tags: Collection[int | str] | None, syntax: str | N
                 # image is acknowledged and forwarded. Only element headers are read, the values
                 # are seeked over; a deflated data set is inflated on the way and let go.
                 read_implicit, read_little = header.original_encoding  # pydicom corrects a wrong VR guess
-                size = sys.maxsize if deflated else os.fstat(raw.fileno()).st_size
-                check_elements(source, bool(read_implicit), bool(read_little), size)
+                file_size = os.fstat(raw.fileno()).st_size
+                walk = _ElementWalk(source, bool(read_little), sys.maxsize if deflated else file_size)
+                walk.elements(bool(read_implicit), within=None)
+                # Every value is of even length (PS3.5 7.1.1; a deflated stream is padded to one,
+                # A.5), so a data set is too. One of odd length cannot be passed on: DCMTK, and
+                # the PACS built on it, abort on its odd fragment, and it would wait in the queue
+                # for ever. An odd value makes it so: refused before it is acknowledged, as DCMTK
+                # does. So may a byte of padding after its last element, which is no part of it.
+                tail = 0 if deflated else walk.tail
+                if (file_size - start - tail) % 2:
+                    raise ValueError(f"its data set is {file_size - start - tail} bytes long: an odd length, where"
+                                     " every DICOM value is of even length (PS3.5 7.1.1); a PACS that checks it"
+                                     " would refuse it")
+                if trailing is not None:
+                    trailing.append(tail)
             finally:
                 if isinstance(source, Inflating):
                     source.check_ended()  # a deflate stream cut short says more than where reading stopped
@@ -451,6 +474,7 @@ class _ElementWalk:
         self.header = struct.Struct(order + "HHI")  # tag and 4-byte length: implicit VR, items, delimiters
         self.short_length = struct.Struct(order + "H")
         self.long_length = struct.Struct(order + "I")
+        self.tail = 0  # bytes of padding (NUL, space) after the last element
 
     def elements(self, implicit: bool | None, within: int | None) -> bool:
         """The elements from the position to the end of the file (``within`` None), or to the
@@ -463,6 +487,7 @@ class _ElementWalk:
             head = read(8)
             if len(head) < 8:
                 if within is None and set(head) <= _TAIL_PADDING:
+                    self.tail = len(head)
                     return encapsulated
                 if within is not None:
                     raise Truncated(f"truncated: the file ends inside its {_name(within)}")

@@ -6,7 +6,9 @@ association goes on: the next whole instance is stored."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +108,37 @@ def test_data_sets_cut_short_or_empty_are_refused_as_not_understood(appliance_fa
     assert "truncated" in box.log()
 
 
+def test_a_data_set_of_odd_length_is_refused_and_padding_after_it_is_not_cached(appliance_factory, chunked_send,
+                                                                                 tmp_path) -> None:
+    """Every DICOM value is of even length, so every data set is (PS3.5 7.1.1). One with an
+    odd-length value could never be forwarded (DCMTK and the PACS built on it abort on its odd
+    fragment, and it would wait in the queue for ever): 0xC000, nothing cached, and the
+    association goes on. A whole data set followed by a NUL (a writer's padding, no part of it)
+    is stored without it: passed on, the NUL would make it of odd length."""
+    box = appliance_factory()
+    made = [make_instance("odd", 1, 1, n, Series("CT", 3, 64, 64)) for n in range(1, 4)]
+    odd_value = write(made[0], tmp_path / "odd-value.dcm")
+    with open(odd_value, "ab") as out:  # (7FE1,0010) LO "ABC": 3 bytes, not padded
+        out.write(struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", 3) + b"ABC")
+    padded = write(made[1], tmp_path / "padded.dcm")
+    as_written = padded.read_bytes()
+    with open(padded, "ab") as out:
+        out.write(b"\x00")
+    whole = write(made[2], tmp_path / "whole.dcm")
+
+    statuses = send_files(box.port, [odd_value, padded, whole])
+    assert statuses == [CANNOT_UNDERSTAND, 0x0000, 0x0000], [hex(s) for s in statuses]
+    assert cached_uids(box) == {made[1].SOPInstanceUID, made[2].SOPInstanceUID}
+    assert "an odd length" in box.log()
+    with sqlite3.connect(box.data / "appliance.db") as conn:
+        path, size, sha = conn.execute("SELECT path, size, sha256 FROM instances WHERE sop_instance_uid = ?",
+                                       (made[1].SOPInstanceUID,)).fetchone()
+    cached = Path(path).read_bytes()
+    offset = data_set_offset(padded)
+    assert cached[data_set_offset(Path(path)):] == as_written[offset:]
+    assert (size, sha) == (len(cached), hashlib.sha256(cached).hexdigest())
+
+
 def test_a_data_set_without_its_sop_instance_or_class_uid_is_refused(appliance_factory, chunked_send,
                                                                     tmp_path) -> None:
     """The C-STORE request names a class and an instance, the data set carries neither one or
@@ -152,6 +185,7 @@ def deflated_zeros(path: Path, seed: str, mebibytes: int, cut: int = 0) -> tuple
     stream.write(deflater.compress(bytes(length % len(zeros))))
     stream.write(deflater.flush())
     data = stream.getvalue()
+    data += b"\x00" * (len(data) % 2)  # a deflated data set is padded to an even length (PS3.5 A.5)
     with open(path, "wb") as out:
         out.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(out, ds.file_meta, enforce_standard=True)  # type: ignore[arg-type]
