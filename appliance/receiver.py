@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from pynetdicom import AE, _config, evt
+from pydicom.uid import UID, UID_dictionary
+from pynetdicom import AE, _config, acse, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import statuses
@@ -44,6 +46,58 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 _ALL_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+
+
+def negotiate_storage(rq_contexts: list[PresentationContext], ac_contexts: list[PresentationContext],
+                      roles: dict[UID, tuple[bool | None, bool | None]] | None = None,
+                      ) -> tuple[list[PresentationContext], list[Any]]:
+    """Presentation contexts for a Storage SCP of every SOP class: what pynetdicom's
+    ``negotiate_unrestricted`` does (which :meth:`Receiver.start` replaces with this), without
+    what it gets wrong for a box that must pass on everything it acknowledges:
+
+    * it accepted the first transfer syntax proposed, even one nobody knows (a vendor's
+      private syntax): instances acknowledged, then never forwarded. Here the first proposed
+      that is a transfer syntax is taken, and a context with none is refused (result 4), as
+      DCMTK's storescp refuses it, so the modality knows;
+    * it took every SOP class pynetdicom has no service for as a storage class, among them
+      Modality Worklist and Color Palette Query/Retrieve: a modality probing for a worklist was
+      told there is one. Only storage classes (and private and unknown ones, which may be
+      storage) are accepted; any other is negotiated against the supported contexts (C-ECHO),
+      so refused (result 3);
+    * it answered SCP/SCU role selection by echoing the proposal, agreeing to act as Storage
+      SCU too. Here the requestor may be SCU, never SCP: a context proposing it only as SCP
+      (a C-GET's) is refused, one proposing both is answered SCU only.
+    """
+    supported = {cx.abstract_syntax for cx in ac_contexts}
+    storage: dict[str, PresentationContext] = {}
+    for rq in rq_contexts:
+        uid = rq.abstract_syntax
+        if uid in supported or not _storage_class(str(uid)):
+            continue
+        offered = storage.setdefault(str(uid), _storage_context(str(uid)))
+        for syntax in rq.transfer_syntax:  # the requestor's order; every proposal of the class
+            if UID(syntax).is_transfer_syntax and syntax not in offered.transfer_syntax:
+                offered.add_transfer_syntax(syntax)
+    return negotiate_as_acceptor(rq_contexts, [*ac_contexts, *storage.values()], roles)
+
+
+def _storage_context(uid: str) -> PresentationContext:
+    context = PresentationContext()
+    context.abstract_syntax = UID(uid)
+    context.scu_role, context.scp_role = True, False  # the requestor may send, never be sent to
+    return context
+
+
+_STORAGE_CLASS_UIDS = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
+
+
+def _storage_class(uid: str) -> bool:
+    """Whether a SOP class is one to store: a storage class, or one not known to be anything
+    else — private (a vendor's), or a standard one newer than pydicom's dictionary."""
+    known = UID(uid)
+    if uid in _STORAGE_CLASS_UIDS or known.is_private or uid not in UID_dictionary:
+        return True
+    return known.type == "SOP Class" and known.name.endswith(" Storage")
 
 
 @dataclass
@@ -91,6 +145,7 @@ class Receiver:
     def start(self) -> None:
         node = self.config.node
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        acse.negotiate_unrestricted = negotiate_storage  # type: ignore[assignment]
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom's chunked receive writes to tempfile's directory: make it ours, on the
         # cache's filesystem, so admitting a file is a rename.

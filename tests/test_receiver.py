@@ -160,6 +160,50 @@ def test_echo_and_cli_echo(appliance_factory) -> None:
         " recognised (result 1, source 1, reason 7)"), bad.stdout
 
 
+def test_presentation_contexts_accept_storage_in_a_known_syntax_and_nothing_else(appliance_factory) -> None:
+    """What a modality probing the box learns, and what it may then send: a storage class
+    (standard, private, or newer than pydicom's dictionary) is accepted in the first transfer
+    syntax it proposes that is one (a vendor's private syntax before it is passed over); one
+    proposed only in a syntax nobody knows is refused (result 4: its instances could never be
+    passed on); Modality Worklist and Storage Commitment are refused (result 3: not served
+    here); SCP/SCU role selection is answered "SCU only", and a context proposing the
+    requestor only as SCP is refused."""
+    from pynetdicom import build_context, build_role
+
+    box = appliance_factory()
+    private_syntax, worklist, commitment = "1.2.840.113619.5.2", "1.2.840.10008.5.1.4.31", "1.2.840.10008.1.20.1"
+    ct, mr = CTImageStorage, "1.2.840.10008.5.1.4.1.1.4"
+    vendor, newer = "1.3.12.2.1107.5.9.1", "1.2.840.10008.5.1.4.1.1.999"  # Siemens CSA non-image; a future class
+    ae = AE(ae_title="PROBE")
+    ae.requested_contexts = [
+        build_context(ct, [private_syntax, ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
+        build_context(mr, [private_syntax]),
+        build_context(vendor, [ExplicitVRLittleEndian]),
+        build_context(newer, [ExplicitVRLittleEndian]),
+        build_context(worklist, [ExplicitVRLittleEndian]),
+        build_context(commitment, [ExplicitVRLittleEndian]),
+        build_context("1.2.840.10008.5.1.4.1.1.7", [ExplicitVRLittleEndian]),  # Secondary Capture
+        build_context("1.2.840.10008.5.1.4.1.1.1", [ExplicitVRLittleEndian]),  # CR
+    ]
+    roles = [build_role("1.2.840.10008.5.1.4.1.1.7", scu_role=True, scp_role=True),
+             build_role("1.2.840.10008.5.1.4.1.1.1", scu_role=False, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE", ext_neg=roles)
+    assert assoc.is_established
+    try:
+        results = {str(cx.abstract_syntax): (cx.result, str(cx.transfer_syntax[0]))
+                   for cx in assoc.accepted_contexts + assoc.rejected_contexts}
+        secondary_capture = next(cx for cx in assoc.accepted_contexts
+                                 if cx.abstract_syntax == "1.2.840.10008.5.1.4.1.1.7")
+    finally:
+        assoc.release()
+    assert results[str(ct)] == (0x00, ImplicitVRLittleEndian)
+    assert results[mr][0] == 0x04
+    assert results[vendor][0] == 0x00 and results[newer][0] == 0x00
+    assert results[worklist][0] == 0x03 and results[commitment][0] == 0x03
+    assert (secondary_capture.as_scu, secondary_capture.as_scp) == (True, False)  # the prober sends; the box receives
+    assert results["1.2.840.10008.5.1.4.1.1.1"][0] != 0x00
+
+
 # ---- power cuts ---------------------------------------------------------------------------------
 
 def test_sigkill_while_receiving_loses_no_acknowledged_instance(appliance_factory, tmp_path) -> None:
