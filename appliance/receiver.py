@@ -255,6 +255,10 @@ class Receiver:
         if isinstance(received, ReceivedFile) and received.failure is not None:
             log.warning("refused %s: cannot write it to %s: %s", where, self.intake.store.incoming, received.failure)
             return statuses.OUT_OF_RESOURCES, 0
+        if event.dataset_path is None:
+            # A request whose command says it has no data set (Data Set Type 0101H): nothing to store.
+            log.warning("refused %s: its C-STORE request carries no data set", where)
+            return statuses.CANNOT_UNDERSTAND, 0
         outcome = self.intake.admit(
             Path(event.dataset_path), origin, sop_class_uid=str(event.request.AffectedSOPClassUID),
             sop_instance_uid=sop_uid, transfer_syntax=str(event.context.transfer_syntax),

@@ -146,6 +146,30 @@ def test_an_instance_cut_off_mid_transfer_leaves_nothing_behind(appliance_factor
     assoc.abort()
 
 
+def test_a_c_store_request_without_a_data_set_is_answered_cannot_understand(appliance_factory) -> None:
+    """A C-STORE-RQ whose command says it carries no data set (Data Set Type 0101H): 0xC000 and
+    a line in the journal, not an exception in the handler (and 0xC211); the association goes on."""
+    box = appliance_factory()
+    ds = make_instance("no-data-set", 1, 1, 1, Series("CT", 1, 16, 16))
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    assert assoc.is_established
+    try:
+        request = C_STORE()
+        request.MessageID, request.Priority = 7, 0
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)  # no DataSet: type 0101H
+        _, response = assoc.dimse.get_msg(block=True)
+        assert response is not None and int(response.Status) == 0xC000, response
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert "its C-STORE request carries no data set" in box.log()
+    assert "Traceback" not in box.log()
+    assert rows(box) == {}
+
+
 def test_echo_and_cli_echo(appliance_factory) -> None:
     box = appliance_factory()
     require_tool("echoscu")
