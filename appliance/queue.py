@@ -151,6 +151,9 @@ def _import_one(intake: Intake, store: Store, path: Path, origin: Origin, only_t
         try:
             with reading():
                 source = open(path, "rb")  # noqa: SIM115 - as whoever ran the command; closed below
+        except OSError as exc:
+            return f"cannot read it: {exc.strerror or exc}"
+        try:
             with source, open(temp, "wb") as copy:
                 shutil.copyfileobj(source, copy, 1 << 20)
         except OSError as exc:

@@ -976,7 +976,7 @@ def test_cli_send_skips_what_it_cannot_import_says_why_and_imports_the_rest(appl
     result = box.cli("send", str(tmp_path / "import"), str(missing), check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "imported 2, skipped 2" in result.stdout, result.stdout + result.stderr
-    assert f"skipped {missing}: cannot copy it into" in result.stderr, result.stderr
+    assert f"skipped {missing}: cannot read it: No such file or directory" in result.stderr, result.stderr
     assert "No such file or directory" in result.stderr, result.stderr
     assert f"skipped {tmp_path / 'import' / 'notes.txt'}: not a DICOM file" in result.stderr, result.stderr
     assert set(cache_rows(box)) == uids(files)
