@@ -409,12 +409,16 @@ class Forwarder:
                 link = self._close(link)
                 if outcome in ("retry", "unknown"):
                     self._failures[name] = self._failures.get(name, 0) + 1
-                    blocked_until = self.db.schedule_now() + backoff(destination.retry, self._failures[name])
+                    delay = backoff(destination.retry, self._failures[name])
+                    blocked_until = self.db.schedule_now() + delay
                     self._blocked_until[name] = blocked_until
-                    # Its own backoff grows with the destination's: were it due when the block
-                    # ends, it would lead the next association again, and one instance that
-                    # the PACS aborts on would hold back everything behind it for days. Later
-                    # than that, the others go first; it is tried again on its own turn.
+                    log.warning("%s: %s not delivered (%s); trying %s again in %.0f s, the other waiting"
+                                " instances first", name, batch[position].sop_instance_uid,
+                                "no response" if outcome == "unknown" else "refused for now", name, delay)
+                    # Its own backoff grows with the destination's, and it is deferred (see
+                    # Database.claim): were it due and first when the block ends, it would lead
+                    # the next association again, and one instance that the PACS aborts on would
+                    # hold back everything behind it for days.
                     self.db.postpone(batch[position], blocked_until + destination.retry.initial_delay)
                 interrupted = True
                 break

@@ -1162,6 +1162,7 @@ def test_an_instance_the_pacs_aborts_on_does_not_hold_back_the_others(appliance_
     for poison in poisons:
         row = deliveries(box, "pacs")[poison]
         assert row["state"] in ("pending", "in_flight") and row["last_status"] is None, dict(row)
+        assert f"pacs: {poison} not delivered (no response); trying pacs again in" in box.log()
     # The rest of the first study went in the order it arrived.
     order = [r.sop_instance_uid for r in pacs.stored() if r.sop_instance_uid in uids(first)]
     assert order == [sop_uid(p) for p in first[2:]], order
