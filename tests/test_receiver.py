@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -113,18 +114,30 @@ def test_storescu_corpus_is_cached_intact_and_indexed(appliance_factory, corpus)
     assert f"{len(studies)} studies, {len(sent)} instances" in listing
 
 
+def ct_association(box: ApplianceProcess) -> Any:
+    """An association with the appliance for CT in Explicit VR Little Endian."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    assert assoc.is_established
+    return assoc
+
+
+def store_request(ds: pydicom.Dataset, message_id: int) -> C_STORE:
+    """A C-STORE-RQ primitive for ``ds``, without its data set."""
+    request = C_STORE()
+    request.MessageID, request.Priority = message_id, 0
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    return request
+
+
 def test_an_instance_cut_off_mid_transfer_leaves_nothing_behind(appliance_factory) -> None:
     """The connection drops with half of a data set received: nothing is cached, indexed or
     left in incoming/ (no restart needed to clean up)."""
     box = appliance_factory()
     ds = make_instance("cut-off", 1, 1, 1, Series("CT", 1, 512, 512))
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
-    assert assoc.is_established
-    request = C_STORE()
-    request.MessageID, request.Priority = 1, 0
-    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    assoc = ct_association(box)
+    request = store_request(ds, 1)
     request.DataSet = io.BytesIO(encode(ds, False, True))
     message = C_STORE_RQ()
     message.primitive_to_message(request)
@@ -151,14 +164,9 @@ def test_a_c_store_request_without_a_data_set_is_answered_cannot_understand(appl
     a line in the journal, not an exception in the handler (and 0xC211); the association goes on."""
     box = appliance_factory()
     ds = make_instance("no-data-set", 1, 1, 1, Series("CT", 1, 16, 16))
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
-    assert assoc.is_established
+    assoc = ct_association(box)
     try:
-        request = C_STORE()
-        request.MessageID, request.Priority = 7, 0
-        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        request = store_request(ds, 7)
         assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)  # no DataSet: type 0101H
         _, response = assoc.dimse.get_msg(block=True)
         assert response is not None and int(response.Status) == 0xC000, response
