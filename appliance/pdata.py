@@ -112,8 +112,10 @@ def c_store_request(elements: dict[int, bytes]) -> C_STORE | None:
         return None
     message_id, priority = _us(elements, 0x0110), _us(elements, 0x0700)
     sop_class, sop_instance = _text(elements, 0x0002), _text(elements, 0x1000)
-    if message_id is None or priority is None or not sop_class or not sop_instance:
+    if message_id is None or not sop_class or not sop_instance:
         return None
+    if priority is None:  # required, but what it says changes nothing here: taken as MEDIUM
+        priority = 0x0000
     request = C_STORE()
     request.MessageID = message_id
     request.AffectedSOPClassUID = sop_class
@@ -212,6 +214,11 @@ class StoreReceiver:
                 assoc.dimse.msg_queue.put((context_id, response))  # as pynetdicom's receive_primitive does
             return True
         if request is None:
+            if _us(elements, 0x0100) == _C_STORE_RQ and _us(elements, 0x0800) not in (None, _NO_DATA_SET):
+                # Without these there is no answering it (pynetdicom would leave the sender
+                # waiting for a response, or fail in its state machine): abort, as DCMTK does.
+                self._abort("a C-STORE request without its Message ID or its Affected SOP Class or Instance UID")
+                return True
             return False
         received = start_received_file(FileMeta(
             str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), context.transfer_syntax[0]))

@@ -22,7 +22,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import _config, evt
+from pynetdicom import _config, acse, evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -137,6 +137,7 @@ def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Box]:
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", _config.UNRESTRICTED_STORAGE_SERVICE)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(acse, "negotiate_unrestricted", acse.negotiate_unrestricted)
     # pynetdicom's narration (bound when its logger shows INFO) keeps pynetdicom's path: quiet it
     pynetdicom_log = logging.getLogger("pynetdicom")
     level = pynetdicom_log.level
@@ -263,6 +264,32 @@ def test_a_fragment_out_of_place_aborts_and_leaves_nothing(box: _Box) -> None:
         time.sleep(0.05)
     assert assoc.is_aborted
     assert box.incoming() == [] and box.rows() == {}
+
+
+def test_a_store_request_without_its_message_id_aborts_and_leaves_nothing(box: _Box) -> None:
+    """A C-STORE-RQ with a data set but no Message ID cannot be answered (pynetdicom would leave
+    the sender waiting for a response for ever): the association is aborted, as DCMTK does. One
+    without its Priority (required, but it changes nothing here) is stored."""
+    assoc = _associate(box.port)
+    cx = _context_id(assoc, CTImageStorage)
+    unprioritised, unnumbered = (make_instance("pdata", 1, 1, n, CT_SLICE) for n in (5, 6))
+
+    def without(ds: pydicom.Dataset, message_id: int, element: int) -> bytes:
+        elements = pdata.decode_command(_command(ds, message_id))
+        del elements[element], elements[0x0000]
+        body = b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in sorted(elements.items()))
+        return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+    data = _encoded(unprioritised)
+    rsp = _exchange(assoc, [_pdu(_pdv(cx, 0x03, without(unprioritised, 1, 0x0700)), _pdv(cx, 0x02, data))])
+    assert rsp is not None and rsp.Status == 0x0000
+    rsp = _exchange(assoc, [_pdu(_pdv(cx, 0x03, without(unnumbered, 2, 0x0110)), _pdv(cx, 0x02, _encoded(unnumbered)))])
+    assert rsp is None
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert set(box.rows()) == {unprioritised.SOPInstanceUID} and box.incoming() == []
 
 
 def test_associations_that_report_their_pdus_keep_pynetdicoms_path(box: _Box) -> None:
