@@ -165,6 +165,11 @@ def test_a_c_store_request_without_a_data_set_is_answered_cannot_understand(appl
     box = appliance_factory()
     ds = make_instance("no-data-set", 1, 1, 1, Series("CT", 1, 16, 16))
     assoc = ct_association(box)
+    # Hold the association's own loop off the DIMSE queue (as its send_*() do), or it takes
+    # the response as an unexpected message before this test can.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
     try:
         request = store_request(ds, 7)
         assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)  # no DataSet: type 0101H
@@ -172,6 +177,7 @@ def test_a_c_store_request_without_a_data_set_is_answered_cannot_understand(appl
         assert response is not None and int(response.Status) == 0xC000, response
         assert assoc.is_established
     finally:
+        assoc._reactor_checkpoint.set()
         assoc.release()
     assert "its C-STORE request carries no data set" in box.log()
     assert "Traceback" not in box.log()
