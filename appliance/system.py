@@ -41,6 +41,21 @@ def setup_logging(level: str = "info") -> None:
     pynetdicom_log.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
     for log_handler in root.handlers:
         log_handler.addFilter(_drop_pynetdicom_logging_bug)
+        log_handler.addFilter(_demote_pynetdicom_outage_errors)
+
+
+# What pynetdicom logs at ERROR when a peer is down or says no: an ordinary outage for a box
+# behind a VPN, which the forwarder reports itself (a WARNING naming the destination, the
+# reason and the retry), and `appliance echo` in its answer. Shown at INFO beside it.
+_PYNETDICOM_OUTAGE = ("Association request failed: unable to connect to remote", "TCP Initialisation Error:",
+                      "Association Rejected", "Result: Rejected", "Reason: ", "Association Aborted")
+
+
+def _demote_pynetdicom_outage_errors(record: logging.LogRecord) -> bool:
+    if record.levelno == logging.ERROR and record.name.startswith("pynetdicom") \
+            and str(record.msg).startswith(_PYNETDICOM_OUTAGE):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
 
 
 def _drop_pynetdicom_logging_bug(record: logging.LogRecord) -> bool:

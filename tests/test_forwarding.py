@@ -796,6 +796,10 @@ def test_association_rejected_permanently_is_dead_transiently_is_retried(applian
             [dict(a) for a in rows]
         assert rows[-1]["error"] == ("association rejected permanently by the service user (the peer's"
                                      " application): no reason given (result 1, source 1, reason 1)"), rows[-1]["error"]
+    # pynetdicom's own account of a rejection stays in the journal, at INFO: the appliance's
+    # WARNING says it, and an ordinary outage is no ERROR.
+    assert re.search(r" INFO +pynetdicom\.acse: Association Rejected", box.log()), box.log()[-3000:]
+    assert not re.search(r" ERROR +pynetdicom\.\w+: (Association Rejected|Result: |Reason: )", box.log())
     wait_until(lambda: sum(len(r) for r in attempts(box, "busy").values()) >= 2 * len(ids), 20,
                lambda: f"a busy destination was not retried: {queue_of(box, 'busy')}")
     assert {a["outcome"] for rows in attempts(box, "busy").values() for a in rows} == {"retry"}
