@@ -306,6 +306,9 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
                 known = ", ".join(config.destinations) or "none are configured"
                 ctx.error(_find(root, "routes", i, "send_to", j), f"routes[{i}].send_to[{j}]",
                           f'unknown destination "{name}" (destinations: {known})')
+            elif name in route.send_to[:j]:
+                ctx.error(_find(root, "routes", i, "send_to", j), f"routes[{i}].send_to[{j}]",
+                          f'"{name}" is listed twice (an instance goes to a destination once)')
         if route.discard and route.send_to:
             ctx.error(_find(root, "routes", i, "discard"), f"routes[{i}].discard",
                       "a rule cannot both discard and send_to")

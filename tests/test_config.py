@@ -115,6 +115,9 @@ BAD = [
     ("unknown destination in route", "destinations:\n  central: {ae_title: PACS, host: h, port: 104}\n"
      "routes:\n  - send_to: [central, archive]\n",
      '4:24: routes[0].send_to[1]: unknown destination "archive" (destinations: central)'),
+    ("destination listed twice", "destinations:\n  central: {ae_title: PACS, host: h, port: 104}\n"
+     "routes:\n  - send_to: [central, central]\n",
+     '4:24: routes[0].send_to[1]: "central" is listed twice (an instance goes to a destination once)'),
     ("route to nothing configured", "routes:\n  - send_to: [central]\n",
      '2:15: routes[0].send_to[0]: unknown destination "central" (destinations: none are configured)'),
     ("routes not a list", "routes: {send_to: central}\n", "1:1: routes: expected a list, got a mapping"),
