@@ -256,7 +256,11 @@ def hold_data_directory(root: Path) -> int:
     would take that box's receptions in progress, and files it has just admitted and is about
     to acknowledge, for leftovers and delete them. Returns the lock's file descriptor."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "run.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    path = root / "run.lock"
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), True
+    except PermissionError:  # another user's (a run as root once): flock needs only to read it
+        fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -264,8 +268,9 @@ def hold_data_directory(root: Path) -> int:
         os.close(fd)
         raise StartupError(f"another appliance{f' (pid {holder})' if holder.isdigit() else ''} is running on the"
                            f" data directory {root}: not starting") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 

@@ -5,11 +5,13 @@ the software) leaves no orphan behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -267,3 +269,41 @@ def test_start_up_clears_leftovers_only_once_an_import_in_progress_has_finished(
     assert box.notify is not None
     box.notify.wait_for("READY=1", 60, box.process)
     assert not copy.exists()
+
+
+def test_the_data_directory_lock_made_by_another_user_is_still_taken(tmp_path: Path) -> None:
+    """run.lock left by a run as root (read-only to the service's user): the service's own
+    start takes the lock all the same, and a second run is still refused. (A child of this
+    process becomes another user: the Python it runs may be where that user cannot read.)"""
+    from appliance.app import StartupError, hold_data_directory
+
+    if os.geteuid() != 0:
+        raise AssertionError("this test runs as root (as CI does): it needs a second user")
+    # Where the other user can reach it (pytest's own directories are root's alone).
+    data = Path(tempfile.mkdtemp(prefix="run-lock-", dir="/tmp"))
+    cleanup = ExitStack()
+    cleanup.callback(shutil.rmtree, data, True)
+    (data / "run.lock").write_text("1\n")
+    os.chmod(data, 0o777)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        outcome = "?"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            hold_data_directory(data)
+            try:
+                hold_data_directory(data)
+                outcome = "held twice"
+            except StartupError:
+                outcome = "held, and refused a second"
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the parent reports it
+            outcome = f"failed: {exc!r}"
+        finally:
+            os.write(write, outcome.encode())
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with cleanup, os.fdopen(read) as reported:
+        assert reported.read() == "held, and refused a second"
