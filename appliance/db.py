@@ -886,9 +886,18 @@ class Database:
         return total, rows
 
     def holds(self) -> list[sqlite3.Row]:
-        """Stable-study holds; ``release_at`` is on the schedule clock."""
-        return self.query("SELECT study_instance_uid, destination, release_at, state FROM holds"
-                          " ORDER BY state DESC, release_at")
+        """Stable-study holds; ``release_at`` is on the schedule clock. A waiting one also has
+        its study's patient and how many of its instances it holds (``held``): what a
+        technician recognises it by."""
+        return self.query(
+            "SELECT study_instance_uid, destination, release_at, state,"
+            " CASE WHEN state = 'waiting' THEN (SELECT max(patient_name) FROM instances i"
+            "  WHERE i.study_instance_uid = h.study_instance_uid) END AS patient_name,"
+            " CASE WHEN state = 'waiting' THEN (SELECT max(patient_id) FROM instances i"
+            "  WHERE i.study_instance_uid = h.study_instance_uid) END AS patient_id,"
+            " CASE WHEN state = 'waiting' THEN (SELECT count(*) FROM deliveries d WHERE d.destination = h.destination"
+            "  AND d.study_instance_uid = h.study_instance_uid AND d.state = 'held') END AS held"
+            " FROM holds h ORDER BY state DESC, release_at")
 
     def count_unrouted(self) -> int:
         return int(self.query(

@@ -45,7 +45,8 @@ def queue_report(config: Config, as_json: bool = False, dead: int = 0) -> str:
         return json.dumps({
             "destinations": [{**s.__dict__, "configured": configured[s.name]} for s in summaries],
             "holds": [{"study_instance_uid": h["study_instance_uid"], "destination": h["destination"],
-                       "release_at": wall, "releases_in": max(0.0, h["release_at"] - now), "state": h["state"]}
+                       "release_at": wall, "releases_in": max(0.0, h["release_at"] - now), "state": h["state"],
+                       "patient_name": h["patient_name"], "patient_id": h["patient_id"], "held": h["held"]}
                       for h, wall in zip(holds, release_walls, strict=True)],
             "unrouted": unrouted,
             **({"dead_letters": letters, "dead_letters_total": dead_total} if dead else {}),
@@ -69,7 +70,8 @@ def queue_report(config: Config, as_json: bool = False, dead: int = 0) -> str:
         lines.append("")
         lines.append("studies waiting to become stable:")
         for h in waiting:
-            lines.append(f"  {h['study_instance_uid']} -> {h['destination']}: releases in "
+            lines.append(f"  {h['patient_name'] or '-'} ({h['patient_id'] or '-'}), {h['held']} instance(s) of"
+                         f" {h['study_instance_uid']} -> {h['destination']}: releases in "
                          f"{_age(max(0.0, h['release_at'] - now))}")
     lines.append(f"\n{unrouted} unrouted instance(s) in the cache (matched no rule that sends them anywhere)")
     if dead:

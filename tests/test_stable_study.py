@@ -103,7 +103,11 @@ def test_stability_timer_is_per_destination(appliance_factory, stack, tmp_path) 
     last = send(box, files)
     wait_until(lambda: len(fast.stored()) >= len(files), 10, lambda: f"fast not released: {queue(box)}")
     assert slow.receptions() == []
-    assert holds(box, study_uid(files[0]))["slow"]["state"] == "waiting"
+    waiting = holds(box, study_uid(files[0]))["slow"]
+    assert waiting["state"] == "waiting" and waiting["held"] == len(files)
+    patient = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert (waiting["patient_name"], waiting["patient_id"]) == (str(patient.PatientName), patient.PatientID)
+    assert f"{patient.PatientName} ({patient.PatientID}), {len(files)} instance(s) of" in box.cli("queue").stdout
     wait_until(lambda: len(slow.stored()) >= len(files), 15, lambda: f"slow not released: {queue(box)}")
     assert slow.stored()[0].at >= last + 5 - 0.5
     assert fast.stored()[-1].at < slow.stored()[0].at
