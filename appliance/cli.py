@@ -167,6 +167,27 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_move(args: argparse.Namespace) -> int:
+    from .db import open_database
+    from .wakeup import Nudger
+
+    config = _load_or_exit(args)
+    if args.old in config.destinations:
+        print(f'"{args.old}" is still configured: rename or remove it in the file first', file=sys.stderr)
+        return 2
+    if args.new not in config.destinations:
+        print(f'unknown destination "{args.new}" (destinations: {", ".join(config.destinations) or "none"})',
+              file=sys.stderr)
+        return 2
+    _as_data_owner(config.storage.root)
+    moved, kept = open_database(config.storage.root).move_deliveries(args.old, args.new)
+    if moved:
+        Nudger(config.storage.root).nudge()
+    print(f"{moved} instance(s) waiting for {args.old} now wait for {args.new}"
+          + (f"; {kept} that {args.new} already has (or is sending) stay with {args.old}" if kept else ""))
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from .queue import import_files
 
@@ -248,6 +269,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("destination", nargs="?")
     p.add_argument("--all", action="store_true", help="every destination")
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("move", parents=[common],
+                       help="give what waits for a destination no longer configured (renamed) to another")
+    p.add_argument("old", help="the destination's old name")
+    p.add_argument("new", help="a configured destination")
+    p.set_defaults(func=cmd_move)
 
     p = sub.add_parser("send", parents=[common], help="import DICOM files into the cache and route or send them")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories (recursed)")

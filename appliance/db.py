@@ -818,6 +818,31 @@ class Database:
                           " GROUP BY destination")
         return {str(name): int(count) for name, count in rows if name not in configured}
 
+    def move_deliveries(self, old: str, new: str) -> tuple[int, int]:
+        """Give ``new`` what waits for ``old`` (a destination renamed or removed in the file):
+        its pending, held and dead deliveries start over there, due now (``old``'s backoff and
+        attempts were another destination's); a study waiting to be stable for ``old`` waits
+        for ``new``. What ``old`` delivered stays its history. An instance ``new`` already has
+        a delivery of keeps its ``old`` one, where it was. Returns (moved, kept)."""
+        now = self.schedule_now()
+        waiting = "('pending', 'held', 'dead')"
+        with self.transaction() as conn:
+            moved = conn.execute(
+                "UPDATE OR IGNORE deliveries SET destination = :new,"
+                " state = CASE WHEN state = 'held' THEN 'held' ELSE 'pending' END, attempts = 0,"
+                " next_attempt_at = :now, requeued_at = :now, deferred = 0, maybe_sent = 0, on_wire = 0"
+                f" WHERE destination = :old AND state IN {waiting}", {"new": new, "old": old, "now": now}).rowcount
+            kept = conn.execute(f"SELECT count(*) FROM deliveries WHERE destination = ? AND state IN {waiting}",
+                                (old,)).fetchone()[0]
+            conn.execute("UPDATE OR IGNORE holds SET destination = ? WHERE destination = ? AND state = 'waiting'",
+                         (new, old))
+            conn.execute("DELETE FROM holds WHERE destination = ? AND state = 'waiting'", (old,))
+            # Held for a study whose hold there is released already (or was not moved): send now.
+            conn.execute("UPDATE deliveries SET state = 'pending' WHERE destination = ? AND state = 'held'"
+                         " AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.destination = deliveries.destination"
+                         " AND h.study_instance_uid = deliveries.study_instance_uid AND h.state = 'waiting')", (new,))
+        return int(moved), int(kept)
+
     def has_deliveries(self, destination: str) -> bool:
         """Whether any delivery (in any state) is to ``destination``."""
         return bool(self.query("SELECT 1 FROM deliveries WHERE destination = ? LIMIT 1", (destination,)))

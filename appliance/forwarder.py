@@ -187,7 +187,8 @@ class Forwarder:
         # so where the admin looks after a reload, not only in `appliance queue`.
         for name, waiting in self.db.waiting_for_others(config.destinations).items():
             log.warning("destination %s is no longer configured: %d instance(s) not delivered there wait for it,"
-                        " and go out once it is configured again under that name", name, waiting)
+                        " and go out once it is configured again under that name (or `appliance move %s NEW`)",
+                        name, waiting, name)
         self.wake()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -486,3 +486,27 @@ def test_a_deferred_delivery_goes_after_the_others_of_its_study_and_of_the_next(
     db.unclaim(again[2:])
     assert [w.sop_instance_uid for w in db.claim("a", now + 1, 10)] == ["1.2.3.1"]
     db.close()
+
+
+def test_moving_a_renamed_destination_s_queue_to_its_new_name(tmp_path: Path) -> None:
+    """``appliance move old new``: pending, dead and held deliveries of ``old`` start over at
+    ``new`` (a waiting study keeps waiting there); what ``old`` delivered stays its history;
+    an instance ``new`` already has keeps its ``old`` delivery."""
+    db = Database(tmp_path / "appliance.db")
+    for uid in (0, 5):  # study 1.2.9.0: delivered to old, then pending
+        db.store_instance(instance(uid, 1, 100.0, {"status": "routed"}), None, [Delivery("old")])
+    (first, second) = db.claim("old", db.schedule_now() + 10**9, 10)
+    db.finish(first, "delivered", 0, None)
+    db.finish(second, "dead", 0xA900, "refused")
+    db.store_instance(instance(1, 1, 100.0, {"status": "routed"}), None, [Delivery("old", stable_after=60.0)])
+    db.store_instance(instance(2, 1, 100.0, {"status": "routed"}), None, [Delivery("old"), Delivery("new")])
+    assert db.move_deliveries("old", "new") == (2, 1)
+    rows = {(r["sop_instance_uid"], r["destination"]): (r["state"], r["attempts"]) for r in db.query(
+        "SELECT i.sop_instance_uid, d.destination, d.state, d.attempts FROM deliveries d"
+        " JOIN instances i ON i.id = d.instance_id")}
+    assert rows == {("1.2.3.0", "old"): ("delivered", 1), ("1.2.3.5", "new"): ("pending", 0),
+                    ("1.2.3.1", "new"): ("held", 0), ("1.2.3.2", "old"): ("pending", 0),
+                    ("1.2.3.2", "new"): ("pending", 0)}
+    assert [(r["study_instance_uid"], r["destination"], r["state"]) for r in db.holds()] == [
+        ("1.2.9.1", "new", "waiting")]
+    db.close()

@@ -187,6 +187,14 @@ def test_queue_marks_a_destination_that_is_no_longer_configured(appliance_factor
     wait_until(lambda: "destination old is no longer configured: 2 instance(s) not delivered there wait for it"
                in box.log(), 10, lambda: box.log()[-2000:])
     assert "destination central is no longer configured" not in box.log()
+    # It was renamed, say: what waits for it goes to the new name.
+    refused = box.cli("move", "central", "old", check=False)
+    assert refused.returncode == 2 and "still configured" in refused.stderr, refused.stderr
+    assert box.cli("move", "old", "central").stdout.strip() == (
+        "1 instance(s) waiting for old now wait for central; 1 that central already has (or is sending) stay with old")
+    entries = {d["name"]: d for d in json.loads(box.cli("queue", "--json").stdout)["destinations"]}
+    assert entries["old"]["pending"] == 1 and entries["central"]["pending"] + entries["central"]["in_flight"] == 2, \
+        entries
 
 
 def test_a_damaged_deflated_data_set_is_refused_as_unreadable(tmp_path) -> None:
