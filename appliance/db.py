@@ -493,8 +493,9 @@ class Database:
                                  " maybe_sent = :identical"
                                  " WHERE instance_id = :instance_id AND state = 'in_flight'",
                                  {"now": scheduled, "instance_id": instance_id, "identical": int(identical)})
-                    conn.execute("UPDATE deliveries SET maybe_sent = 0 WHERE instance_id = ? AND state != 'delivered'",
-                                 (instance_id,))
+                    if not identical:  # the new version is at none of them
+                        conn.execute("UPDATE deliveries SET maybe_sent = 0 WHERE instance_id = ?"
+                                     " AND state != 'delivered'", (instance_id,))
                 if existed and rerouted:
                     keep = [d.destination for d in deliveries]
                     stale = conn.execute(

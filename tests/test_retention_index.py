@@ -510,3 +510,17 @@ def test_moving_a_renamed_destination_s_queue_to_its_new_name(tmp_path: Path) ->
     assert [(r["study_instance_uid"], r["destination"], r["state"]) for r in db.holds()] == [
         ("1.2.9.1", "new", "waiting")]
     db.close()
+
+
+def test_the_same_bytes_sent_to_one_destination_stay_maybe_sent_to_the_others(tmp_path: Path) -> None:
+    """As above, but the file `appliance send --to b` brings is the very version that had no
+    answer from ``a``: ``a`` may have it still, and a 0x0111 from it counts as delivered."""
+    db = Database(tmp_path / "appliance.db")
+    first = instance(1, 1, 100.0, {"status": "routed"})
+    db.store_instance(first, None, [Delivery("a")])
+    (work,) = db.claim("a", db.schedule_now() + 10**9, 10)
+    db.finish(work, "unknown", None, "no response", db.schedule_now())
+    again = dataclasses.replace(first, path="/cache/1.again.dcm", received_at=200.0)
+    db.store_instance(again, db.find_instance("1.2.3.1"), [Delivery("b")], rerouted=False)
+    assert {r[0]: r[1] for r in db.query("SELECT destination, maybe_sent FROM deliveries")} == {"a": 1, "b": 0}
+    db.close()
