@@ -245,6 +245,9 @@ _NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM d
                   " WHERE destination = ? AND state = 'in_flight')")
 
 
+# A claimed delivery's request is going out (Database.sending, and finish's ``following``).
+_ON_WIRE = "UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'"
+
 # A delivery of a new version of its instance (a replacement) starts over: due now (``:now``,
 # schedule clock), nothing attempted, nothing delivered. The same whether the rules queued it
 # again or it was in flight when `appliance send --to` replaced the file it was sending.
@@ -733,7 +736,7 @@ class Database:
     def sending(self, work: Work) -> None:
         """Its request is going out (see :meth:`requeue_in_flight`). Not fsync'd, as :meth:`claim`."""
         with self.transaction(durable=False) as conn:
-            conn.execute("UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'", (work.delivery_id,))
+            conn.execute(_ON_WIRE, (work.delivery_id,))
 
     def unclaim(self, works: Sequence[Work]) -> None:
         """Deliveries claimed but not attempted go back to pending, with no attempt counted —
@@ -809,8 +812,7 @@ class Database:
                 conn.execute("UPDATE deliveries SET last_failure = ? WHERE id = ?",
                              (recorded.lastrowid, work.delivery_id))
             if following is not None:
-                conn.execute("UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'",
-                             (following.delivery_id,))
+                conn.execute(_ON_WIRE, (following.delivery_id,))
         return applied
 
     def waiting_for_others(self, configured: Collection[str]) -> dict[str, int]:
