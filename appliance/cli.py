@@ -11,8 +11,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `appliance queue` starts fast
+    from .config import Config
 
 DEFAULT_CONFIG = "/etc/appliance/appliance.yaml"
 
@@ -29,6 +33,12 @@ def _load_or_exit(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(1) from exc
+
+
+def _unknown_destination(config: Config, name: str) -> int:
+    """Say that ``name`` is no destination of ``config``; the exit status for it."""
+    print(f'unknown destination "{name}" (destinations: {", ".join(config.destinations) or "none"})', file=sys.stderr)
+    return 2
 
 
 def _as_data_owner(root: Path, for_good: bool = True) -> Callable[[], AbstractContextManager[object]]:
@@ -156,9 +166,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     db = open_database(config.storage.root)
     if not args.all and args.destination not in config.destinations and not db.has_deliveries(args.destination):
         # A destination no longer configured that still has items is retried like any other.
-        print(f'unknown destination "{args.destination}" (destinations: {", ".join(config.destinations) or "none"})',
-              file=sys.stderr)
-        return 2
+        return _unknown_destination(config, args.destination)
     count = db.retry_dead(None if args.all else args.destination)
     if count:
         Nudger(config.storage.root).nudge()  # the forwarder sends them now, not at its next look
@@ -176,9 +184,7 @@ def cmd_move(args: argparse.Namespace) -> int:
         print(f'"{args.old}" is still configured: rename or remove it in the file first', file=sys.stderr)
         return 2
     if args.new not in config.destinations:
-        print(f'unknown destination "{args.new}" (destinations: {", ".join(config.destinations) or "none"})',
-              file=sys.stderr)
-        return 2
+        return _unknown_destination(config, args.new)
     _as_data_owner(config.storage.root)
     moved, kept = open_database(config.storage.root).move_deliveries(args.old, args.new)
     if moved:
@@ -193,9 +199,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args)
     if args.to and args.to not in config.destinations:
-        print(f'unknown destination "{args.to}" (destinations: {", ".join(config.destinations) or "none"})',
-              file=sys.stderr)
-        return 2
+        return _unknown_destination(config, args.to)
     # Loaded before the ids change: a Python installed where the data's owner cannot read (a
     # development box's pyenv under /root) could not load it afterwards.
     from . import diskfile  # noqa: F401
