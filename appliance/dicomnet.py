@@ -18,16 +18,19 @@ sent, so streaming a large file to a slow peer keeps memory flat.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
+import ssl
 import struct
 import time
 import types
 from typing import Any
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from . import hotpath, reactor
 
@@ -44,7 +47,103 @@ def application_entity(ae_title: str) -> AE:
     hotpath.install()
     narrated = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
     _config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
-    return AE(ae_title=ae_title)
+    return _ApplicationEntity(ae_title=ae_title)
+
+
+class _ApplicationEntity(AE):
+    """An AE whose outgoing associations remember why their connection failed."""
+
+    def _create_socket(self, assoc: Association, address: AddressInformation,
+                       tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
+        sock = _AssociationSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
+class _TellingSocket(socket.socket):
+    """A TCP socket that keeps the error its ``connect`` failed with (and whether it connected)."""
+
+    connect_error: OSError | None = None
+    connected = False
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except OSError as exc:
+            self.connect_error = exc
+            raise
+        self.connected = True
+
+
+class TellingTLSSocket(ssl.SSLSocket):
+    """The same for TLS (an ``SSLContext.sslsocket_class``): a failed handshake too."""
+
+    connect_error: OSError | None = None
+    connected = False
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except OSError as exc:
+            self.connect_error = exc
+            raise
+        self.connected = True
+
+
+_RawSocket = socket.socket  # the module, not the property below, in the class's annotations
+
+
+class _AssociationSocket(AssociationSocket):
+    """pynetdicom's requestor socket, keeping the last socket it used. pynetdicom logs why a
+    connection failed and drops both the error and the socket; "refused" or "timed out" is what
+    tells an admin whether the PACS or the link to it is down."""
+
+    last_socket: _RawSocket | None = None
+
+    @property  # type: ignore[override]
+    def socket(self) -> _RawSocket | None:
+        return self._socket
+
+    @socket.setter
+    def socket(self, value: _RawSocket | None) -> None:
+        self._socket = value
+        if value is not None:
+            self.last_socket = value
+
+    def _create_socket(self, address: AddressInformation) -> _RawSocket:
+        # pynetdicom's own, but of the class that remembers its connect's error.
+        family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
+        sock = _TellingSocket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.assoc.network_timeout is not None:
+            sock.settimeout(self.assoc.network_timeout)
+        sock.bind(address.as_tuple)
+        self._is_connected = False
+        return sock
+
+
+def why_not_associated(assoc: Association, where: str, timeout: float | None) -> str:
+    """Why an association we requested was neither established nor rejected, for an admin:
+    the connection refused, unanswered (``timeout``: the connection timeout), failed otherwise,
+    or made and then closed or left unanswered by the peer."""
+    sock = assoc.dul.socket
+    last = sock.last_socket if isinstance(sock, _AssociationSocket) else None
+    error = getattr(last, "connect_error", None)
+    connected = bool(getattr(last, "connected", False))
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection to {where} refused: nothing listens on that port (the PACS is not running?)"
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return (f"no answer from {where} within {timeout:g} s: the host is down or cannot be reached"
+                " (the VPN or a firewall)" if timeout else f"no answer from {where}")
+    if isinstance(error, ssl.SSLError):
+        return f"TLS with {where} failed: {error.reason or error}"
+    if isinstance(error, OSError):
+        text = error.strerror or errno.errorcode.get(error.errno or 0) or str(error)
+        return f"cannot connect to {where}: {text}"
+    if connected:
+        return (f"connected to {where}, but no association: the peer closed the connection or did not"
+                " answer the request in time (is it a DICOM service?)")
+    return f"no association with {where} (refused, timed out or aborted)"
 
 
 # A PDU length comes from the peer: never allocate more than this up front on its word alone.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .dicomnet import application_entity, tune_socket
+from .dicomnet import application_entity, tune_socket, why_not_associated
 from .statuses import describe_rejection
 
 
@@ -19,7 +19,7 @@ def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout:
     if assoc.is_rejected:
         return False, f"{where}: {describe_rejection(assoc.acceptor.primitive)}"
     if not assoc.is_established:
-        return False, f"{where}: no association (connection refused, timed out or aborted)"
+        return False, why_not_associated(assoc, where, timeout)
     try:
         status = assoc.send_c_echo()
     finally:

@@ -43,7 +43,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from . import clock, hotpath, outgoing, rules, statuses, wakeup
 from .config import Config, Destination, Retry
 from .db import Database, Work
-from .dicomnet import application_entity, throttle_sends, tune_socket
+from .dicomnet import TellingTLSSocket, application_entity, throttle_sends, tune_socket, why_not_associated
 from .pdata import StoreReceiver
 from .store import Store
 
@@ -545,8 +545,8 @@ class Forwarder:
                                     f"{', '.join(UID(c).name for c in classes)} in the instance's own or an"
                                     " uncompressed transfer syntax", permanent=True)
         if not assoc.is_established:
-            raise AssociationFailed(f"no association with {destination.ae_title}@{destination.host}:"
-                                    f"{destination.port} (refused, timed out or aborted)")
+            raise AssociationFailed(why_not_associated(
+                assoc, f"{destination.ae_title}@{destination.host}:{destination.port}", destination.timeouts.connect))
         direct = StoreReceiver.attach(assoc)  # C-STORE responses taken by the DUL thread itself (pdata.py)
         proposed = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in contexts}
         now = time.monotonic()
@@ -736,6 +736,7 @@ def _ssl_context(destination: Destination) -> ssl.SSLContext:
     tls = destination.tls
     assert tls is not None
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    context.sslsocket_class = TellingTLSSocket  # why a handshake failed, for the queue and the journal
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -79,7 +79,9 @@ def test_forwarding_over_mutual_tls(appliance_factory, pki: Path, tmp_path: Path
         assert len(received) == 3, "only the destination whose certificate verifies may receive"
         assert queue["impostor"]["delivered"] == 0
         assert queue["impostor"]["pending"] + queue["impostor"]["in_flight"] == 3
-        assert "no association" in (queue["impostor"]["last_error"] or "")
+        # The reason an admin can act on: the PACS's certificate is not from the CA configured.
+        assert "TLS with TLSPACS@127.0.0.1:" in (queue["impostor"]["last_error"] or ""), queue["impostor"]
+        assert "CERTIFICATE_VERIFY_FAILED" in (queue["impostor"]["last_error"] or ""), queue["impostor"]
         # A TLS set-up that fails waits with the reason, like a destination that is down; it
         # neither becomes a dead letter nor stops the forwarder (which served "secure").
         assert queue["misconfigured"]["pending"] + queue["misconfigured"]["in_flight"] == 3

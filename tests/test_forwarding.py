@@ -200,6 +200,7 @@ def test_orthanc_down_mid_stream_everything_delivered_after_recovery(appliance_f
     wait_until(lambda: failed_attempts() >= 3, 30, "no failed attempts recorded while Orthanc was down")
     central = queue_of(box, "central")
     assert central["pending"] + central["in_flight"] > 0 and central["last_error"], central
+    assert f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port} refused" in central["last_error"], central
     time.sleep(2)  # a few more retries against a PACS that is down
     orthanc.start()
 
