@@ -338,6 +338,8 @@ class Appliance:
         if new is None:
             return False
         warn_restart_needed(self.config, new)
+        for advice in new.advice:
+            log.warning("%s", advice.as_warning())
         if new.logging.level != self.config.logging.level:
             system.setup_logging(new.logging.level)
         self.config = keeping_restart_only(self.config, new)
@@ -359,6 +361,8 @@ def run(config_path: Path) -> int:
             log.error("%s", problem)
         return 1
     system.setup_logging(config.logging.level)
+    for advice in config.advice:
+        log.warning("%s", advice.as_warning())
     signals = system.Signals()
     signals.install()
     appliance = Appliance(config, config_path)

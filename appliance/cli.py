@@ -96,10 +96,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     path = args.file or _config_path(args)
     try:
-        load(path)
+        config = load(path)
     except ConfigError as exc:
         print(exc)
         return 1
+    for advice in config.advice:
+        print(advice.as_warning())
     print(f"{path}: OK")
     return 0
 

@@ -219,6 +219,9 @@ class Config:
     source: str = field(default="", metadata={"internal": True})
     # The text it was read from: what the main process hands its children (app.py).
     text: str = field(default="", repr=False, compare=False, metadata={"internal": True})
+    # What is valid but most likely not what the admin meant: shown by check-config, and
+    # logged as warnings when the box starts or reloads the file.
+    advice: tuple[Problem, ...] = field(default=(), repr=False, compare=False, metadata={"internal": True})
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def loads(text: str, filename: str = "<config>", base_dir: Path | None = None) -
     storage = config.storage
     if base_dir is not None and not Path(storage.path).is_absolute():
         storage = Storage(path=str((base_dir / storage.path).resolve()), disk=storage.disk)
-    return _replace(config, storage=storage, source=filename, text=text)
+    return _replace(config, storage=storage, source=filename, text=text, advice=tuple(_advice(config, root, filename)))
 
 
 def load(path: str | Path) -> Config:
@@ -329,6 +332,25 @@ def _cross_check(config: Config, root: Node, ctx: Context) -> None:
             section, name = key.split(".")
             ctx.error(_find(root, section, name), key, f"port {port} is also used by {seen[port]}")
         seen[port] = key
+
+
+def _advice(config: Config, root: Node, filename: str) -> list[Problem]:
+    """What the box would run with but the admin most likely did not mean: a destination no
+    rule sends to (a send_to misspelt, or dropped in an edit), and rules that are never
+    evaluated because a rule above matches everything and stops there."""
+    ctx = Context(filename)
+    used = {name for route in config.routes for name in route.send_to}
+    for name in config.destinations:
+        if name not in used:
+            ctx.error(_find(root, "destinations", name), f"destinations.{name}",
+                      f"no rule sends to it: only `appliance send --to {name}` will")
+    catch_all = next((i for i, route in enumerate(config.routes) if route.when is None and not route.continue_), None)
+    if catch_all is not None:
+        for j in range(catch_all + 1, len(config.routes)):
+            ctx.error(_find(root, "routes", j), f"routes[{j}]",
+                      f"never evaluated: routes[{catch_all}] above has no `when`, so it matches every instance,"
+                      " and it has no `continue: true`")
+    return ctx.problems
 
 
 def _check_backoff(retry: Retry | PrintRetry, root: Node, keys: tuple[str, ...], ctx: Context) -> None:

@@ -54,6 +54,10 @@ class Problem:
         where = f"{self.file}:{self.line}:{self.column}"
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
+    def as_warning(self) -> str:
+        """The same, for something the file may mean (the box runs with it)."""
+        return f"{self.file}:{self.line}:{self.column}: warning: {self.path}: {self.message}"
+
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; ``problems`` lists every reason."""

@@ -301,6 +301,43 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert from_env.returncode == 0 and from_env.stdout.strip() == f"{good}: OK", from_env.stdout + from_env.stderr
 
 
+def test_valid_but_unlikely_meant_is_a_warning_at_its_line(tmp_path: Path) -> None:
+    """A destination no rule sends to, and rules below a rule that matches everything and stops
+    there: the box runs with the file (exit 0), and check-config and the journal say what is
+    likely a slip, at its line."""
+    path = tmp_path / "slips.yaml"
+    path.write_text(textwrap.dedent("""\
+        destinations:
+          central: {ae_title: PACS, host: 127.0.0.1, port: 4242}
+          archive: {ae_title: ARCH, host: 127.0.0.1, port: 4243}
+        routes:
+          - name: everything
+            send_to: [central]
+          - name: mammo to the archive
+            when: {Modality: MG}
+            send_to: [central]
+        """))
+    config = load(path)
+    assert [a.as_warning() for a in config.advice] == [
+        f"{path}:3:3: warning: destinations.archive: no rule sends to it: only `appliance send --to archive` will",
+        f"{path}:7:5: warning: routes[1]: never evaluated: routes[0] above has no `when`, so it matches every"
+        " instance, and it has no `continue: true`",
+    ]
+    checked = check_config(path)
+    assert checked.returncode == 0, checked.stdout
+    assert checked.stdout.splitlines() == [a.as_warning() for a in config.advice] + [f"{path}: OK"]
+    # A catch-all that goes on, or one placed last, is what an admin means by a default rule.
+    fine = loads(textwrap.dedent("""\
+        destinations:
+          central: {ae_title: PACS, host: 127.0.0.1, port: 4242}
+        routes:
+          - {send_to: [central], continue: true}
+          - {when: {Modality: MG}, send_to: [central]}
+          - {send_to: [central]}
+        """))
+    assert fine.advice == ()
+
+
 def test_check_config_names_the_place_of_what_yaml_itself_refuses(tmp_path: Path) -> None:
     """A control character, an unknown tag or a value its tag cannot take is an error at its line
     and column, never a traceback (the running box reads its file on SIGHUP the same way)."""
@@ -377,6 +414,20 @@ def test_invalid_reload_keeps_the_running_config(appliance_factory) -> None:
         time.sleep(0.1)
     assert echoscu(box.port, "OTHER", "EDGE").returncode == 0
     assert echoscu(box.port, "CT1", "EDGE").returncode != 0
+
+
+def test_the_journal_warns_of_a_slip_at_start_and_at_each_reload(appliance_factory) -> None:
+    spare = {"ae_title": "SPARE", "host": "127.0.0.1", "port": 4243}
+    box = appliance_factory({"destinations": {"spare": spare}})
+    warning = "warning: destinations.spare: no rule sends to it"
+    assert box.log().count(warning) == 1, box.log()
+    box.config_path.write_text(box.config_path.read_text() + "# edited\n")
+    box.reload()
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in box.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "configuration reloaded" in box.log() and box.log().count(warning) == 2, box.log()
+    assert f"WARNING appliance.app: {box.config_path}:" in box.log()
 
 
 def test_a_reload_keeps_what_applies_after_a_restart_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
