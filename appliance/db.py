@@ -203,6 +203,9 @@ MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE deliveries ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0",
      "CREATE INDEX deliveries_claim ON deliveries(destination, state, deferred, id)",
      "CREATE INDEX deliveries_study ON deliveries(destination, study_instance_uid, state, deferred, id)"],
+    # 13: the few transcoded deliveries, counted by `appliance queue` and the status page
+    # without reading every delivery row (see queue_summaries).
+    ["CREATE INDEX deliveries_transcoded ON deliveries(destination) WHERE transcoded = 1"],
 ]
 
 
@@ -866,23 +869,30 @@ class Database:
     def queue_summaries(self, destinations: Sequence[str]) -> list[QueueSummary]:
         """Every configured destination, and any other that still has deliveries."""
         now = self.schedule_now()
-        counts = {
-            row["destination"]: row for row in self.query(
-                "SELECT destination, sum(state = 'pending') AS pending, sum(state = 'held') AS held,"
-                " sum(state = 'in_flight') AS in_flight, sum(state = 'delivered') AS delivered,"
-                " sum(state = 'dead') AS dead, sum(transcoded) AS transcoded,"
-                " min(CASE WHEN state IN ('pending', 'in_flight') THEN created_at END) AS oldest"
-                " FROM deliveries GROUP BY destination")
-        }
+        # Counted from an index, never from the rows: a box keeps its deliveries for
+        # retention.keep_history_for, hundreds of thousands of them, and the status page asks
+        # every few seconds (400,000 deliveries: 250 ms from the rows, ~40 ms so).
+        counts: dict[str, dict[str, int]] = {}
+        for destination, state, count in self.query(
+                "SELECT destination, state, count(*) FROM deliveries INDEXED BY deliveries_claim"
+                " GROUP BY destination, state"):
+            counts.setdefault(destination, {})[state] = int(count)
+        transcoded: dict[str, int] = {
+            destination: int(count) for destination, count in self.query(
+                "SELECT destination, count(*) FROM deliveries INDEXED BY deliveries_transcoded"
+                " WHERE transcoded = 1 GROUP BY destination")}
         result = []
         for name in list(destinations) + sorted(set(counts) - set(destinations)):
-            row = counts.get(name)
-            last_error, last_error_at = self._last_failure(name) if row else (None, None)
+            states = counts.get(name, {})
+            oldest = self.query("SELECT min(created_at) FROM deliveries WHERE destination = ?"
+                                " AND state IN ('pending', 'in_flight')", (name,))[0][0] \
+                if states.get("pending") or states.get("in_flight") else None
+            last_error, last_error_at = self._last_failure(name) if states else (None, None)
             result.append(QueueSummary(
-                name=name, pending=int(row["pending"]) if row else 0, held=int(row["held"]) if row else 0,
-                in_flight=int(row["in_flight"]) if row else 0, delivered=int(row["delivered"]) if row else 0,
-                dead=int(row["dead"]) if row else 0, transcoded=int(row["transcoded"]) if row else 0,
-                oldest_pending_age=(now - row["oldest"]) if row and row["oldest"] is not None else None,
+                name=name, pending=states.get("pending", 0), held=states.get("held", 0),
+                in_flight=states.get("in_flight", 0), delivered=states.get("delivered", 0),
+                dead=states.get("dead", 0), transcoded=transcoded.get(name, 0),
+                oldest_pending_age=(now - oldest) if oldest is not None else None,
                 last_error=last_error, last_error_at=last_error_at,
             ))
         return result

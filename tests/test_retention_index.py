@@ -2,7 +2,7 @@
 grouping every cached instance's deliveries. What they return must be exactly what the
 definition says — and nothing owed to a destination, ever — after any sequence of receptions,
 replacements, claims, outcomes, retries and evictions, and for a cache that existed before
-the index did. And the history of evicted instances is forgotten after
+the index did. So must `appliance queue`'s counts, taken from indexes. And the history of evicted instances is forgotten after
 ``retention.keep_history_for``, never anything the box still owes or keeps."""
 
 from __future__ import annotations
@@ -34,6 +34,23 @@ REFERENCE = """
 
 def reference(db: Database, cut: float) -> list[tuple[int, str]]:
     return [(int(r[0]), str(r[1])) for r in db.query(REFERENCE, {"cut": cut})]
+
+
+# What `appliance queue` counts per destination, from the rows (what queue_summaries ran before
+# it counted from indexes).
+QUEUE_REFERENCE = """
+    SELECT destination, sum(state = 'pending'), sum(state = 'held'), sum(state = 'in_flight'),
+           sum(state = 'delivered'), sum(state = 'dead'), sum(transcoded),
+           min(CASE WHEN state IN ('pending', 'in_flight') THEN created_at END)
+    FROM deliveries GROUP BY destination ORDER BY destination
+"""
+
+
+def queue_counts(db: Database) -> list[tuple]:
+    now = db.schedule_now()
+    return [(s.name, s.pending, s.held, s.in_flight, s.delivered, s.dead, s.transcoded,
+             None if s.oldest_pending_age is None else round(now - s.oldest_pending_age, 3))
+            for s in db.queue_summaries(["b", "a"]) if s.name in ("a", "b")]
 
 
 def owed(db: Database) -> set[int]:
@@ -101,7 +118,8 @@ def test_the_index_finds_what_the_definition_says_after_any_history(tmp_path: Pa
             works = db.claim(rng.choice(["a", "b"]), db.schedule_now() + 10**9, rng.randint(1, 4))
             for work in works:
                 outcome = rng.choice(["delivered", "delivered", "delivered", "retry", "dead", "unknown"])
-                db.finish(work, outcome, 0 if outcome == "delivered" else 0xA700, None, db.schedule_now())
+                db.finish(work, outcome, 0 if outcome == "delivered" else 0xA700, None, db.schedule_now(),
+                          transcoded=outcome == "delivered" and rng.random() < 0.3)
         elif op < 0.8:
             db.retry_dead(rng.choice(["a", "b", None]))
         elif op < 0.85:
@@ -114,6 +132,9 @@ def test_the_index_finds_what_the_definition_says_after_any_history(tmp_path: Pa
             assert found == reference(db, cut)
             assert not {i for i, _ in found} & owed(db), "an instance still owed to a destination is evictable"
             checked += len(found)
+            expected = {row[0]: (*row[:-1], None if row[-1] is None else round(row[-1], 3))
+                        for row in db.query(QUEUE_REFERENCE)}
+            assert queue_counts(db) == [expected.get(name, (name, 0, 0, 0, 0, 0, 0, None)) for name in ("b", "a")]
             for instance_id, path in found[: rng.randint(0, 3)]:
                 assert db.mark_evicted(instance_id, path)
     for cut in (clock.now - 100, clock.now + 1):
