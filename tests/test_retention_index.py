@@ -2,8 +2,9 @@
 grouping every cached instance's deliveries. What they return must be exactly what the
 definition says — and nothing owed to a destination, ever — after any sequence of receptions,
 replacements, claims, outcomes, retries and evictions, and for a cache that existed before
-the index did. So must `appliance queue`'s counts, taken from indexes. And the history of evicted instances is forgotten after
-``retention.keep_history_for``, never anything the box still owes or keeps."""
+the index did. So must `appliance queue`'s counts, taken from indexes. And the history of
+evicted instances is forgotten after ``retention.keep_history_for``, never anything the box
+still owes or keeps."""
 
 from __future__ import annotations
 
