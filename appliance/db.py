@@ -766,6 +766,17 @@ class Database:
             conn.execute("UPDATE deliveries SET next_attempt_at = max(next_attempt_at, ?), deferred = 1 WHERE id = ?"
                          " AND state = 'pending'", (until, work.delivery_id))
 
+    def give_up_waiting(self, destination: str, waiting_since: float, error: str) -> int:
+        """Every pending delivery to ``destination`` waiting since before ``waiting_since``
+        (schedule clock; as :class:`Work` counts it) becomes a dead letter with ``error``. For a
+        destination that has failed for longer than its retry policy lasts: only one instance
+        at a time is tried there then, and the others must give up with it, not one per try."""
+        with self.transaction() as conn:
+            return int(conn.execute(
+                "UPDATE deliveries SET state = 'dead', last_status = NULL, last_error = ?, on_wire = 0"
+                " WHERE destination = ? AND state = 'pending' AND coalesce(requeued_at, created_at) <= ?",
+                (error, destination, waiting_since)).rowcount)
+
     def make_due(self, destination: str, now: float) -> int:
         """Every pending delivery to ``destination`` due at ``now`` (its address changed)."""
         with self.transaction() as conn:

@@ -340,7 +340,12 @@ class Forwarder:
                 # With parallel associations, each keeps to the study it is sending (see claim);
                 # with one, the study that has waited longest goes next, whatever was sent before.
                 prefer = last_study if destination.max_associations > 1 else None
-                batch = self.db.claim(name, now, BATCH, prefer) if due is not None and due <= now else []
+                # After a failure, the next association is tried with one instance: a PACS still
+                # down costs one attempt record, not one for each of a backlog's instances, and one
+                # that refuses us for good makes one dead letter, not a batch of them. Once it
+                # takes that one, the rest follow on the same association.
+                limit = 1 if self._failures.get(name) else BATCH
+                batch = self.db.claim(name, now, limit, prefer) if due is not None and due <= now else []
                 if not batch:
                     if link is not None and time.monotonic() - link.last_used > IDLE_RELEASE:
                         link = self._close(link)
@@ -421,6 +426,8 @@ class Forwarder:
                     # the next association again, and one instance that the PACS aborts on would
                     # hold back everything behind it for days.
                     self.db.postpone(batch[position], blocked_until + destination.retry.initial_delay)
+                    self._give_up_waiting(name, destination, batch[position].sop_instance_uid + ": "
+                                          + ("no response" if outcome == "unknown" else "refused for now"))
                 interrupted = True
                 break
             position += 1
@@ -435,18 +442,36 @@ class Forwarder:
 
     def _destination_failed(self, name: str, destination: Destination, batch: Sequence[Work], error: str,
                             permanent: bool) -> None:
-        if permanent:
-            log.error("%s refused for good (%s): %d instance(s) to the dead letters", name, error, len(batch))
-            for work in batch:
-                self.db.finish(work, "dead", None, error)
-            return
         failures = self._failures[name] = self._failures.get(name, 0) + 1
         delay = backoff(destination.retry, failures)
         self._blocked_until[name] = self.db.schedule_now() + delay
+        if permanent:
+            # A dead letter each, as the refusal says; and the destination waits its backoff like
+            # one that is down, so that a PACS refusing us for a few seconds (DCMTK-based ones
+            # answer "permanent" to anything) does not turn a whole backlog into dead letters.
+            log.error("%s refused for good (%s): %d instance(s) to the dead letters; the next one is tried"
+                      " in %.0f s, and `appliance retry %s` puts these back once the refusal is fixed",
+                      name, error, len(batch), delay, name)
+            for work in batch:
+                self.db.finish(work, "dead", None, error)
+            return
         log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
                     name, error, delay, len(batch))
         for work in batch:
             self._retry_or_give_up(name, destination, work, "retry", None, error, self._blocked_until[name])
+        self._give_up_waiting(name, destination, error)
+
+    def _give_up_waiting(self, name: str, destination: Destination, error: str) -> None:
+        """The destination failed again: what has waited for it longer than its retry policy's
+        give_up_after becomes a dead letter now, all of it, not only what this try carried."""
+        policy = destination.retry
+        given_up = self.db.give_up_waiting(name, self.db.schedule_now() - policy.give_up_after,
+                                           f"gave up after waiting {_duration(policy.give_up_after)}"
+                                           f" (retry.give_up_after): {error}")
+        if given_up:
+            log.error("%s: %d instance(s) waited longer than retry.give_up_after (%s) and are now dead letters"
+                      " (`appliance retry %s` puts them back): %s", name, given_up,
+                      _duration(policy.give_up_after), name, error)
 
     def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False) -> str:
         log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
@@ -743,3 +768,11 @@ def _ssl_context(destination: Destination) -> ssl.SSLContext:
     if tls.cert:
         context.load_cert_chain(tls.cert, tls.key)
     return context
+
+
+def _duration(seconds: float) -> str:
+    """7 days, 10 min, 30 s: a retry policy's duration as an admin wrote it, roughly."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"

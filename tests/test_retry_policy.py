@@ -101,6 +101,27 @@ def test_a_retried_dead_letter_keeps_its_age_and_gets_the_whole_give_up_time_aga
     assert len(attempts(box, "down")[uid]) >= 2 + 2
 
 
+def test_a_backlog_gives_up_together_once_the_destination_has_failed_for_give_up_after(
+        appliance_factory, tmp_path: Path) -> None:
+    """Three studies wait for a destination that stays down. After the first failure only one
+    instance at a time is tried there, but when give_up_after has passed they all become dead
+    letters at the next failure, not one study (or one instance) per retry."""
+    box = appliance_factory({
+        "destinations": {"down": destination("DOWN", closed_port(), retry={
+            "initial_delay": "0.5s", "max_delay": "0.5s", "give_up_after": "3s"})},
+        "routes": [{"send_to": ["down"]}],
+    })
+    files = [f for study in (1, 2, 3)
+             for f in write_series(tmp_path / f"s{study}", "backlog-give-up", study, 1, Series("CT", 10, 64, 64))]
+    assert not storescu(box.port, files).failed
+    wait_until(lambda: queue_of(box, "down")["dead"] == len(files), 15,
+               lambda: f"not all given up: {queue_of(box, 'down')}")
+    rows = deliveries(box, "down").values()
+    assert all("gave up after" in row["last_error"] for row in rows), [row["last_error"] for row in rows]
+    assert any("gave up after waiting 3 s (retry.give_up_after): " in row["last_error"] for row in rows)
+    assert "are now dead letters (`appliance retry down` puts them back)" in box.log()
+
+
 def test_above_high_watermark_delivered_are_evicted_oldest_first_undelivered_never(
         appliance_factory, small_disk: Path, tmp_path: Path) -> None:
     """On a real 64 MB filesystem: above ``evict_above`` the delivered instances go, oldest
@@ -137,7 +158,9 @@ def test_above_high_watermark_delivered_are_evicted_oldest_first_undelivered_nev
         # oldest delivered first: everything evicted was delivered before everything kept
         assert not kept or max(map(order.index, evicted)) < min(map(order.index, kept))
         files = {p.name for p in (small_disk / "data" / "cache").rglob("*.dcm")}
-        assert len(files) == len(now) - len(evicted)
+        # Eviction goes on while this looks: a file per instance cached before the listing, or after.
+        later = list(states().values()).count("evicted")
+        assert len(now) - later <= len(files) <= len(now) - len(evicted), (len(files), len(evicted), later)
 
 
 def test_above_high_watermark_with_nothing_delivered_it_says_so_every_few_minutes_not_every_10_s(
