@@ -196,6 +196,7 @@ def _dul_run_reactor(self: Any) -> None:
     wakeup = _wakeup_of(self)
     assoc_wakeup = _assoc_wakeup(self.assoc)
     idle = False
+    acceptor, requested = self.assoc.is_acceptor, False  # requested: an A-ASSOCIATE-RQ has come
     try:
         while True:
             if not self.assoc._dul_ready.is_set():
@@ -231,6 +232,17 @@ def _dul_run_reactor(self: Any) -> None:
                 idle = True
                 continue
             self.state_machine.do_action(event)
+            if acceptor and not requested:
+                state = self.state_machine.current_state
+                if state == "Sta1":
+                    # The peer closed the connection (or sent garbage) before any A-ASSOCIATE-RQ:
+                    # a TCP health check, a port scan. pynetdicom's acceptor would wait out the
+                    # ACSE timeout for the request, holding one of node.max_associations, so
+                    # a check every second kept modalities out. End its wait now.
+                    self.to_user_queue.put(None)
+                    requested = True
+                elif state not in ("Sta2", "Sta13"):
+                    requested = True
             assoc_wakeup.set()  # a decoded message, a release or an abort may be waiting
             idle = False
     finally:

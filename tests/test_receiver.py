@@ -198,6 +198,30 @@ def test_echo_and_cli_echo(appliance_factory) -> None:
         " recognised (result 1, source 1, reason 7)"), bad.stdout
 
 
+def test_connections_closed_before_any_association_request_hold_no_association_slot(appliance_factory) -> None:
+    """TCP health checks and port scans connect and close (or send something that is not
+    DICOM) without an A-ASSOCIATE-RQ. Each must give its slot of node.max_associations back at
+    once, not after the ACSE timeout (30 s): a check every second would keep modalities out."""
+    box = appliance_factory({"node": {"max_associations": 4}})
+    for index in range(12):
+        with socket.create_connection(("127.0.0.1", box.port)) as probe:
+            if index % 3 == 0:
+                probe.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    time.sleep(0.5)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = 10
+    started = time.monotonic()
+    assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+    try:
+        assert assoc.is_established, "rejected: the probes still hold the association slots"
+        assert time.monotonic() - started < 5
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 def test_presentation_contexts_accept_storage_in_a_known_syntax_and_nothing_else(appliance_factory) -> None:
     """What a modality probing the box learns, and what it may then send: a storage class
     (standard, private, or newer than pydicom's dictionary) is accepted in the first transfer
