@@ -55,6 +55,11 @@ _NEEDS_RESTART: list[tuple[str, str | None]] = [
 ]
 _CHILD_STOP_SECONDS = 40.0
 _RESTART_DELAY = 2.0
+# A child that keeps dying soon after its start (a full disk it cannot record on, a corrupt
+# file it reads at start) is restarted after a pause that doubles each time, up to this: a
+# crash loop must not fill the journal, on the very disk that may be full.
+_RESTART_DELAY_MAX = 300.0
+_STABLE_SECONDS = 600.0  # a child that ran this long died for a new reason: restart it soon
 # How long start-up waits for the children to start their services before it tells systemd it
 # is ready anyway (intake works without them; the journal says which one is late).
 _CHILD_READY_SECONDS = 30.0
@@ -192,6 +197,8 @@ class Child:
         self.updates: Any = None  # a multiprocessing Queue: reloads, to the running child
         self.process: BaseProcess | None = None
         self.died_at: float | None = None
+        self.started_at = 0.0  # monotonic
+        self.restart_delay = _RESTART_DELAY
         self.ready: Any = None  # a multiprocessing Event, set by the child when its service runs
 
     def start(self) -> None:
@@ -205,6 +212,7 @@ class Child:
                                              self.text, self.updates, os.getpid(), self.ready))
         self.process.start()
         self.died_at = None
+        self.started_at = time.monotonic()
         log.info("%s started (pid %s)", self.name, self.process.pid)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -217,9 +225,12 @@ class Child:
         now = time.monotonic()
         if self.died_at is None:
             self.died_at = now
-            log.error("%s (pid %s) died with exit code %s; restarting it", self.name, self.process.pid,
-                      self.process.exitcode)
-        elif now - self.died_at >= _RESTART_DELAY:
+            if now - self.started_at >= _STABLE_SECONDS:
+                self.restart_delay = _RESTART_DELAY
+            log.error("%s (pid %s) died with exit code %s; restarting it in %.0f s", self.name, self.process.pid,
+                      self.process.exitcode, self.restart_delay)
+        elif now - self.died_at >= self.restart_delay:
+            self.restart_delay = min(self.restart_delay * 2, _RESTART_DELAY_MAX)
             self.start()
 
     def update(self, config: Config) -> None:

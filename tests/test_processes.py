@@ -5,6 +5,7 @@ the software) leaves no orphan behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,6 +66,19 @@ def test_dead_forwarder_is_restarted_and_forwards(appliance_factory, tmp_path: P
         kill_the_forwarder(box)
         assert "forwarder (pid" in box.log() and "died" in box.log()
         three_are_delivered(box, scp, tmp_path / "restart")
+
+
+def test_a_child_that_keeps_dying_soon_is_restarted_after_doubling_pauses(appliance_factory) -> None:
+    """A forwarder that dies right after each start (a full disk it cannot record on) is not
+    restarted every 2 s for ever, filling the journal: the pause doubles each time."""
+    box = appliance_factory()
+    for _ in range(3):
+        kill_the_forwarder(box)
+    assert box.process is not None
+    os.kill(forwarder_pid(box.process.pid), signal.SIGKILL)  # type: ignore[arg-type]
+    wait_until(lambda: "restarting it in 16 s" in box.log(), 20, lambda: box.log()[-2000:])
+    delays = re.findall(r"died with exit code -9; restarting it in (\d+) s", box.log())
+    assert delays == ["2", "4", "8", "16"], delays
 
 
 def test_a_forwarder_thread_that_fails_restarts_the_forwarder_and_its_work_goes_on(appliance_factory,
