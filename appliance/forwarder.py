@@ -381,7 +381,7 @@ class Forwarder:
             except AssociationFailed as exc:
                 self._destination_failed(name, destination, batch, str(exc), permanent=exc.permanent)
                 return None
-        counts = {"delivered": 0, "retry": 0, "dead": 0, "unknown": 0}
+        counts = {"delivered": 0, "retry": 0, "dead": 0, "unknown": 0, "replaced": 0}
         position = 0
         interrupted = False
         while position < len(batch):
@@ -472,6 +472,17 @@ class Forwarder:
             log.error("%s: %d instance(s) waited longer than retry.give_up_after (%s) and are now dead letters"
                       " (`appliance retry %s` puts them back): %s", name, given_up,
                       _duration(policy.give_up_after), name, error)
+
+    def _missing(self, name: str, work: Work, exc: OSError) -> str:
+        """The claimed file is gone. A new version of the instance that arrived meanwhile
+        (``node.on_duplicate: replace``) removes the old file and has queued the delivery
+        afresh, for its own file: nothing to record. Otherwise the cache lost it: a dead letter."""
+        current = self.db.find_instance(work.sop_instance_uid)
+        if current is not None and current.path != work.path:
+            log.info("%s: %s was replaced by a new version while being sent; the new one is queued",
+                     name, work.sop_instance_uid)
+            return "replaced"
+        return self._dead(name, work, None, f"cached file is missing: {exc}")
 
     def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False) -> str:
         log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
@@ -606,7 +617,7 @@ class Forwarder:
                          " uncompressed one")
                 return self._dead(name, work, None, error)
         except FileNotFoundError as exc:
-            return self._dead(name, work, None, f"cached file is missing: {exc}")
+            return self._missing(name, work, exc)
         except OSError as exc:
             error = f"cannot prepare the copy for {name}: {exc}"
             if exc.errno not in _OUT_OF_RESOURCES:
@@ -619,7 +630,7 @@ class Forwarder:
         try:
             response = self._store(link, payload, work)
         except FileNotFoundError as exc:
-            return self._dead(name, work, None, f"cached file is missing: {exc}")
+            return self._missing(name, work, exc)
         except (OSError, RuntimeError, ValueError, AttributeError) as exc:
             return self._retry_or_give_up(name, destination, work, "unknown", None, f"send failed: {exc}")
         finally:

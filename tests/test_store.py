@@ -205,3 +205,29 @@ def test_a_data_directory_reached_by_another_path_keeps_its_cache(appliance_fact
     assert "unindexed" not in box.log()
     assert "1 cached instance(s) were recorded under another path of the data directory" in box.log()
     assert list((moved / "cache").rglob("*.dcm")), "the cached file was removed"
+
+
+def test_a_claimed_file_replaced_by_a_new_version_is_no_dead_letter(tmp_path: Path, ct: Path) -> None:
+    """The forwarder finds the file it claimed gone. A new version of the instance removed it
+    (``on_duplicate: replace``) and queued the delivery for itself: no dead letter, nothing
+    recorded. A file the cache lost otherwise is a dead letter with the reason."""
+    import pydicom
+
+    box = Box(tmp_path / "data")
+    forwarder = Forwarder(box.config, box.db, box.store)
+    assert box.receive(ct).kind == "stored"
+    [old] = box.db.claim("pacs", box.db.schedule_now() + 10**6, 10)
+    corrected = pydicom.dcmread(ct)
+    corrected.PatientName = "CORRECTED^NAME"
+    corrected.save_as(tmp_path / "corrected.dcm")
+    assert box.receive(tmp_path / "corrected.dcm").kind in ("stored", "replaced")
+    assert not Path(old.path).exists()
+    assert forwarder._missing("pacs", old, FileNotFoundError(2, "No such file or directory", old.path)) == "replaced"
+    state, path, deliveries = box.row(_uid(ct))
+    assert deliveries == ["pending"] and path != old.path
+    assert box.db.query("SELECT count(*) FROM attempts")[0][0] == 0
+
+    [new] = box.db.claim("pacs", box.db.schedule_now() + 10**6, 10)
+    Path(new.path).unlink()  # lost: a disk error, someone's rm
+    assert forwarder._missing("pacs", new, FileNotFoundError(2, "No such file or directory", new.path)) == "dead"
+    assert box.row(_uid(ct))[2] == ["dead"]
