@@ -107,6 +107,7 @@ class _AssociationStats:
     stored: int = 0
     bytes: int = 0
     refused: int = 0
+    warned: set[str] = field(default_factory=set)  # reasons for refusing already in the journal
 
 
 class Receiver:
@@ -239,7 +240,7 @@ class Receiver:
         origin = _origin_of(event.assoc)
         sop_uid = str(cast(Any, event.request).AffectedSOPInstanceUID)
         stats = self._stats.get(id(event.assoc))
-        status, size = self._store(event, origin, sop_uid)
+        status, size = self._store(event, origin, sop_uid, stats)
         if stats is not None:
             if status == statuses.SUCCESS:
                 stats.stored += 1
@@ -248,12 +249,14 @@ class Receiver:
                 stats.refused += 1
         return status
 
-    def _store(self, event: evt.Event, origin: Origin, sop_uid: str) -> tuple[int, int]:
+    def _store(self, event: evt.Event, origin: Origin, sop_uid: str,
+               stats: _AssociationStats | None) -> tuple[int, int]:
         """Cache one received instance; returns the status to answer and its size."""
         received = getattr(event.request, "_dataset_file", None)  # hashed as it was written
         where = f"{origin.calling_ae}@{origin.source_ip} {sop_uid}"
         if isinstance(received, ReceivedFile) and received.failure is not None:
-            log.warning("refused %s: cannot write it to %s: %s", where, self.intake.store.incoming, received.failure)
+            _warn_once(stats, "unwritable", "refused %s: cannot write it to %s: %s", where, self.intake.store.incoming,
+                       received.failure)
             return statuses.OUT_OF_RESOURCES, 0
         if event.dataset_path is None:
             # A request whose command says it has no data set (Data Set Type 0101H): nothing to store.
@@ -267,10 +270,25 @@ class Receiver:
         )
         if outcome.kind == "replaced":
             log.info("%s %s", where, outcome.detail)
+        elif outcome.kind == "no-room":
+            _warn_once(stats, "no-room", "refused %s: %s", where, outcome.detail)
         elif not outcome.acknowledged or outcome.kind == "kept-first":
             log.log(logging.INFO if outcome.kind == "kept-first" else logging.WARNING, "%s %s: %s",
                     "kept the first copy of" if outcome.kind == "kept-first" else "refused", where, outcome.detail)
         return _STATUS_OF[outcome.kind], outcome.size
+
+
+def _warn_once(stats: _AssociationStats | None, reason: str, message: str, *args: object) -> None:
+    """A refusal for the box's own state (its disk full): the journal says it once per
+    association, and the association's closing line counts them all. A modality sending a
+    study to a full box would otherwise add a line per instance to the journal on that disk."""
+    if stats is not None and reason in stats.warned:
+        log.debug(message, *args)
+        return
+    if stats is not None:
+        stats.warned.add(reason)
+        message += " (the others refused for this on the association are counted when it closes)"
+    log.warning(message, *args)
 
 
 _STATUS_OF = {

@@ -385,6 +385,20 @@ def test_below_low_watermark_refuses_with_a700_then_resumes(appliance_factory, s
     assert_second_of_three_refused(box, small_disk, lambda: 30_000_000, "below storage.disk.min_free")
 
 
+def test_a_full_box_says_so_once_per_association_not_once_per_instance(appliance_factory) -> None:
+    """A modality sends a study to a box below its low watermark: each instance is refused
+    (0xA700), the journal says why once, and the association's closing line counts them."""
+    box = appliance_factory({"storage": {"disk": {"min_free": "99.9%"}}})
+    datasets = [make_instance("full", 1, 1, n, Series("CT", 5, 64, 64)) for n in range(1, 6)]
+    statuses, still_up = send(box.port, datasets)
+    assert statuses == [0xA700] * 5 and still_up
+    wait_until_logged = time.monotonic() + 10
+    while "5 refused" not in box.log() and time.monotonic() < wait_until_logged:
+        time.sleep(0.1)
+    assert box.log().count("below storage.disk.min_free") == 1, box.log()
+    assert "stored (0.0 MB), 5 refused" in box.log()
+
+
 @pytest.mark.parametrize("level", ["info", "debug"])  # debug: pynetdicom's own receive path
 def test_a_disk_that_fills_mid_transfer_refuses_that_instance_and_keeps_the_association(
         appliance_factory, small_disk, level: str) -> None:
