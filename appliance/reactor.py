@@ -288,9 +288,8 @@ def _read_pdu(dul: Any) -> None:
         return
     try:
         header = dul.socket.recv(6)
-    except (OSError, TimeoutError) as exc:
-        _dul_log.error("Connection closed before the entire PDU was received")
-        _dul_log.exception(exc)
+    except (OSError, TimeoutError) as exc:  # a peer that reset the connection, the network timeout
+        _dul_log.info("Connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")
         return
     try:
@@ -305,8 +304,7 @@ def _read_pdu(dul: Any) -> None:
     try:
         body = dul.socket.recv(pdu_length)
     except (OSError, TimeoutError) as exc:
-        _dul_log.error("Connection closed before the entire PDU was received")
-        _dul_log.exception(exc)
+        _dul_log.info("Connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")
         return
     if len(body) != pdu_length:

@@ -48,13 +48,19 @@ def setup_logging(level: str = "info") -> None:
 # behind a VPN, which the forwarder reports itself (a WARNING naming the destination, the
 # reason and the retry), and `appliance echo` in its answer. Shown at INFO beside it.
 _PYNETDICOM_OUTAGE = ("Association request failed: unable to connect to remote", "TCP Initialisation Error:",
-                      "Association Rejected", "Result: Rejected", "Reason: ", "Association Aborted")
+                      "Association Rejected", "Result: Rejected", "Reason: ", "Association Aborted",
+                      "Connection closed before the entire PDU was received")
 
 
 def _demote_pynetdicom_outage_errors(record: logging.LogRecord) -> bool:
-    if record.levelno == logging.ERROR and record.name.startswith("pynetdicom") \
-            and str(record.msg).startswith(_PYNETDICOM_OUTAGE):
-        record.levelno, record.levelname = logging.INFO, "INFO"
+    if record.levelno == logging.ERROR and record.name.startswith("pynetdicom"):
+        if isinstance(record.msg, (ConnectionError, TimeoutError)):
+            # The traceback pynetdicom logs after "Connection closed before the entire PDU was
+            # received" for a peer that reset the connection (a PACS restarting): that line
+            # says it; thirty lines of traceback for it at every restart say nothing more.
+            return False
+        if str(record.msg).startswith(_PYNETDICOM_OUTAGE):
+            record.levelno, record.levelname = logging.INFO, "INFO"
     return True
 
 

@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import sqlite3
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -131,9 +132,11 @@ def store_request(ds: pydicom.Dataset, message_id: int) -> C_STORE:
     return request
 
 
-def test_an_instance_cut_off_mid_transfer_leaves_nothing_behind(appliance_factory) -> None:
-    """The connection drops with half of a data set received: nothing is cached, indexed or
-    left in incoming/ (no restart needed to clean up)."""
+@pytest.mark.parametrize("how", ["shutdown", "reset"])
+def test_an_instance_cut_off_mid_transfer_leaves_nothing_behind(appliance_factory, how: str) -> None:
+    """The connection drops with half of a data set received (closed, or reset: a modality
+    switched off): nothing is cached, indexed or left in incoming/ (no restart needed to clean
+    up), and the journal says so in a line, not an ERROR with a traceback."""
     box = appliance_factory()
     ds = make_instance("cut-off", 1, 1, 1, Series("CT", 1, 512, 512))
     assoc = ct_association(box)
@@ -149,13 +152,19 @@ def test_an_instance_cut_off_mid_transfer_leaves_nothing_behind(appliance_factor
     while not incoming_files(box) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert incoming_files(box), "the appliance never started writing the data set"
-    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the cable is pulled
+    raw = assoc.dul.socket.socket
+    if how == "shutdown":
+        raw.shutdown(socket.SHUT_RDWR)  # the cable is pulled
+    else:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()  # RST
     deadline = time.monotonic() + 10
     while "aborted after" not in box.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "aborted after" in box.log(), box.log()
     assert "removed the partly received instance" in box.log()
     assert incoming_files(box) == [] and cache_files(box) == [] and rows(box) == {}
+    assert "Traceback" not in box.log() and " ERROR " not in box.log(), box.log()
     assoc.abort()
 
 
