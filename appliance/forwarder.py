@@ -432,6 +432,11 @@ class Forwarder:
                 break
             position += 1
         if not interrupted:
+            if self._failures.get(name):
+                # The journal's "unreachable" warnings end with this line, for whoever reads it
+                # to see when the outage ended.
+                log.warning("%s reachable again after %d failed tr%s: what waits for it goes out now", name,
+                            self._failures[name], "y" if self._failures[name] == 1 else "ies")
             self._failures[name] = 0
         if link is not None:
             link.last_used = time.monotonic()

@@ -849,6 +849,7 @@ def test_after_a_failure_one_instance_probes_the_destination(appliance_factory, 
     wait_until(lambda: queue_of(box, "central")["delivered"] == len(ids) - dead, 30,
                lambda: f"queue: {queue_of(box, 'central')}")
     assert "to the dead letters; the next one is tried in" in box.log()
+    assert re.search(r"central reachable again after \d+ failed tries: what waits for it goes out now", box.log())
     box.cli("retry", "central")
     wait_until(lambda: set(working.receptions()) == ids, 30, lambda: f"queue: {queue_of(box, 'central')}")
 
