@@ -30,6 +30,7 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from . import hotpath, reactor
@@ -120,6 +121,19 @@ class _AssociationSocket(AssociationSocket):
         sock.bind(address.as_tuple)
         self._is_connected = False
         return sock
+
+
+def rejection(assoc: Association) -> Any | None:
+    """The peer's A-ASSOCIATE-RJ (pynetdicom's primitive), or None. Also one that pynetdicom
+    left unread: when the peer rejects and closes at once (DCMTK does), the DUL thread may take
+    the rejection and the close before the requesting thread looks, which then finds the
+    socket closed and aborts as if the connection had failed; the rejection stays queued."""
+    if assoc.is_rejected:
+        return assoc.acceptor.primitive
+    for item in list(assoc.dul.to_user_queue.queue):
+        if isinstance(item, A_ASSOCIATE) and getattr(item, "result", None) in (0x01, 0x02):
+            return item
+    return None
 
 
 def why_not_associated(assoc: Association, where: str, timeout: float | None) -> str:

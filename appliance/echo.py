@@ -5,7 +5,7 @@ from __future__ import annotations
 from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .dicomnet import application_entity, tune_socket, why_not_associated
+from .dicomnet import application_entity, rejection, tune_socket, why_not_associated
 from .statuses import describe_rejection
 
 
@@ -16,8 +16,8 @@ def echo(host: str, port: int, ae_title: str, calling_ae: str = "EDGE", timeout:
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, tune_socket)])
     where = f"{ae_title}@{host}:{port}"
-    if assoc.is_rejected:
-        return False, f"{where}: {describe_rejection(assoc.acceptor.primitive)}"
+    if (rj := rejection(assoc)) is not None:
+        return False, f"{where}: {describe_rejection(rj)}"
     if not assoc.is_established:
         return False, why_not_associated(assoc, where, timeout)
     try:

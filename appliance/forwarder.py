@@ -43,7 +43,14 @@ from pynetdicom.presentation import PresentationContext, build_context
 from . import clock, hotpath, outgoing, rules, statuses, wakeup
 from .config import Config, Destination, Retry
 from .db import Database, Work
-from .dicomnet import TellingTLSSocket, application_entity, throttle_sends, tune_socket, why_not_associated
+from .dicomnet import (
+    TellingTLSSocket,
+    application_entity,
+    rejection,
+    throttle_sends,
+    tune_socket,
+    why_not_associated,
+)
 from .pdata import StoreReceiver
 from .store import Store
 
@@ -575,8 +582,7 @@ class Forwarder:
             # pynetdicom resolves the host name in this thread, before it connects: with the VPN
             # (and so the clinic's DNS) down, that fails here, and is as transient as a refusal.
             raise AssociationFailed(f"cannot resolve or reach {destination.host}: {exc}") from exc
-        if assoc.is_rejected:
-            rj = assoc.acceptor.primitive
+        if (rj := rejection(assoc)) is not None:
             raise AssociationFailed(statuses.describe_rejection(rj),
                                     permanent=getattr(rj, "result", None) == statuses.REJECTED_PERMANENT)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:

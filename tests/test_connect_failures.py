@@ -73,3 +73,20 @@ def test_request_left_unanswered_reads_connected_but_no_association(listener: so
     listener.listen(5)  # the kernel completes the connection; nobody reads the A-ASSOCIATE-RQ
     ok, text = echo("127.0.0.1", listener.getsockname()[1], "PACS", timeout=1.5)
     assert not ok and "but no association" in text, text
+
+
+def test_a_rejection_followed_at_once_by_the_close_is_read_as_the_rejection(tmp_path) -> None:
+    """storescp --refuse (as DCMTK-based PACS refuse) sends A-ASSOCIATE-RJ and closes at once.
+    pynetdicom's requesting thread sometimes wakes after both and reports a failed connection,
+    the rejection left unread (5-9 % of tries here): it must be read as the rejection."""
+    from .pacs import StoreSCP
+    from .peers import require_tool
+
+    require_tool("storescp")
+    refusing = StoreSCP(tmp_path / "refusing", ae_title="REFUSES", flags=["--refuse"]).start()
+    try:
+        answers = [echo("127.0.0.1", refusing.port, "REFUSES", timeout=5)[1] for _ in range(60)]
+    finally:
+        refusing.stop()
+    misread = [a for a in answers if "rejected permanently" not in a]
+    assert not misread, f"{len(misread)} of {len(answers)}: {misread[0]}"
