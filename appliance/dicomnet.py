@@ -61,34 +61,28 @@ class _ApplicationEntity(AE):
         return sock
 
 
-class _TellingSocket(socket.socket):
-    """A TCP socket that keeps the error its ``connect`` failed with (and whether it connected)."""
+class _KeepsConnectError:
+    """Mixed into a socket class: its ``connect`` keeps the error it failed with (a TLS one's, a
+    failed handshake too), and whether it connected."""
 
     connect_error: OSError | None = None
     connected = False
 
     def connect(self, address: Any) -> None:
         try:
-            super().connect(address)
+            super().connect(address)  # type: ignore[misc]
         except OSError as exc:
             self.connect_error = exc
             raise
         self.connected = True
 
 
-class TellingTLSSocket(ssl.SSLSocket):
-    """The same for TLS (an ``SSLContext.sslsocket_class``): a failed handshake too."""
+class _TellingSocket(_KeepsConnectError, socket.socket):
+    """A TCP socket that keeps why its connect failed."""
 
-    connect_error: OSError | None = None
-    connected = False
 
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)
-        except OSError as exc:
-            self.connect_error = exc
-            raise
-        self.connected = True
+class TellingTLSSocket(_KeepsConnectError, ssl.SSLSocket):
+    """The same for TLS, as an ``SSLContext.sslsocket_class``."""
 
 
 _RawSocket = socket.socket  # the module, not the property below, in the class's annotations
