@@ -148,6 +148,9 @@ def why_not_associated(assoc: Association, where: str, timeout: float | None) ->
     if isinstance(error, OSError):
         text = error.strerror or errno.errorcode.get(error.errno or 0) or str(error)
         return f"cannot connect to {where}: {text}"
+    not_dicom = assoc.dul.__dict__.get("_appliance_not_dicom")
+    if not_dicom is not None:
+        return f"connected to {where}, but it answered with {not_dicom}"
     if connected:
         return (f"connected to {where}, but no association: the peer closed the connection or did not"
                 " answer the request in time (is it a DICOM service?)")

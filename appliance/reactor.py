@@ -265,8 +265,13 @@ def _process_primitive(dul: Any) -> bool:
 
 
 def _transport_event(dul: Any) -> bool:
-    """``DULServiceProvider._is_transport_event``, reading with :func:`_read_pdu`."""
+    """``DULServiceProvider._is_transport_event``, reading with :func:`_read_pdu`. A peer
+    that sent what is not DICOM is not read further (see :func:`_not_dicom`): its connection
+    is closed once the state machine has answered it."""
     if dul.state_machine.current_state == "Sta13":
+        if dul.__dict__.get("_appliance_not_dicom") is not None:
+            dul.socket.close()
+            return True
         if dul.socket and dul.socket.ready:
             _read_pdu(dul)
             return True
@@ -281,11 +286,9 @@ def _transport_event(dul: Any) -> bool:
 def _read_pdu(dul: Any) -> None:
     """``DULServiceProvider._read_pdu_data``, step for step, except that a P-DATA-TF received
     while the association is established goes first to the association's direct C-STORE
-    receiver (``pdata.StoreReceiver``), if it has one, and to pynetdicom only if that leaves it."""
+    receiver (``pdata.StoreReceiver``), if it has one, and to pynetdicom only if that leaves it;
+    and that a PDU type that does not exist ends the reading (:func:`_not_dicom`)."""
     receiver = dul.__dict__.get("_appliance_receiver")
-    if receiver is None:
-        dul._read_pdu_data()
-        return
     try:
         header = dul.socket.recv(6)
     except (OSError, TimeoutError) as exc:  # a peer that reset the connection, the network timeout
@@ -297,8 +300,8 @@ def _read_pdu(dul: Any) -> None:
     except struct.error:
         dul.event_queue.put("Evt17")
         return
-    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-        _dul_log.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07) or (pdu_type in _FOUR_BYTE_PDUS and pdu_length != 4):
+        _not_dicom(dul, bytes(header))
         dul.event_queue.put("Evt19")
         return
     try:
@@ -312,7 +315,8 @@ def _read_pdu(dul: Any) -> None:
                        f"{6 + pdu_length} bytes received)")
         dul.event_queue.put("Evt17")
         return
-    if pdu_type == 0x04 and dul.state_machine.current_state == "Sta6" and receiver.take(memoryview(body)):
+    if (receiver is not None and pdu_type == 0x04 and dul.state_machine.current_state == "Sta6"
+            and receiver.take(memoryview(body))):
         return
     try:
         pdu, event = dul._decode_pdu(bytes(header) + bytes(body))
@@ -323,6 +327,59 @@ def _read_pdu(dul: Any) -> None:
         dul.event_queue.put("Evt19")
         return
     dul._recv_pdu.put(pdu)
+
+
+# A-ASSOCIATE-RJ, A-RELEASE-RQ, A-RELEASE-RP and A-ABORT: their length is always 4 (PS3.8 9.3).
+# Another length is no such PDU; pynetdicom would wait for that many bytes (up to 4 GiB).
+_FOUR_BYTE_PDUS = (0x03, 0x05, 0x06, 0x07)
+
+# A source address that sent what is not DICOM is named in the journal at most this often: a
+# load balancer's HTTP health check, or a modality set up for TLS retrying every few seconds,
+# must not fill the journal (on an SD card) with the same line.
+_NOT_DICOM_LOG_EVERY = 3600.0
+_not_dicom_logged: dict[str, float] = {}
+_not_dicom_lock = threading.Lock()
+
+
+def describe_not_dicom(first: bytes, from_client: bool) -> str:
+    """What the first bytes a peer sent, which are no DICOM PDU, most likely are;
+    ``from_client``: the peer connected to us (else we connected to it, as a PACS)."""
+    if first[:1] in (b"\x15", b"\x16") and first[1:2] == b"\x03":  # a TLS alert or handshake record
+        return ("a TLS handshake: the sender is set up to use TLS, this port is not" if from_client
+                else "TLS: that port expects TLS (set the destination's tls)")
+    if first[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"OPTI", b"DELE", b"PATC", b"CONN", b"HTTP"):
+        return ("an HTTP request, not DICOM (a web browser, or a health check)" if from_client
+                else "HTTP, not DICOM: that is a web port, not the PACS's DICOM port")
+    if first[:4] == b"SSH-":
+        return "SSH, not DICOM"
+    return "bytes that are no DICOM PDU: " + first.hex(" ")
+
+
+def _not_dicom(dul: Any, header: bytes) -> None:
+    """The peer sent a PDU type that does not exist: whatever it speaks, it is not the DICOM
+    upper layer, and nothing after these bytes can be framed. pynetdicom went on reading six
+    bytes at a time, logging an error and sending an A-ABORT for each — thousands of lines
+    for one HTTP request — until the peer closed. Here the state machine answers once (an
+    A-ABORT, as PS3.8 asks), then :func:`_transport_event` closes the connection. What it was
+    is kept on the DUL for :func:`dicomnet.why_not_associated` (our side requested the
+    association) or logged, once an hour per source address (a peer connected to us)."""
+    if dul.__dict__.get("_appliance_not_dicom") is not None:
+        return
+    assoc = dul.assoc
+    what = dul._appliance_not_dicom = describe_not_dicom(header, from_client=assoc.is_acceptor)
+    if not assoc.is_acceptor:
+        return
+    address = str(assoc.requestor.address)
+    now = time.monotonic()
+    with _not_dicom_lock:
+        last = _not_dicom_logged.get(address)
+        if last is not None and now - last < _NOT_DICOM_LOG_EVERY:
+            return
+        if len(_not_dicom_logged) >= 1000:
+            _not_dicom_logged.clear()
+        _not_dicom_logged[address] = now
+    log.warning("connection from %s:%s closed: it sent %s (said at most once an hour for this address)",
+                address, assoc.requestor.port, what)
 
 
 def _assoc_run_reactor(self: Any) -> None:
