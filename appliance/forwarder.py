@@ -62,6 +62,8 @@ IDLE_RELEASE = 5.0  # seconds an association stays open without work
 # database; it nudges the forwarder when it queued work (wakeup.py), and this finds what a lost
 # nudge would miss, and retries coming due. An indexed read, cheap enough at this rate.
 POLL = 0.1
+# Dead letters with the same reason are counted for this long after the first is named (_DeadLetterLines).
+DEAD_LETTER_SUMMARY_AFTER = 60.0
 CACHE_CHECK = 10.0  # seconds between looks at the disk's high watermark (an indexed query)
 CACHE_SCAN_MAX = 300.0  # the longest between history prunes, and between watermark warnings
 PRUNE_BATCH, PRUNE_MAX = 500, 20_000  # evicted instances forgotten per transaction, and per pass
@@ -133,6 +135,44 @@ def backoff(policy: Retry, attempts: int) -> float:
     return max(0.0, delay * random.uniform(1 - policy.jitter, 1 + policy.jitter))
 
 
+class _DeadLetterLines:
+    """The journal's lines for dead letters. A PACS that refuses a SOP class, or the studies
+    of a modality, refuses each instance alike, and streams of them come as fast as they are
+    sent: one ERROR line each buried the journal (a 500-slice study, 500 lines). The first dead
+    letter of a destination and a reason is named; the others with the same reason in the next
+    :data:`DEAD_LETTER_SUMMARY_AFTER` seconds are counted, and the count said in one line then
+    (:meth:`flush`, from the scheduler's loop, and at stop). ``appliance queue --dead`` lists
+    every one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str], list[float]] = {}  # (destination, error): [since, how many more]
+
+    def say(self, name: str, sop_instance_uid: str, error: str) -> None:
+        with self._lock:
+            counting = self._open.get((name, error))
+            if counting is not None:
+                counting[1] += 1
+            else:
+                self._open[(name, error)] = [time.monotonic(), 0]
+        if counting is not None:
+            log.debug("dead letter %s for %s: %s", sop_instance_uid, name, error)
+        else:
+            log.error("dead letter %s for %s: %s", sop_instance_uid, name, error)
+
+    def flush(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(key, int(more)) for key, (since, more) in self._open.items()
+                   if everything or now - since >= DEAD_LETTER_SUMMARY_AFTER]
+            for key, _ in due:
+                del self._open[key]
+        for (name, error), more in due:
+            if more:
+                log.error("%d more dead letter(s) for %s, for the same reason: %s (`appliance queue --dead` lists"
+                          " them)", more, name, error)
+
+
 class Forwarder:
     """All destinations' workers, and the scheduler. ``config`` may be replaced on reload:
     workers read it before each batch, new destinations get workers."""
@@ -150,6 +190,7 @@ class Forwarder:
         self._listener = wakeup.Listener(config.storage.root, self.wake)  # intake's "work queued"
         self.failure: str | None = None  # set when a worker or the scheduler failed (see _guard)
         self._watermark_warned_at: float | None = None  # monotonic; above the watermark, nothing to evict
+        self._dead_letter_lines = _DeadLetterLines()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -205,6 +246,7 @@ class Forwarder:
         deadline = time.monotonic() + timeout
         for thread in self._threads.values():
             thread.join(max(0.1, deadline - time.monotonic()))
+        self._dead_letter_lines.flush(everything=True)
 
     def wake(self) -> None:
         """New work may be queued (after a release of stable studies, a reload, a stop)."""
@@ -271,6 +313,7 @@ class Forwarder:
                 log.error("the disk is full (%s): the scheduler tries again in %.0f s", exc, CACHE_CHECK)
                 self._sleep(CACHE_CHECK)
                 continue
+            self._dead_letter_lines.flush()
             self._sleep(min(POLL, max(0.01, next_release - self.db.schedule_now())) if next_release else POLL)
 
     def evict(self, now: float) -> int:
@@ -497,7 +540,7 @@ class Forwarder:
         return self._dead(name, work, None, f"cached file is missing: {exc}")
 
     def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False) -> str:
-        log.error("dead letter %s for %s: %s", work.sop_instance_uid, name, error)
+        self._dead_letter_lines.say(name, work.sop_instance_uid, error)
         self.db.finish(work, "dead", status, error, maybe_sent=maybe_sent)
         return "dead"
 

@@ -494,6 +494,28 @@ def test_a_full_disk_while_making_an_edited_copy_is_retried_not_a_dead_letter(ap
 
 # ---- 5. statuses: delivered, retried, dead letters; `appliance retry` --------------------------------------
 
+def test_a_study_refused_instance_by_instance_is_one_journal_line_and_a_count(appliance_factory, stack,
+                                                                              tmp_path) -> None:
+    """A PACS that refuses a SOP class answers each instance of a study alike: every one is a
+    dead letter with its status, and the journal names the first and counts the others instead
+    of one ERROR line each (a 500-slice study gave 500) — streamed, as a modality sends them."""
+    files = write_series(tmp_path / "ct", "refused", 1, 1, Series("CT", 30, 32, 32))
+    scp = stack.enter_context(RecordingSCP("REFUSING", status=0x0122))  # SOP class not supported
+    box = appliance_factory({
+        "destinations": {"refusing": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["refusing"]}],
+    })
+    send(box, files)
+    wait_until(lambda: queue_of(box, "refusing")["dead"] == 30, 60, lambda: f"{queue_of(box, 'refusing')}")
+    assert len(scp.receptions()) == 30
+    assert box.stop() == 0  # the count not said yet is said at stop
+    log = box.log()
+    named = [line for line in log.splitlines() if re.search(r"ERROR .*dead letter [0-9.]+ for refusing", line)]
+    counted = [int(m.group(1)) for m in re.finditer(r"ERROR .*?(\d+) more dead letter\(s\) for refusing", log)]
+    assert len(named) == 1 and "status 0x0122" in named[0], named
+    assert counted == [29], counted
+
+
 def test_statuses_decide_delivered_retry_or_dead_letter_and_retry_requeues(appliance_factory, stack,
                                                                            tmp_path) -> None:
     """Warnings count as delivered; 0xA700 is retried until it succeeds; 0xA900 and 0xC000 are
