@@ -221,11 +221,27 @@ class PrintAssociation:
     def _context(self, what: str, uid: str | None) -> str:
         return f"{self.calling_ae} -> {self.printer.ae_title.strip()} {what} {uid or '(new)'}"
 
+    def _check_new_uid(self, uid: str | None, what: str) -> None:
+        """An SCU-supplied SOP Instance UID must not name an object that exists (PS3.7 C.4.2:
+        0x0111); accepting it would leave two objects under one UID, one of them unreachable."""
+        if uid is None:
+            return
+        in_use = (
+            (self.session is not None and self.session.uid == uid)
+            or uid in self.film_boxes
+            or uid in self.image_boxes
+            or uid in self.annotation_boxes
+            or uid in self.pluts
+        )
+        if in_use:
+            raise PrintError(statuses.DUPLICATE_SOP_INSTANCE, f"{what}: SOP Instance UID {uid} is already in use")
+
     # ---- film session ----
 
     def create_film_session(self, uid: str | None, attrs: Dataset) -> tuple[int, Dataset]:
         if self.session is not None:
             raise PrintError(statuses.DUPLICATE_SOP_INSTANCE, "a film session already exists on this association")
+        self._check_new_uid(uid, "film session")
         session = FilmSession(uid or generate_uid())
         outcome = _Outcome(uid is not None, self._context("film session", session.uid))
         self._apply_session(session, attrs, outcome)
@@ -312,6 +328,7 @@ class PrintAssociation:
         session_uid = str(references[0].get("ReferencedSOPInstanceUID", ""))
         if self.session is None or session_uid != self.session.uid:
             raise PrintError(statuses.INVALID_ATTRIBUTE_VALUE, f"film session {session_uid!r} does not exist")
+        self._check_new_uid(uid, "film box")
         display = DisplayFormat.parse(str(attrs.ImageDisplayFormat), self.printer.max_image_boxes)
         printer = self.printer
         box_uid = uid or generate_uid()
@@ -614,10 +631,9 @@ class PrintAssociation:
     # ---- presentation LUT ----
 
     def create_presentation_lut(self, uid: str | None, attrs: Dataset) -> tuple[int, Dataset]:
+        self._check_new_uid(uid, "Presentation LUT")
         lut = PresentationLut.from_dataset(attrs)
         lut_uid = uid or generate_uid()
-        if lut_uid in self.pluts:
-            raise PrintError(statuses.DUPLICATE_SOP_INSTANCE, f"Presentation LUT {lut_uid} exists")
         self.pluts[lut_uid] = lut
         LOG.info("%s: %s", self._context("Presentation LUT", lut_uid),
                  f"{len(lut.table)}-entry table" if lut.table is not None else lut.shape)

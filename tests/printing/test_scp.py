@@ -10,12 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicFilmBox,
     BasicFilmSession,
     BasicGrayscaleImageBox,
     BasicGrayscalePrintManagementMeta,
+    PresentationLUT,
 )
 
 from appliance.printing import statuses
@@ -459,3 +462,32 @@ def test_min_and_max_density(print_server: Callable[..., RunningPrinter], tmp_pa
     grey = print_server({"film": printer(paper_white=False, directory=str(tmp_path / "grey"))}, root=tmp_path / "grey")
     page = print_film(grey, r"STANDARD\1,1", [gray_item(flat(255))], MinDensity=50)
     assert abs(int(page[FILM_H // 2, FILM_W // 2]) - round(255 * 10**-0.5)) <= 1
+
+
+def test_an_instance_uid_already_in_use_is_refused_and_a_deleted_film_box_never_prints(
+        print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT", plut=True) as scu:
+        plut = scu.create_plut("IDENTITY")
+        assert plut.status == 0 and plut.uid
+        # A film session may not take the UID of an object that exists.
+        assert scu.create(BasicFilmSession, None, plut.uid).status == statuses.DUPLICATE_SOP_INSTANCE
+        assert scu.create_session().status == 0
+        film = scu.create_film_box(r"STANDARD\1,1")
+        assert film.status == 0
+        assert scu.set_image(film.dataset, 1, gray_item(flat(40))).status == 0
+        for uid in (film.uid, scu.session_uid, plut.uid):
+            ds = Dataset()
+            ds.ImageDisplayFormat = r"STANDARD\1,1"
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = BasicFilmSession
+            ref.ReferencedSOPInstanceUID = scu.session_uid
+            ds.ReferencedFilmSessionSequence = Sequence([ref])
+            assert scu.create(BasicFilmBox, ds, uid).status == statuses.DUPLICATE_SOP_INSTANCE, uid
+        lut = Dataset()
+        lut.PresentationLUTShape = "IDENTITY"
+        assert scu.create(PresentationLUT, lut, film.uid, meta=False).status == statuses.DUPLICATE_SOP_INSTANCE
+        # The refused creations made nothing: once the film box is deleted, the session has none.
+        assert scu.delete(BasicFilmBox, film.uid) == 0
+        assert scu.print_session() == statuses.NO_FILM_BOXES
+    assert box.jobs() == []
