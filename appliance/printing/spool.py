@@ -14,11 +14,12 @@ import hashlib
 import logging
 import random
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .. import db as dbmod
 from ..db import Database, PrintJob
@@ -72,6 +73,11 @@ class Spool:
         # One event per printer: each printer has its own worker, so a printer that hangs
         # never holds up another's jobs.
         self.wake = {name: threading.Event() for name in backends}
+        # Outcomes of attempts the database could not take (a full disk): job id -> (printer,
+        # columns, spool file to remove once written). Written by the printer's worker as soon as
+        # it can, so that no job stays 'sending' until the next restart.
+        self._unrecorded: dict[int, tuple[str, dict[str, Any], Path | None]] = {}
+        self._unrecorded_lock = threading.Lock()
         dbmod.ensure_print_schema(db)
 
     # ---- submit (N-ACTION) ----
@@ -138,7 +144,10 @@ class Spool:
 
     def deliver_due(self, printer: str, now: float | None = None) -> bool:
         """Send one due job of this printer, if any; True if a job was tried. (Retry times are on
-        the schedule clock, clock.py: a step of the wall clock neither stalls nor hurries them.)"""
+        the schedule clock, clock.py: a step of the wall clock neither stalls nor hurries them.)
+        Nothing is tried while an earlier outcome of this printer is still unrecorded."""
+        if not self.record_pending(printer):
+            return False
         job = dbmod.claim_print_job(self.db, [printer], self.db.schedule_now() if now is None else now)
         if job is None:
             return False
@@ -166,10 +175,14 @@ class Spool:
         except BackendError as exc:
             self._failed_attempt(job, printer.retry, attempts, str(exc))
             return
-        dbmod.update_print_job(self.db, job.id, state="printed", attempts=attempts, printed_at=time.time(),
-                               last_error="", ps_path=None)
-        path.unlink(missing_ok=True)
+        except Exception as exc:
+            # Ours, not the printer's (the database, the spool's disk): the claimed job goes back
+            # to the queue like any failed attempt, then the worker reports the error.
+            self._failed_attempt(job, printer.retry, attempts, f"{type(exc).__name__}: {exc}")
+            raise
         LOG.info("printer %s: job %d from %s printed (%d copies)", job.printer, job.id, job.calling_ae, job.copies)
+        self._record(job, path, state="printed", attempts=attempts, printed_at=time.time(), last_error="",
+                     ps_path=None)
 
     def _failed_attempt(self, job: PrintJob, policy: PrintRetry, attempts: int, error: str) -> None:
         now = self.db.schedule_now()
@@ -179,13 +192,44 @@ class Spool:
         if give_up:
             LOG.error("printer %s: job %d from %s failed after %d attempts: %s", job.printer, job.id,
                       job.calling_ae, attempts, error)
-            dbmod.update_print_job(self.db, job.id, state="failed", attempts=attempts, last_error=error)
+            self._record(job, None, state="failed", attempts=attempts, last_error=error)
             return
         delay = retry_delay(policy, attempts)
         LOG.warning("printer %s: job %d from %s not printed (attempt %d): %s; retry in %.0f s", job.printer,
                     job.id, job.calling_ae, attempts, error, delay)
-        dbmod.update_print_job(self.db, job.id, state="queued", attempts=attempts, last_error=error,
-                               next_attempt_at=now + delay)
+        self._record(job, None, state="queued", attempts=attempts, last_error=error, next_attempt_at=now + delay)
+
+    def _record(self, job: PrintJob, remove: Path | None, **columns: Any) -> None:
+        """Write how an attempt at a claimed job ended, then remove ``remove``. When the database
+        cannot take the write (a full disk), the outcome is kept for record_pending."""
+        try:
+            dbmod.update_print_job(self.db, job.id, **columns)
+        except (sqlite3.Error, OSError) as exc:
+            with self._unrecorded_lock:
+                self._unrecorded[job.id] = (job.printer, columns, remove)
+            LOG.warning("printer %s: job %d from %s is %s but the print queue cannot record it yet: %s",
+                        job.printer, job.id, job.calling_ae, columns["state"], exc)
+            return
+        if remove is not None:
+            remove.unlink(missing_ok=True)
+
+    def record_pending(self, printer: str) -> bool:
+        """Write the outcomes of this printer's jobs that the database could not take before;
+        True when none is left."""
+        with self._unrecorded_lock:
+            pending = [(job_id, columns, remove) for job_id, (name, columns, remove) in self._unrecorded.items()
+                       if name == printer]
+        for job_id, columns, remove in pending:
+            try:
+                dbmod.update_print_job(self.db, job_id, **columns)
+            except (sqlite3.Error, OSError):
+                return False
+            with self._unrecorded_lock:
+                del self._unrecorded[job_id]
+            if remove is not None:
+                remove.unlink(missing_ok=True)
+            LOG.info("printer %s: job %d recorded as %s", printer, job_id, columns["state"])
+        return True
 
     def seconds_until_due(self, printer: str) -> float | None:
         due = dbmod.next_print_job_due(self.db, [printer])
@@ -251,7 +295,10 @@ class SpoolWorker:
                 if time.monotonic() - last_prune > 3600:
                     self.spool.prune(self.keep_printed_for)
                     last_prune = time.monotonic()
-                wait = self.spool.seconds_until_due(self.printer)
+                # An outcome still unrecorded means the database cannot be written yet: try again
+                # after a poll, not at once for a job that is due.
+                wait = self.spool.seconds_until_due(self.printer) if self.spool.record_pending(self.printer) \
+                    else self.poll
             except Exception as exc:  # the worker must survive a bad row or a full disk
                 LOG.exception("print spool worker: %s", exc)
                 if self._on_error:
