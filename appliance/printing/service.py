@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..db import Database, open_database
+from ..valuetypes import Space
 from .backends import CachedState, PrinterState, make_backend
 from .model import PrintRequest
 from .scp import PrintSCP
@@ -19,11 +20,14 @@ LOG = logging.getLogger(__name__)
 class PrintService:
     """``root`` is the appliance's data directory (``storage.path``); the spool is ``root/print``.
     Pass the process's ``db`` to share its single writer; otherwise one is opened on ``root``.
-    ``port`` overrides ``config.port`` (0 = any free port, for tests)."""
+    ``port`` overrides ``config.port`` (0 = any free port, for tests). ``min_free``
+    (storage.disk.min_free) is the free space a print job may not take."""
 
-    def __init__(self, config: PrintConfig, root: Path, db: Database | None = None, port: int | None = None) -> None:
+    def __init__(self, config: PrintConfig, root: Path, db: Database | None = None, port: int | None = None,
+                 min_free: Space | None = None) -> None:
         self.config = config
         self.root = Path(root)
+        self.min_free = min_free
         self._own_db = db is None
         self.db = db
         self._port = port
@@ -47,7 +51,7 @@ class PrintService:
     def start(self) -> None:
         if self.db is None:
             self.db = open_database(self.root)
-        self.spool = Spool(self.db, self.root / "print", self.config.printers, self.backends)
+        self.spool = Spool(self.db, self.root / "print", self.config.printers, self.backends, self.min_free)
         self.spool.recover()
         self.workers = [SpoolWorker(self.spool, name, self.config.keep_printed_for) for name in self.backends]
         for worker in self.workers:

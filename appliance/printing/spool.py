@@ -14,6 +14,7 @@ import hashlib
 import logging
 import random
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any, BinaryIO
 from .. import db as dbmod
 from ..db import Database, PrintJob
 from ..durable import durable_file
+from ..valuetypes import Space
 from . import statuses
 from .backends import Backend, BackendError
 from .errors import PrintError
@@ -32,6 +34,9 @@ from .render import render_postscript, render_preview
 from .settings import PrinterConfig, PrintRetry
 
 LOG = logging.getLogger(__name__)
+
+# Room kept for a job's PNG preview (480 pixels on the long side, 8-bit gray or RGB).
+PREVIEW_ALLOWANCE = 480 * 480 * 3
 
 
 class _Hashing:
@@ -63,9 +68,10 @@ class Spool:
     """Submitting jobs (from SCP handler threads) and delivering them (from one worker)."""
 
     def __init__(self, db: Database, root: Path, printers: Mapping[str, PrinterConfig],
-                 backends: Mapping[str, Backend]) -> None:
+                 backends: Mapping[str, Backend], min_free: Space | None = None) -> None:
         self.db = db
         self.root = root
+        self.min_free = min_free  # storage.disk.min_free: None checks nothing but a full disk
         self.jobs_dir = root / "jobs"
         self.previews_dir = root / "previews"
         self.printers = printers
@@ -89,10 +95,15 @@ class Spool:
         session = request.session
         full = statuses.QUEUE_FULL_SESSION if request.level == "film session" else statuses.QUEUE_FULL_FILM_BOX
         title = f"{calling_ae.strip()} {session.label or request.films[0].uid}".strip()
-        job_id = dbmod.insert_print_job(
-            self.db, printer_name, printer.ae_title.strip(), calling_ae.strip(), request.level,
-            [film.uid for film in request.films], session.copies, session.priority, title,
-        )
+        self._check_room(request, printer_name, calling_ae, full)
+        try:
+            job_id = dbmod.insert_print_job(
+                self.db, printer_name, printer.ae_title.strip(), calling_ae.strip(), request.level,
+                [film.uid for film in request.films], session.copies, session.priority, title,
+            )
+        except sqlite3.Error as exc:
+            LOG.error("printer %s: a job from %s cannot be recorded: %s", printer_name, calling_ae, exc)
+            raise PrintError(full, f"print queue full: {exc}") from exc
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         name = f"{stamp}-{_safe(calling_ae)}-job{job_id}"
         ps_path = self.jobs_dir / f"{name}.ps"
@@ -103,15 +114,21 @@ class Spool:
                 hashing = _Hashing(out)
                 result = render_postscript(request, printer, hashing, title)  # type: ignore[arg-type]
             self._write_preview(request, printer, preview_path)
-        except OSError as exc:
-            dbmod.update_print_job(self.db, job_id, state="failed", last_error=f"spool: {exc}")
+            dbmod.update_print_job(
+                self.db, job_id, state="queued", ps_path=str(ps_path), preview_path=str(preview_path),
+                pages=result.pages, media=result.media, next_attempt_at=0.0, ps_size=hashing.size,
+                ps_sha256=hashing.sha256.hexdigest(),
+            )
+        except (OSError, sqlite3.Error) as exc:
+            # The row will say failed with no file: a file left here would never be pruned.
+            ps_path.unlink(missing_ok=True)
+            preview_path.unlink(missing_ok=True)
             LOG.error("printer %s: job %d from %s cannot be spooled: %s", printer_name, job_id, calling_ae, exc)
+            try:
+                dbmod.update_print_job(self.db, job_id, state="failed", last_error=f"spool: {exc}")
+            except (sqlite3.Error, OSError) as db_exc:  # the same full disk; recover() fails it at restart
+                LOG.error("printer %s: job %d cannot be recorded as failed: %s", printer_name, job_id, db_exc)
             raise PrintError(full, f"print queue full: {exc}") from exc
-        dbmod.update_print_job(
-            self.db, job_id, state="queued", ps_path=str(ps_path), preview_path=str(preview_path),
-            pages=result.pages, media=result.media, next_attempt_at=0.0, ps_size=hashing.size,
-            ps_sha256=hashing.sha256.hexdigest(),
-        )
         LOG.info(
             "printer %s: job %d queued from %s (%s, %d page(s), %d copies, %.2f s to render, %d bytes)",
             printer_name, job_id, calling_ae, request.level, result.pages, session.copies,
@@ -119,6 +136,26 @@ class Spool:
         )
         self.wake[printer_name].set()
         return job_id
+
+    def _check_room(self, request: PrintRequest, printer_name: str, calling_ae: str, full: int) -> None:
+        """Refuse a job that would take the disk below ``min_free``: that space is the
+        database's and the receiver's, and a print spool that fills the disk stops both."""
+        if self.min_free is None:
+            return
+        # An estimate made before anything is written: PostScript holds each image once, Flate
+        # in ASCII85, so pixels that do not compress take 5/4 of their size; plus each page's
+        # own text and the preview.
+        pixels = sum(box.pixels.data.nbytes for film in request.films for box in film.image_boxes
+                     if box.pixels is not None)
+        needed = pixels * 5 // 4 + len(request.films) * 64 * 1024 + PREVIEW_ALLOWANCE
+        self.root.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(self.root)
+        floor = self.min_free.of(usage.total)
+        if usage.free - needed < floor:
+            LOG.error("printer %s: a job from %s is refused: it needs about %d MB and %d MB are free,"
+                      " storage.disk.min_free is %s", printer_name, calling_ae, needed >> 20, usage.free >> 20,
+                      self.min_free)
+            raise PrintError(full, f"print queue full: {usage.free >> 20} MB free, min_free {self.min_free}")
 
     @staticmethod
     def _write_preview(request: PrintRequest, printer: PrinterConfig, path: Path) -> None:

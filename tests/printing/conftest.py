@@ -21,6 +21,7 @@ from appliance.db import PrintJob
 from appliance.printing.jobs import list_jobs
 from appliance.printing.service import PrintService
 from appliance.printing.settings import PrintConfig, PrinterConfig, PrintRetry
+from appliance.valuetypes import Space
 
 
 def free_port() -> int:
@@ -71,12 +72,12 @@ class RunningPrinter:
 
 @pytest.fixture
 def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
-    """``print_server(printers={"name": PrinterConfig}, **PrintConfig fields)`` -> RunningPrinter.
-    Directory printers without a directory write to ``tmp_path/out``."""
+    """``print_server(printers={"name": PrinterConfig}, root=, min_free=, **PrintConfig fields)``
+    -> RunningPrinter. Directory printers without a directory write to ``tmp_path/out``."""
     started: list[PrintService] = []
 
     def start(printers: dict[str, PrinterConfig] | None = None, root: Path | None = None,
-              **config: Any) -> RunningPrinter:
+              min_free: Space | None = None, **config: Any) -> RunningPrinter:
         out = tmp_path / "out"
         printers = printers or {"film": printer()}
         printers = {
@@ -88,7 +89,7 @@ def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
         directories = [Path(str(p.directory)) for p in printers.values() if p.backend == "directory"]
         out = directories[0] if directories else out
         data = root or tmp_path / "data"
-        service = PrintService(settings, data, port=0)
+        service = PrintService(settings, data, port=0, min_free=min_free)
         service.start()
         started.append(service)
         return RunningPrinter(service, data, out)

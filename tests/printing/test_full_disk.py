@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance.printing import statuses
+from appliance.valuetypes import Space
 from tests.conftest import mounted_tmpfs
 
 from .conftest import RunningPrinter, free_port, printer, wait_for
@@ -83,3 +85,41 @@ def test_a_job_whose_failed_attempt_cannot_be_recorded_is_queued_again_once_it_c
     job = box.wait_jobs(1)[0]
     assert job.attempts == 2
     server.close()
+
+
+def test_a_job_whose_preview_cannot_be_written_leaves_nothing_behind(
+        print_server: Callable[..., RunningPrinter], data_disk: Path) -> None:
+    box = print_server(root=data_disk)
+    # Room for the PostScript, none for the preview after it (a noisy image: a large file).
+    noisy = np.random.default_rng(1).integers(0, 256, (1024, 1024), dtype=np.uint8)
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        assert scu.create_session().status == 0
+        film = scu.create_film_box(r"STANDARD\1,1")
+        assert scu.set_image(film.dataset, 1, gray_item(noisy)).status == 0
+        filler = fill(data_disk)
+        # 1.4 MB of PostScript; the free space left is that plus a little, not a preview's worth.
+        with filler.open("r+b") as out:
+            out.truncate(filler.stat().st_size - 1_400_000 - 64 * 1024)
+        assert scu.print_film_box(film.uid) == statuses.QUEUE_FULL_FILM_BOX
+    jobs = box.jobs()
+    assert [(job.state, job.ps_path) for job in jobs] == [("failed", None)]
+    assert sorted(p.name for p in (data_disk / "print").rglob("*") if p.is_file()) == []
+
+
+def test_a_job_that_would_take_the_disk_below_min_free_is_refused(
+        print_server: Callable[..., RunningPrinter], data_disk: Path) -> None:
+    box = print_server(root=data_disk, min_free=Space(bytes=8 << 20))
+    filler = fill(data_disk)
+    with filler.open("r+b") as out:
+        out.truncate(filler.stat().st_size - (9 << 20))  # 9 MB free, 1 MB above min_free
+    noisy = np.random.default_rng(1).integers(0, 256, (1024, 1024), dtype=np.uint8)
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        assert scu.create_session().status == 0
+        film = scu.create_film_box(r"STANDARD\1,1")
+        assert scu.set_image(film.dataset, 1, gray_item(noisy)).status == 0
+        # About 1.3 MB of PostScript: it would leave less than min_free.
+        assert scu.print_film_box(film.uid) == statuses.QUEUE_FULL_FILM_BOX
+        assert scu.set_image(film.dataset, 1, gray_item(noisy[:64, :64])).status == 0
+        assert scu.print_film_box(film.uid) == 0
+    assert len(box.wait_jobs(1)) == 1 and len(box.jobs()) == 1
+    assert len(box.printed_files()) == 1
