@@ -120,11 +120,21 @@ class PostScriptWriter:
             f"{_number(rect.x)} {_number(rect.y)} {_number(rect.w)} {_number(rect.h)} rectstroke"
         )
 
-    def text(self, x: float, y: float, size: float, gray: float, text: str) -> None:
+    def text(self, box: Rect, baseline: float, size: float, min_size: float, gray: float, text: str) -> None:
+        """Helvetica from the left edge of ``box``; too wide for it at ``size``, the font is shrunk
+        (the interpreter measures it: only it has the metrics) down to ``min_size``, and what is
+        still too wide is clipped at the box's edge."""
+        width = _number(box.w)
+        self._line("gsave")
+        self._line(f"{_number(box.x)} {_number(box.y)} {width} {_number(box.h)} rectclip {_number(gray)} setgray")
+        self._line(f"/Helvetica findfont {_number(size)} scalefont setfont")
+        self._line(ps_string(text))
         self._line(
-            f"/Helvetica findfont {_number(size)} scalefont setfont {_number(gray)} setgray "
-            f"{_number(x)} {_number(y)} moveto {ps_string(text)} show"
+            f"dup stringwidth pop dup {width} gt {{ {width} exch div {_number(size)} mul {_number(min_size)} max "
+            "/Helvetica findfont exch scalefont setfont } { pop } ifelse"
         )
+        self._line(f"{_number(box.x)} {_number(baseline)} moveto show")
+        self._line("grestore")
 
     def _image_header(
         self, rect: Rect, clip: Rect | None, width: int, height: int, color: bool, interpolate: bool, decode: str

@@ -19,6 +19,8 @@ from .postscript import PostScriptWriter
 from .settings import PrinterConfig
 
 PREVIEW_LONG_SIDE = 480
+# Annotation text is not shrunk below this size on paper (points), to stay readable.
+MIN_ANNOTATION_POINTS = 6.0
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,14 @@ def _draw_annotations(writer: PostScriptWriter, film: FilmBox, placement: Placem
     area, gap = film_area(placement.film_w, placement.film_h, band)
     width = area.w / len(film.annotations)
     size = band * 0.6
+    # Shrunk to fit its box, but no smaller than this on paper; the rest is clipped.
+    min_size = min(size, MIN_ANNOTATION_POINTS / placement.scale)
     for annotation in film.annotations:
         if annotation.text:
             x = area.x + (annotation.position - 1) * width
-            writer.text(x, gap + band * 0.25, size, gray, annotation.text)
+            # Each text in its own box, with white space before the next one.
+            box = Rect(x, gap, width - size * 0.5, band)
+            writer.text(box, gap + band * 0.25, size, min_size, gray, annotation.text)
 
 
 # ---- preview -----------------------------------------------------------------------------------

@@ -321,6 +321,26 @@ def test_annotation_text_is_printed(print_server: Callable[..., RunningPrinter])
     assert np.count_nonzero(page[FILM_H - 25 :, FILM_W // 2 :] < 100) == 0  # box 2 is empty
 
 
+def test_long_annotation_text_stays_inside_its_annotation_box(print_server: Callable[..., RunningPrinter]) -> None:
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT", annotation=True) as scu:
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\1,1")
+        assert scu.set_image(film.dataset, 1, gray_item(flat(255))).status == 0
+        assert scu.set_annotation(film.dataset, 1, "W" * 64).status == 0  # 64 characters: the longest LO
+        assert scu.set_annotation(film.dataset, 2, "ID 0012345678").status == 0
+        assert scu.print_film_box(film.uid) == 0
+    box.wait_jobs(1)
+    page = ghostscript(box.printed_files()[0])[0]
+    band = page[FILM_H - 25 :]
+    dark = np.nonzero((band < 100).any(axis=0))[0]
+    left, right = dark[dark < FILM_W // 2], dark[dark >= FILM_W // 2]
+    # Each text in its own half of the band, with white between them; box 1's text shrunk to fit
+    # still spans most of its box.
+    assert left.size and right.size and left.max() < FILM_W // 2 - 2 and right.min() > FILM_W // 2
+    assert left.max() - left.min() > FILM_W // 2 * 0.8
+
+
 def test_printed_job_keeps_a_preview(print_server: Callable[..., RunningPrinter]) -> None:
     from PIL import Image
 
