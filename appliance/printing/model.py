@@ -130,6 +130,8 @@ class FilmBox:
     plut_uid: str | None = None
     image_boxes: list[ImageBox] = field(default_factory=list)
     annotations: list[AnnotationBox] = field(default_factory=list)
+    # Queued for printing as it is now (False again once it is changed).
+    printed: bool = False
 
     @property
     def film_size(self) -> tuple[float, float]:
@@ -393,6 +395,7 @@ class PrintAssociation:
             raise PrintError(statuses.INVALID_ATTRIBUTE_VALUE, "only the last created film box may be changed")
         outcome = _Outcome(True, self._context("film box", uid))
         self._apply_film_box(film, attrs, outcome)
+        film.printed = False
         return outcome.status, self._film_box_attributes(film)
 
     def _apply_film_box(self, film: FilmBox, attrs: Dataset, outcome: _Outcome) -> None:
@@ -583,6 +586,7 @@ class PrintAssociation:
             if placed.outcome == "demagnified" and outcome.status == statuses.SUCCESS:
                 outcome.status = statuses.IMAGE_DECIMATED if behaviour == "DECIMATE" else statuses.IMAGE_DEMAGNIFIED
         box.pixels = pixels
+        film.printed = False
         box.polarity = new_polarity
         if magnification is not None:
             box.magnification = magnification
@@ -614,7 +618,7 @@ class PrintAssociation:
         found = self.annotation_boxes.get(uid)
         if found is None:
             raise PrintError(statuses.NO_SUCH_SOP_INSTANCE, f"no annotation box {uid}")
-        _, annotation = found
+        film, annotation = found
         position = _int(attrs, "AnnotationPosition")
         if position is None:
             raise PrintError(statuses.MISSING_ATTRIBUTE, "Annotation Position is missing")
@@ -623,6 +627,7 @@ class PrintAssociation:
                 statuses.INVALID_ATTRIBUTE_VALUE, f"Annotation Position {position}, box is {annotation.position}"
             )
         annotation.text = str(attrs.get("TextString", "") or "")
+        film.printed = False
         response = Dataset()
         response.AnnotationPosition = annotation.position
         response.TextString = annotation.text
@@ -657,6 +662,11 @@ class PrintAssociation:
         return statuses.SUCCESS
 
     # ---- printing ----
+
+    def printed(self, request: PrintRequest) -> None:
+        """The request's films are in the print queue: releasing the association loses nothing."""
+        for film in request.films:
+            film.printed = True
 
     def print_film_box(self, uid: str) -> tuple[int, PrintRequest | None]:
         film = self._film_box(uid)

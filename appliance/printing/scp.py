@@ -50,6 +50,9 @@ class PrintSCP:
         self.printer_state = printer_state
         self.port = port if port is not None else config.port
         self._states: dict[int, PrintAssociation] = {}
+        # The printer states last logged, by printer: a console polling with N-GET every few
+        # seconds must not write a line each time.
+        self._logged_states: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
 
@@ -102,8 +105,9 @@ class PrintSCP:
             # Accepting checks the called AE title against ours: make ours the one called.
             event.assoc.acceptor.ae_title = found[1].ae_title.strip()
         else:
-            LOG.warning("print association from %s refused: unknown called AE title %r",
-                        event.assoc.requestor.ae_title, called)
+            # The requestor's AE title is set only once the association is accepted.
+            calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
+            LOG.warning("print association from %s refused: unknown called AE title %r", calling, called)
 
     def _state(self, assoc: Association) -> PrintAssociation:
         key = id(assoc)
@@ -122,8 +126,8 @@ class PrintSCP:
     def _on_closed(self, event: Event) -> None:
         with self._lock:
             state = self._states.pop(id(event.assoc), None)
-        if state is not None and state.film_boxes:
-            unprinted = [uid for uid, film in state.film_boxes.items()]
+        unprinted = [uid for uid, film in state.film_boxes.items() if not film.printed] if state else []
+        if state is not None and unprinted:
             LOG.info("%s -> %s: association ended; discarding %d film box(es) %s", state.calling_ae,
                      state.printer.ae_title.strip(), len(unprinted), ", ".join(unprinted))
 
@@ -168,12 +172,20 @@ class PrintSCP:
                     if tag in ds:
                         kept[tag] = ds[tag]
                 ds = kept
-            if printer_state.status != "NORMAL":
-                LOG.info("%s -> %s: printer %s %s (%s)", state.calling_ae, state.printer.ae_title.strip(),
-                         printer_state.status, printer_state.info, printer_state.detail)
+            self._log_printer_state(state, printer_state)
             return statuses.SUCCESS, ds
 
         return self._guard(event, "N-GET", get)  # type: ignore[no-any-return]
+
+    def _log_printer_state(self, state: PrintAssociation, printer_state: PrinterState) -> None:
+        """One line when a printer's state, as modalities see it, changes."""
+        seen = (printer_state.status, printer_state.info)
+        with self._lock:
+            before = self._logged_states.get(state.printer_name, ("NORMAL", "NORMAL"))
+            self._logged_states[state.printer_name] = seen
+        if seen != before:
+            LOG.info("%s -> %s: printer %s %s (%s)", state.calling_ae, state.printer.ae_title.strip(),
+                     printer_state.status, printer_state.info, printer_state.detail or "was " + " ".join(before))
 
     def _on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
         request = cast(N_CREATE, event.request)
@@ -228,7 +240,9 @@ class PrintSCP:
                 raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-ACTION of {sop_class} not supported")
             if job is not None:
                 job_id = self.submit(job, state.printer_name, state.calling_ae)
-                LOG.info("%s -> %s: %s %s printed as job %d (%s)", state.calling_ae,
+                state.printed(job)
+                # The spool prints it when the printer takes it; its log says when.
+                LOG.info("%s -> %s: %s %s queued as job %d (%s)", state.calling_ae,
                          state.printer.ae_title.strip(), job.level, uid, job_id,
                          ", ".join(film.uid for film in job.films))
             # Print Job SOP class is not offered, so the reply carries no Referenced Print Job.

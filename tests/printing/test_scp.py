@@ -4,6 +4,7 @@ printed film is rendered with Ghostscript and checked where a person would look.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -511,3 +512,34 @@ def test_an_instance_uid_already_in_use_is_refused_and_a_deleted_film_box_never_
         assert scu.delete(BasicFilmBox, film.uid) == 0
         assert scu.print_session() == statuses.NO_FILM_BOXES
     assert box.jobs() == []
+
+
+def test_the_log_says_what_happened_once(print_server: Callable[..., RunningPrinter],
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    from .conftest import free_port
+
+    caplog.set_level(logging.INFO, logger="appliance.printing")
+    box = print_server({"down": printer("DOWN", backend="socket", host="127.0.0.1", socket_port=free_port(),
+                                        status_timeout=0.3)})
+
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name.startswith("appliance.printing") and
+                text in r.getMessage()]
+
+    assert not PrintSCU(box.port, "NOSUCHPRINTER", calling_ae="CT_SCANNER").established
+    assert lines("print association from CT_SCANNER refused")
+    with PrintSCU(box.port, "DOWN", calling_ae="CT_SCANNER") as scu:
+        # A console polling the printer's state: one line, not one per N-GET.
+        for _ in range(3):
+            assert scu.printer_status().dataset.PrinterStatus == "FAILURE"
+        assert len(lines("PRINTER OFFLINE")) == 1
+        scu.create_session()
+        printed = scu.create_film_box(r"STANDARD\1,1")
+        assert scu.set_image(printed.dataset, 1, gray_item(flat(9))).status == 0
+        assert scu.print_film_box(printed.uid) == 0
+        left = scu.create_film_box(r"STANDARD\1,1")
+    # The printer is down: the film is queued, not printed.
+    assert lines(f"film box {printed.uid} queued as job 1") and not lines("printed as job")
+    discarded = lines("discarding")
+    assert len(discarded) == 1 and "1 film box" in discarded[0] and left.uid in discarded[0]
+    assert printed.uid not in discarded[0]
