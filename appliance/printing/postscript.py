@@ -145,12 +145,12 @@ class PostScriptWriter:
         self._line(f"{_number(rect.x)} {_number(rect.y)} translate {_number(rect.w)} {_number(rect.h)} scale")
         space, ranges = ("/DeviceRGB", "[0 1 0 1 0 1]") if color else ("/DeviceGray", "[0 1]")
         self._line(f"{space} setcolorspace")
-        # The image's first row is its top: flip y in the image matrix.
-        self._line(
-            f"<< /ImageType 1 /Width {width} /Height {height} /BitsPerComponent 8 /Decode {ranges} "
-            f"/ImageMatrix [{width} 0 0 -{height} 0 {height}] /Interpolate {str(interpolate).lower()} "
-            f"/DataSource currentfile /ASCII85Decode filter {decode} filter >> image"
-        )
+        # The image's first row is its top: flip y in the image matrix. One entry a line: DSC
+        # asks for lines under 255 characters, and the dictionary as one line is longer.
+        self._line(f"<< /ImageType 1 /Width {width} /Height {height} /BitsPerComponent 8 /Decode {ranges}")
+        self._line(f"   /ImageMatrix [{width} 0 0 -{height} 0 {height}] /Interpolate {str(interpolate).lower()}")
+        self._line(f"   /DataSource currentfile /ASCII85Decode filter {decode} filter")
+        self._line(">> image")
 
     def image(
         self,

@@ -98,10 +98,11 @@ def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
     for service in started:
         service.stop()
     # Every PostScript any test printed must be valid for a real interpreter, not just the pages
-    # a test looked at.
+    # a test looked at, and keep DSC's line length for the spoolers that parse it.
     for ps in sorted(tmp_path.rglob("*.ps")):
         if ps.read_bytes().startswith(b"%!PS"):
             assert ghostscript(ps, dpi=9), ps
+            assert max(len(line) for line in ps.read_bytes().splitlines()) <= 255, ps
 
 
 def ghostscript(ps: Path, dpi: int = 72, device: str = "pnggray") -> list[np.ndarray]:

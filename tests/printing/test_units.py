@@ -177,3 +177,23 @@ def test_configuration_errors_name_the_line_and_key(text: str, message: str) -> 
     text_of_errors = str(caught.value)
     assert message in text_of_errors
     assert text_of_errors.startswith("appliance.yaml:")
+
+
+def test_postscript_lines_stay_under_the_dsc_limit() -> None:
+    import io
+
+    from appliance.printing.layout import Rect
+    from appliance.printing.postscript import PostScriptWriter
+
+    out = io.BytesIO()
+    writer = PostScriptWriter(out)
+    writer.begin(1, 1008.0, 1224.0, "CT_SCANNER_16CHR " + "L" * 64, "Edge DICOM appliance print SCP")
+    writer.begin_page(1008.0, 1224.0, "FILM")
+    box = Rect(12.345, 23.456, 987.654, 1198.765)
+    writer.image(box, 20000, 10, [np.zeros((10, 20000, 3), np.uint8)], color=True, interpolate=True, clip=box)
+    writer.image_jpeg(box, np.zeros((16, 16, 3), np.uint8), 90, interpolate=True, clip=box)
+    writer.text(box, 30.0, 18.0, 6.0, 0.0, "()\\" * 21 + "X")
+    writer.end_page()
+    writer.end()
+    lines = out.getvalue().decode("ascii").splitlines()
+    assert max(len(line) for line in lines) <= 255, max(lines, key=len)
