@@ -15,9 +15,11 @@ then sends that byte); the others one by one.
 Outcomes (see ``statuses.store_outcome``): success and warnings are delivered; 0xA7xx,
 refused or lost connections, transient rejections and timeouts are retried with the
 destination's backoff; other failures and permanent rejections are dead letters, which
-``appliance retry`` puts back. A C-STORE with no response is "delivery unknown": it is retried
-on a fresh association, never counted as delivered; a PACS that then refuses it as a duplicate
-(0x0111) has it from that attempt, and it counts as delivered.
+``appliance retry`` puts back. A failed association charges only the instance that would have
+gone first (one attempt, or one dead letter, per try); one the PACS rejects for want of a
+spare association, while another of ours is open, charges nothing. A C-STORE with no response
+is "delivery unknown": it is retried on a fresh association, never counted as delivered; a PACS
+that then refuses it as a duplicate (0x0111) has it from that attempt, and it counts as delivered.
 """
 
 from __future__ import annotations
@@ -76,11 +78,17 @@ _OUT_OF_RESOURCES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.E
 
 
 class AssociationFailed(Exception):
-    """No association: ``permanent`` when the peer rejected us for good (a configuration error)."""
+    """No association, and which kind of failure it was (what :meth:`Forwarder._association_failed`
+    makes of it): the PACS unreachable or refusing for now (``TRANSIENT``), rejecting us for
+    good (``PERMANENT``: a configuration error, most likely), without an association to spare
+    (``BUSY``: congestion, or its limit reached), or taking none of the instances' SOP classes
+    (``UNSUPPORTED``)."""
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
+    TRANSIENT, PERMANENT, BUSY, UNSUPPORTED = "transient", "permanent", "busy", "unsupported"
+
+    def __init__(self, message: str, kind: str = TRANSIENT) -> None:
         super().__init__(message)
-        self.permanent = permanent
+        self.kind = kind
 
 
 @dataclass
@@ -186,6 +194,11 @@ class Forwarder:
         self._threads: dict[tuple[str, int], threading.Thread] = {}
         self._blocked_until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        # Which workers hold an open association (see _association_failed), and each worker's own
+        # state: its index, and the wait a PACS without an association to spare gave it.
+        self._linked: dict[tuple[str, int], bool] = {}
+        self._worker = threading.local()
+        self._said_busy: set[str] = set()
         self._lock = threading.Lock()
         self._listener = wakeup.Listener(config.storage.root, self.wake)  # intake's "work queued"
         self.failure: str | None = None  # set when a worker or the scheduler failed (see _guard)
@@ -373,14 +386,17 @@ class Forwarder:
     def _work(self, name: str, index: int) -> None:
         link: _Link | None = None
         last_study: str | None = None
+        self._worker.index, self._worker.busy_until, self._worker.busy_tries = index, 0.0, 0
         try:
             while not self._stop.is_set():
+                self._linked[(name, index)] = link is not None
                 destination = self.config.destinations.get(name)
                 if destination is None or index >= destination.max_associations:
                     log.info("destination %s worker %d stops: no longer configured", name, index)
                     return
                 now = self.db.schedule_now()
-                blocked = self._blocked_until.get(name, 0.0)
+                blocked = max(self._blocked_until.get(name, 0.0),
+                              now + self._worker.busy_until - time.monotonic())
                 if now < blocked:
                     link = self._close(link)
                     self._sleep(blocked - now)
@@ -404,6 +420,7 @@ class Forwarder:
                 link = self._send_batch(name, destination, batch, link)
                 last_study = batch[0].study_instance_uid
         finally:
+            self._linked.pop((name, index), None)
             self._close(link)
 
     @staticmethod
@@ -429,8 +446,10 @@ class Forwarder:
             try:
                 link = self._associate(destination, wanted, {(w.sop_class_uid, w.transfer_syntax) for w in batch})
             except AssociationFailed as exc:
-                self._destination_failed(name, destination, batch, str(exc), permanent=exc.permanent)
+                self._association_failed(name, destination, batch, exc)
                 return None
+            self._worker.busy_tries = 0
+            self._linked[(name, self._worker.index)] = True
         counts = {"delivered": 0, "retry": 0, "dead": 0, "unknown": 0, "replaced": 0}
         position = 0
         interrupted = False
@@ -495,26 +514,56 @@ class Forwarder:
                   batch[0].study_instance_uid, time.monotonic() - started)
         return link
 
-    def _destination_failed(self, name: str, destination: Destination, batch: Sequence[Work], error: str,
-                            permanent: bool) -> None:
+    def _association_failed(self, name: str, destination: Destination, batch: Sequence[Work],
+                            exc: AssociationFailed) -> None:
+        """No association for ``batch`` (claimed, one study). Only its first instance is charged
+        — the one that would have gone first: a PACS that is down, or that refuses us for good
+        (DCMTK-based ones answer "permanent" to any refusal, a maintenance window included),
+        costs one attempt or one dead letter per try, never a whole study or a backlog; the
+        rest go back to the queue, and the destination waits its backoff."""
+        error = str(exc)
+        if exc.kind == AssociationFailed.UNSUPPORTED:
+            # It answered, and takes none of these SOP classes (in any syntax we can send): a
+            # dead letter each, as when it refuses one class on an association it accepts
+            # (_send_one). Not a failure of the destination: what it does take goes on at once.
+            self._failures[name] = 0
+            for work in batch:
+                self._dead(name, work, None, error)
+            return
+        if exc.kind == AssociationFailed.BUSY and self._others_linked(name):
+            # Another of our associations to it is open: it takes fewer at once than
+            # max_associations. That one goes on; this worker waits, and nothing is charged.
+            self.db.unclaim(batch)
+            self._worker.busy_tries += 1
+            delay = backoff(destination.retry, self._worker.busy_tries)
+            self._worker.busy_until = time.monotonic() + delay
+            say = log.debug if name in self._said_busy else log.warning
+            self._said_busy.add(name)
+            say("%s has no association to spare beside ours (%s): it takes fewer at once than max_associations"
+                " (%d); the open one goes on, another is tried in %.0f s", name, error,
+                destination.max_associations, delay)
+            return
         failures = self._failures[name] = self._failures.get(name, 0) + 1
         delay = backoff(destination.retry, failures)
-        self._blocked_until[name] = self.db.schedule_now() + delay
-        if permanent:
-            # A dead letter each, as the refusal says; and the destination waits its backoff like
-            # one that is down, so that a PACS refusing us for a few seconds (DCMTK-based ones
-            # answer "permanent" to anything) does not turn a whole backlog into dead letters.
-            log.error("%s refused for good (%s): %d instance(s) to the dead letters; the next one is tried"
-                      " in %.0f s, and `appliance retry %s` puts these back once the refusal is fixed",
-                      name, error, len(batch), delay, name)
-            for work in batch:
-                self.db.finish(work, "dead", None, error)
+        blocked_until = self._blocked_until[name] = self.db.schedule_now() + delay
+        first, rest = batch[0], batch[1:]
+        if rest:
+            self.db.unclaim(rest)
+        if exc.kind == AssociationFailed.PERMANENT:
+            log.error("%s refused for good (%s): %s to the dead letters; the next instance is tried in %.0f s,"
+                      " and `appliance retry %s` puts the dead letters back once the refusal is fixed",
+                      name, error, first.sop_instance_uid, delay, name)
+            self.db.finish(first, "dead", None, error)
             return
         log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
                     name, error, delay, len(batch))
-        for work in batch:
-            self._retry_or_give_up(name, destination, work, "retry", None, error, self._blocked_until[name])
+        self._retry_or_give_up(name, destination, first, "retry", None, error, blocked_until)
         self._give_up_waiting(name, destination, error)
+
+    def _others_linked(self, name: str) -> bool:
+        """Whether another worker of this destination holds an open association."""
+        me = getattr(self._worker, "index", None)
+        return any(open_ and index != me for (other, index), open_ in list(self._linked.items()) if other == name)
 
     def _give_up_waiting(self, name: str, destination: Destination, error: str) -> None:
         """The destination failed again: what has waited for it longer than its retry policy's
@@ -626,14 +675,21 @@ class Forwarder:
             # (and so the clinic's DNS) down, that fails here, and is as transient as a refusal.
             raise AssociationFailed(f"cannot resolve or reach {destination.host}: {exc}") from exc
         if (rj := rejection(assoc)) is not None:
-            raise AssociationFailed(statuses.describe_rejection(rj),
-                                    permanent=getattr(rj, "result", None) == statuses.REJECTED_PERMANENT)
+            if getattr(rj, "result_source", None) == statuses.SOURCE_PRESENTATION:
+                # Temporary congestion or its local limit (PS3.8 9.3.4): it has no association
+                # to spare now, whatever the result field says (some answer "permanent").
+                kind = AssociationFailed.BUSY
+            elif getattr(rj, "result", None) == statuses.REJECTED_PERMANENT:
+                kind = AssociationFailed.PERMANENT
+            else:
+                kind = AssociationFailed.TRANSIENT
+            raise AssociationFailed(statuses.describe_rejection(rj), kind)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts when the peer accepts none of our contexts: no retry will change that.
             classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
             raise AssociationFailed(f"{destination.ae_title} accepted no presentation context for "
                                     f"{', '.join(UID(c).name for c in classes)} in the instance's own or an"
-                                    " uncompressed transfer syntax", permanent=True)
+                                    " uncompressed transfer syntax", AssociationFailed.UNSUPPORTED)
         if not assoc.is_established:
             raise AssociationFailed(why_not_associated(
                 assoc, f"{destination.ae_title}@{destination.host}:{destination.port}", destination.timeouts.connect))

@@ -33,6 +33,9 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no re
 # A-ASSOCIATE-RJ result: transient rejections are retried, permanent ones are dead letters.
 REJECTED_PERMANENT = 0x01
 REJECTED_TRANSIENT = 0x02
+# A-ASSOCIATE-RJ source 3: the service provider's presentation layer, whose reasons are
+# temporary congestion (1) and local limit exceeded (2).
+SOURCE_PRESENTATION = 0x03
 
 
 def describe_rejection(rj: Any) -> str:
