@@ -134,7 +134,9 @@ def _make_service(name: str, config: Config) -> Service:
         return Forwarder(config, db, Store(config.storage.root))
     from .printing.service import PrintService
 
-    return PrintService(config.print, config.storage.root, db=db)
+    # storage.disk.min_free is the print spool's floor too: a film must not take the room kept
+    # for receiving images and for the database.
+    return PrintService(config.print, config.storage.root, db=db, min_free=config.storage.disk.min_free)
 
 
 def service_main(name: str, config_path: str, base_dir: str, startup_text: str, text: str, updates: Any,

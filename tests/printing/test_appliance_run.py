@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.printing import statuses
 from appliance.printing.jobs import list_jobs
 
 from ..peers import wait_for_port
@@ -42,6 +43,26 @@ def test_appliance_run_prints_films(appliance_factory: Callable[..., Any], tmp_p
     send_film(port, "FILMPRINTER")
     wait_for(lambda: any(j.state == "printed" for j in list_jobs(box.data)), what="the film to print")
     assert len(list(out.glob("*.ps"))) == 1
+
+
+def test_a_film_that_would_take_the_disk_below_min_free_is_refused(appliance_factory: Callable[..., Any],
+                                                                    tmp_path: Path) -> None:
+    """storage.disk.min_free, kept for receiving images and for the database, is the print
+    spool's floor as well: a film that would take the disk below it is refused (the queue is
+    full), rather than filling the disk."""
+    port = free_port()
+    out = tmp_path / "films"
+    config = print_config(port, {
+        "film": {"ae_title": "FILMPRINTER", "backend": "directory", "directory": str(out), "default_paper": "FILM"},
+    })
+    box = appliance_factory({**config, "storage": {"disk": {"min_free": "99%", "evict_above": "100%"}}})
+    wait_for_port(port, process=box.process)
+    with PrintSCU(port, "FILMPRINTER", calling_ae="MODALITY") as scu:
+        assert scu.create_session(assign=True).status == 0
+        film = scu.create_film_box(r"STANDARD\1,1", assign=True, FilmSizeID="8INX10IN")
+        assert scu.set_image(film.dataset, 1, gray_item(np.full((32, 32), 77, np.uint8))).status == 0
+        assert scu.print_film_box(str(film.uid)) == statuses.QUEUE_FULL_FILM_BOX
+    assert list_jobs(box.data) == []
 
 
 def test_queued_film_survives_kill_9(appliance_factory: Callable[..., Any], tmp_path: Path) -> None:
