@@ -214,7 +214,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_print_jobs(args: argparse.Namespace) -> int:
-    from .printing.jobs import format_jobs, list_jobs
+    from .printing.jobs import format_jobs, job_counts, list_jobs
 
     config = _load_or_exit(args)
     _as_data_owner(config.storage.root)
@@ -226,7 +226,7 @@ def cmd_print_jobs(args: argparse.Namespace) -> int:
             return 1
         print(f"job {args.retry} queued again")
         return 0
-    print(format_jobs(list_jobs(config.storage.root, limit=args.limit)))
+    print(format_jobs(list_jobs(config.storage.root, limit=args.limit), job_counts(config.storage.root)))
     return 0
 
 

@@ -1152,6 +1152,11 @@ def print_jobs_in_state(db: Database, state: str) -> list[PrintJob]:
     return [PrintJob(**dict(row)) for row in rows]
 
 
+def print_job_counts(db: Database) -> dict[str, int]:
+    """How many print jobs are in each state, all of them (a listing shows only the newest)."""
+    return {row[0]: row[1] for row in db.query("SELECT state, count(*) FROM print_jobs GROUP BY state")}
+
+
 def list_print_jobs(db: Database, limit: int = 100) -> list[PrintJob]:
     rows = db.query(f"SELECT {_PRINT_JOB_COLUMNS} FROM print_jobs ORDER BY id DESC LIMIT ?", (limit,))
     return [PrintJob(**dict(row)) for row in rows]

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..db import PrintJob, ensure_print_schema, list_print_jobs, open_database
+from ..db import PrintJob, ensure_print_schema, list_print_jobs, open_database, print_job_counts
 
 
 def list_jobs(root: Path, limit: int = 100) -> list[PrintJob]:
@@ -18,6 +18,16 @@ def list_jobs(root: Path, limit: int = 100) -> list[PrintJob]:
         return [dataclasses.replace(job, next_attempt_at=db.wall_time_of(job.next_attempt_at))
                 if job.next_attempt_at else job
                 for job in list_print_jobs(db, limit)]
+    finally:
+        db.close()
+
+
+def job_counts(root: Path) -> dict[str, int]:
+    """How many print jobs of the appliance whose data directory is ``root`` are in each state."""
+    db = open_database(Path(root))
+    try:
+        ensure_print_schema(db)
+        return print_job_counts(db)
     finally:
         db.close()
 
@@ -39,8 +49,10 @@ def _when(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
 
 
-def format_jobs(jobs: list[PrintJob]) -> str:
-    """A table: one line per job, the last error under a failing one."""
+def format_jobs(jobs: list[PrintJob], counts: dict[str, int] | None = None) -> str:
+    """A table: one line per job, the last error under a failing one; then how many jobs are in
+    each state — of all of them (``counts``, :func:`job_counts`), not only of those listed: a
+    failed job older than the newest listed must still be seen to exist."""
     lines = [f"{'JOB':>5}  {'STATE':<9} {'PRINTER':<14} {'FROM':<16} {'PAGES':>5} {'COPIES':>6} "
              f"{'TRIES':>5}  {'QUEUED':<19}  {'PRINTED':<19}  PREVIEW"]
     for job in jobs:
@@ -52,9 +64,13 @@ def format_jobs(jobs: list[PrintJob]) -> str:
         if job.last_error and job.state != "printed":
             retry = f" (next try {_when(job.next_attempt_at)})" if job.state == "queued" else ""
             lines.append(f"       last error: {job.last_error}{retry}")
-    counts: dict[str, int] = {}
-    for job in jobs:
-        counts[job.state] = counts.get(job.state, 0) + 1
+    if counts is None:
+        counts = {}
+        for job in jobs:
+            counts[job.state] = counts.get(job.state, 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no print jobs"
+    total = sum(counts.values())
+    if total > len(jobs):
+        summary += f" (the newest {len(jobs)} of {total} listed: --limit N lists more)"
     lines.append(summary)
     return "\n".join(lines)

@@ -42,6 +42,11 @@ def test_print_jobs_lists_printed_and_waiting_jobs(
     assert "film" in printed and "CT_SCANNER" in printed and ".png" in printed
     assert any(" queued " in line and "offline" in line for line in lines)
     assert "last error:" in out and "1 printed, 1 queued" in out
+    # Cut to the newest job: the count is still of all of them, and says the list is cut.
+    assert main(["print-jobs", "--config", str(config), "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.split()[1:2] in (["printed"], ["queued"]) for line in out.splitlines()) == 1, out
+    assert out.splitlines()[-1] == "1 printed, 1 queued (the newest 1 of 2 listed: --limit N lists more)", out
 
 
 def test_print_jobs_retry_sends_a_failed_job_again(
