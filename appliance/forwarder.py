@@ -757,7 +757,8 @@ class Forwarder:
             if link.assoc.is_established:
                 link.assoc.abort()
             return self._retry_or_give_up(name, destination, work, "unknown", None,
-                                          "no C-STORE response (abort, timeout or connection lost)")
+                                          hotpath.invalid_response_of(link.assoc)
+                                          or "no C-STORE response (abort, timeout or connection lost)")
         status, comment = response
         outcome = statuses.store_outcome(status)
         error = f"status 0x{status:04X}" + (f": {comment}" if comment else "")

@@ -475,12 +475,28 @@ def _pause_reactor(assoc: Any) -> None:
 
 
 def _valid_response(assoc: Any, response: Any, message_id: int) -> bool:
+    """Whether ``response`` answers our C-STORE-RQ ``message_id``. If not, the association is
+    aborted (as pynetdicom does) and what was wrong is kept on it for the attempt's record
+    (:func:`invalid_response_of`): "no response" would not be true."""
     if (isinstance(response, C_STORE) and response.is_valid_response
             and response.MessageIDBeingRespondedTo == message_id):
         return True
-    log.error("Received an invalid C-STORE response from the peer")
+    if isinstance(response, C_STORE):
+        status = getattr(response, "Status", None)
+        what = (f"a C-STORE response to message {response.MessageIDBeingRespondedTo}"
+                f" (status {'none' if status is None else f'0x{int(status):04X}'}), not to ours, {message_id}")
+    else:
+        what = f"a {type(response).__name__} message, not the C-STORE response to message {message_id}"
+    assoc._appliance_invalid_response = f"the peer answered with {what}: association aborted"
+    log.error("C-STORE: %s", assoc._appliance_invalid_response)
     assoc.abort()
     return False
+
+
+def invalid_response_of(assoc: Any) -> str | None:
+    """What was wrong with the last response the association's peer sent in place of a
+    C-STORE response (:func:`_valid_response`), once; None if nothing."""
+    return assoc.__dict__.pop("_appliance_invalid_response", None)
 
 
 def store_file(assoc: Any, context_id: int, path: str, sop_class: str, sop_instance: str,

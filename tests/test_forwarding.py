@@ -516,6 +516,34 @@ def test_a_study_refused_instance_by_instance_is_one_journal_line_and_a_count(ap
     assert counted == [29], counted
 
 
+def test_a_response_to_another_request_is_recorded_as_such_and_the_instance_sent_again(
+        appliance_factory, stack, tmp_path, monkeypatch) -> None:
+    """A PACS whose C-STORE responses name another request's Message ID: the association is
+    aborted and the instance sent again (delivery unknown), and the record says what came —
+    not "no C-STORE response", which would send an admin looking at the network."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    send_msg = DIMSEServiceProvider.send_msg
+    wrong = {"on": True}
+
+    def off_by_one(self, primitive, context_id):  # the SCP runs in this process, the box in its own
+        if wrong["on"] and getattr(primitive, "MessageIDBeingRespondedTo", None) is not None:
+            primitive.MessageIDBeingRespondedTo += 1
+        return send_msg(self, primitive, context_id)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", off_by_one)
+    files = write_series(tmp_path / "ct", "msgid", 1, 1, Series("CT", 1, 32, 32))
+    scp = stack.enter_context(RecordingSCP("MSGID"))
+    box = appliance_factory({"destinations": {"central": destination("MSGID", scp.port)},
+                             "routes": [{"send_to": ["central"]}]})
+    send(box, files)
+    wait_until(lambda: queue_of(box, "central")["last_error"], 30, lambda: f"{queue_of(box, 'central')}")
+    error = queue_of(box, "central")["last_error"]
+    assert "answered with a C-STORE response to message 2 (status 0x0000), not to ours, 1" in error, error
+    wrong["on"] = False
+    wait_until(lambda: queue_of(box, "central")["delivered"] == 1, 30, lambda: f"{queue_of(box, 'central')}")
+
+
 def test_statuses_decide_delivered_retry_or_dead_letter_and_retry_requeues(appliance_factory, stack,
                                                                            tmp_path) -> None:
     """Warnings count as delivered; 0xA700 is retried until it succeeds; 0xA900 and 0xC000 are
