@@ -318,6 +318,8 @@ def _read_pdu(dul: Any) -> None:
     if (receiver is not None and pdu_type == 0x04 and dul.state_machine.current_state == "Sta6"
             and receiver.take(memoryview(body))):
         return
+    if pdu_type == 0x03:
+        body = _readable_rejection(dul, body)
     try:
         pdu, event = dul._decode_pdu(bytes(header) + bytes(body))
         dul.event_queue.put(event)
@@ -327,6 +329,23 @@ def _read_pdu(dul: Any) -> None:
         dul.event_queue.put("Evt19")
         return
     dul._recv_pdu.put(pdu)
+
+
+def _readable_rejection(dul: Any, body: bytes | bytearray) -> bytes | bytearray:
+    """An A-ASSOCIATE-RJ's body (reserved, result, source, reason) with values PS3.8 9.3.4 does
+    not define replaced by ones it does: pynetdicom's state machine raised on them, in the DUL
+    thread, which died with a traceback on stderr instead of reporting a rejection. An unknown
+    result is taken as "for now" (so the destination is tried again, never dead-lettered on a
+    guess), an unknown source as the peer's application, an unknown reason as none given."""
+    _, result, source, reason = bytes(body)
+    readable = (result if result in (1, 2) else 2, source if source in (1, 2, 3) else 1,
+                reason if reason in (1, 2, 3, 7) else 1)
+    if readable == (result, source, reason):
+        return body
+    log.warning("%s:%s rejected the association with values PS3.8 does not define (result %d, source %d,"
+                " reason %d): read as result %d, source %d, reason %d", dul.assoc.acceptor.address,
+                dul.assoc.acceptor.port, result, source, reason, *readable)
+    return bytes((0, *readable))
 
 
 # A-ASSOCIATE-RJ, A-RELEASE-RQ, A-RELEASE-RP and A-ABORT: their length is always 4 (PS3.8 9.3).
