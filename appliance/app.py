@@ -39,7 +39,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import system
+from . import lastgood, system
 from .config import Config, ConfigError, load, loads
 from .db import open_database
 from .receiver import Receiver
@@ -361,18 +361,30 @@ class Appliance:
         for child in self.children:
             child.update(new)
         log.info("configuration reloaded from %s", self.config_path)
+        lastgood.keep(self.config_path)
+        system.notify(f"STATUS=receiving as {self.config.node.ae_title} on port {self.config.node.port}")
         return True
 
 
 def run(config_path: Path) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    broken = ""
     try:
         config = load(config_path)
     except ConfigError as exc:
         system.setup_logging()
         for problem in exc.problems:
             log.error("%s", problem)
-        return 1
+        last_good = lastgood.load_last_good(config_path)
+        if last_good is None:
+            return 1
+        config, kept_at = last_good
+        log.error("%s cannot be used (above): running with the last configuration that was valid, kept %s;"
+                  " mend the file, then reload (systemctl reload appliance)", config_path,
+                  lastgood.describe_age(kept_at))
+        broken = f"; {config_path.name} HAS ERRORS: running with the last valid configuration"
+    else:
+        lastgood.keep(config_path)
     system.setup_logging(config.logging.level)
     for advice in config.advice:
         log.warning("%s", advice.as_warning())
@@ -385,7 +397,7 @@ def run(config_path: Path) -> int:
         log.error("%s", exc)
         appliance.stop()
         return 1
-    system.notify(f"READY=1\nSTATUS=receiving as {config.node.ae_title} on port {config.node.port}")
+    system.notify(f"READY=1\nSTATUS=receiving as {config.node.ae_title} on port {config.node.port}{broken}")
     watchdog = system.watchdog_interval()
     try:
         while not signals.wait(min(watchdog or 1.0, 1.0), appliance.reload):

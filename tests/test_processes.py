@@ -321,3 +321,46 @@ def test_the_data_directory_lock_made_by_another_user_is_still_taken(tmp_path: P
     os.waitpid(child, 0)
     with cleanup, os.fdopen(read) as reported:
         assert reported.read() == "held, and refused a second"
+
+
+def test_a_box_started_with_a_broken_file_runs_on_the_last_good_one_until_it_is_mended(tmp_path: Path) -> None:
+    """The file saved with a slip (here: cut short, as a FAT boot partition pulled out of a
+    laptop too soon leaves it), then a power cut. The box starts with the last configuration
+    that was valid — same port, AE title, destinations — says so in the journal and in
+    systemd's status line, receives and forwards; a reload of the mended file takes it."""
+    state = tmp_path / "state"
+    with RecordingSCP("CENTRAL") as scp:
+        box = ApplianceProcess(tmp_path / "box", {"destinations": {"central": destination("CENTRAL", scp.port)},
+                                                  "routes": [{"send_to": ["central"]}]},
+                               env={"APPLIANCE_STATE_DIR": str(state)}).start()
+        try:
+            good = box.config_path.read_text()
+            assert (state / "last-good.yaml").read_text() == good
+            box.kill()  # the power cut, after a broken save
+            box.config_path.write_text(good[: good.index("destinations:") + len("destinations:\n  cen")])
+            box.start()
+            assert box.notify is not None
+            ready = next(m for m in box.notify.messages if "READY=1" in m.splitlines())
+            assert "HAS ERRORS: running with the last valid configuration" in ready, ready
+            log = box.log()
+            assert re.search(r"ERROR .*appliance\.yaml:\d+:\d+: ", log), log[-3000:]
+            assert "running with the last configuration that was valid" in log, log[-3000:]
+            assert (state / "last-good.yaml").read_text() == good  # a broken file is never kept
+            three_are_delivered(box, scp, tmp_path / "during")
+
+            mended = yaml.safe_load(good)
+            mended["node"]["ae_title"] = "MENDED"
+            box.write_config(mended)
+            box.reload()
+            wait_until(lambda: "configuration reloaded" in box.log(), 20, lambda: box.log()[-2000:])
+            assert "ae_title: MENDED" in (state / "last-good.yaml").read_text()
+        finally:
+            box.stop()
+
+
+def test_without_a_last_good_copy_a_broken_file_stops_the_start(tmp_path: Path) -> None:
+    box = ApplianceProcess(tmp_path / "box", env={"APPLIANCE_STATE_DIR": str(tmp_path / "state")})
+    box.config_path.write_text("node:\n  port: [\n")
+    box.start(wait=False)
+    assert box.process is not None and box.process.wait(timeout=30) == 1
+    assert "appliance.yaml:" in box.log() and "last configuration" not in box.log()
