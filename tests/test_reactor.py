@@ -71,8 +71,10 @@ def test_idle_associations_cost_next_to_no_cpu(appliance_factory: Factory) -> No
     finally:
         for assoc in associations:
             assoc.release()
-    # Polling would be ~4 × 0.05 × 3 s = 0.6 s here.
-    assert used < 0.2, f"{used:.2f} s of CPU for 4 idle associations over 3 s"
+    # Polling would be ~4 × 0.05 × 3 s = 0.6 s here. The loops' 20 ms tick costs 0.09-0.18 s on a
+    # quiet machine and more on a busy one (0.23 s seen while other tests ran beside it): the
+    # bound is what tells the two apart, not a budget.
+    assert used < 0.3, f"{used:.2f} s of CPU for 4 idle associations over 3 s"
 
 
 def test_network_timeout_still_closes_an_idle_association(appliance_factory: Factory) -> None:
