@@ -48,10 +48,17 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@contextmanager
+def tmpfs_dir(parent: Path, name: str, size: str) -> Iterator[Path]:
+    """A new directory ``parent/name`` that is a filesystem of its own, of ``size`` (tmpfs)."""
+    mount = parent / name
+    mount.mkdir()
+    with mounted_tmpfs(mount, size):
+        yield mount
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 MB filesystem of its own (tmpfs)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    with mounted_tmpfs(mount, "64m"):
+    with tmpfs_dir(tmp_path, "small", "64m") as mount:
         yield mount

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,26 @@ def build_preload_library(source: Path, library: Path, *libraries: str) -> Path:
     subprocess.run([require_tool("gcc"), "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(library),
                     str(source), *libraries], check=True, capture_output=True)
     return library
+
+
+def answer_each_connection(server: socket.socket, reply: bytes, linger: float = 0.0) -> None:
+    """A peer that speaks the wrong thing: every connection to ``server`` (bound) gets ``reply``
+    once it has sent something, and is closed ``linger`` seconds later. Runs in a thread until
+    ``server`` is closed."""
+    server.listen(5)
+
+    def serve() -> None:
+        try:
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+                    time.sleep(linger)
+        except OSError:  # the server socket was closed: the test is over
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
 
 
 def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:

@@ -12,6 +12,8 @@ import pytest
 
 from appliance.echo import echo
 
+from .peers import answer_each_connection
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -96,18 +98,6 @@ def test_a_rejection_with_values_ps38_does_not_define_is_read_as_a_rejection_for
     """An A-ASSOCIATE-RJ whose result (3) PS3.8 does not define: pynetdicom's state machine
     raised in the DUL thread, which died with a traceback, and the refusal read as "connected,
     but no association". It is a rejection, and one for now: the destination is tried again."""
-    listener.listen(5)
-
-    def reject_each() -> None:
-        try:
-            while True:
-                conn, _ = listener.accept()
-                with conn:
-                    conn.recv(65536)
-                    conn.sendall(bytes.fromhex("03 00 00000004 00 03 01 01"))  # result 3, source 1, reason 1
-        except OSError:
-            pass
-
-    threading.Thread(target=reject_each, daemon=True).start()
+    answer_each_connection(listener, bytes.fromhex("03 00 00000004 00 03 01 01"))  # result 3, source 1, reason 1
     ok, text = echo("127.0.0.1", listener.getsockname()[1], "PACS", timeout=5)
     assert not ok and "rejected for now by the service user" in text, text

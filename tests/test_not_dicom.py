@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from appliance.echo import echo
 from appliance.reactor import describe_not_dicom
 
-from .peers import ApplianceProcess
+from .peers import ApplianceProcess, answer_each_connection
 
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: box\r\nUser-Agent: health-check\r\n\r\n" + b"x" * 20_000
 # The start of a TLS 1.2 ClientHello record: content type 22 (handshake), version 3.1.
@@ -95,20 +94,8 @@ def test_a_destination_port_that_answers_in_http_is_named_as_such() -> None:
     server's (one that answers a binary request with 400 at once, as nginx does)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
-    server.listen(5)
-
-    def serve() -> None:
-        try:
-            while True:
-                conn, _ = server.accept()
-                with conn:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    time.sleep(0.5)
-        except OSError:
-            pass
-
-    threading.Thread(target=serve, daemon=True).start()
+    answer_each_connection(server, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                           linger=0.5)
     try:
         ok, text = echo("127.0.0.1", server.getsockname()[1], "PACS", timeout=5)
     finally:

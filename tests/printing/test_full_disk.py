@@ -15,7 +15,7 @@ import pytest
 
 from appliance.printing import statuses
 from appliance.valuetypes import Space
-from tests.conftest import mounted_tmpfs
+from tests.conftest import tmpfs_dir
 
 from .conftest import RunningPrinter, free_port, printer, wait_for
 from .scu import PrintSCU, gray_item
@@ -24,9 +24,7 @@ from .scu import PrintSCU, gray_item
 @pytest.fixture
 def data_disk(tmp_path: Path) -> Iterator[Path]:
     """The appliance's data directory on a 16 MB filesystem of its own."""
-    mount = tmp_path / "data"
-    mount.mkdir()
-    with mounted_tmpfs(mount, "16m"):
+    with tmpfs_dir(tmp_path, "data", "16m") as mount:
         yield mount
 
 
