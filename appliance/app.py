@@ -361,7 +361,7 @@ class Appliance:
         for child in self.children:
             child.update(new)
         log.info("configuration reloaded from %s", self.config_path)
-        lastgood.keep(self.config_path)
+        lastgood.keep(new)
         system.notify(f"STATUS=receiving as {self.config.node.ae_title} on port {self.config.node.port}")
         return True
 
@@ -384,7 +384,7 @@ def run(config_path: Path) -> int:
                   lastgood.describe_age(kept_at))
         broken = f"; {config_path.name} HAS ERRORS: running with the last valid configuration"
     else:
-        lastgood.keep(config_path)
+        lastgood.keep(config)
     system.setup_logging(config.logging.level)
     for advice in config.advice:
         log.warning("%s", advice.as_warning())

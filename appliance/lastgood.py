@@ -41,23 +41,20 @@ def state_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def keep(config_path: Path) -> None:
-    """Keep ``config_path``'s bytes as the last good configuration, if they are valid now (the
-    file may have changed since it was read). A failure to write is logged, never raised: the
-    box runs on whether or not it can keep a copy."""
+def keep(config: Config) -> None:
+    """Keep the text of ``config`` — read from its file, and valid — as the last good
+    configuration. A failure to write is logged, never raised: the box runs on whether or not
+    it can keep a copy."""
     where = state_dir()
     if where is None:
         return
     target = where / FILE_NAME
+    data = config.text.encode("utf-8")
     try:
-        data = config_path.read_bytes()
-        loads(data.decode("utf-8"), str(config_path), base_dir=config_path.resolve().parent)
         if target.exists() and target.read_bytes() == data:
             return
         with durable_file(target) as out:
             out.write(data)
-    except (ConfigError, UnicodeDecodeError):
-        return  # changed, and broken, since it was read: the copy kept stays the last good one
     except OSError as exc:
         log.warning("cannot keep a copy of the configuration in %s: %s", where, exc)
 
