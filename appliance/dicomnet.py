@@ -52,7 +52,16 @@ def application_entity(ae_title: str) -> AE:
 
 
 class _ApplicationEntity(AE):
-    """An AE whose outgoing associations remember why their connection failed."""
+    """An AE whose outgoing associations remember why their connection failed, and whose
+    association limit counts only associations that have not ended."""
+
+    @property
+    def active_associations(self) -> list[Association]:
+        # pynetdicom counts every Association thread still alive against maximum_associations,
+        # one released a moment ago while it closes its socket too: a modality or a print
+        # console that associates again at once near the limit was refused.
+        return [assoc for assoc in super().active_associations
+                if not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)]
 
     def _create_socket(self, assoc: Association, address: AddressInformation,
                        tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:

@@ -424,10 +424,13 @@ def _assoc_run_reactor(self: Any) -> None:
             self._serve_request(msg, context_id)
 
         if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            _assoc_log.info("Association Released")
+            # Marked released before the A-RELEASE-RP goes: a requestor that associates again
+            # the moment it has the answer must find this one no longer counted as active
+            # (dicomnet's AE counts only associations that have not ended).
             self.is_released = True
             self.is_established = False
+            self.acse.send_release(is_response=True)
+            _assoc_log.info("Association Released")
             evt.trigger(self, evt.EVT_RELEASED, {})
             self.kill()
             return

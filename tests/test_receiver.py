@@ -231,6 +231,24 @@ def test_connections_closed_before_any_association_request_hold_no_association_s
             assoc.release()
 
 
+def test_a_modality_that_associates_again_at_once_is_not_refused_at_the_limit(appliance_factory) -> None:
+    """A modality that sends each image on an association of its own opens the next one the
+    moment the last is released. With node.max_associations 1, the one just released must not
+    still count against the limit while its thread winds down."""
+    box = appliance_factory({"node": {"max_associations": 1}})
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    refused = 0
+    for _ in range(20):
+        assoc = ae.associate("127.0.0.1", box.port, ae_title="EDGE")
+        if not assoc.is_established:
+            refused += 1
+            continue
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    assert refused == 0, f"{refused} of 20 associations refused"
+
+
 def test_presentation_contexts_accept_storage_in_a_known_syntax_and_nothing_else(appliance_factory) -> None:
     """What a modality probing the box learns, and what it may then send: a storage class
     (standard, private, or newer than pydicom's dictionary) is accepted in the first transfer

@@ -451,6 +451,21 @@ def test_called_ae_title_selects_the_printer(print_server: Callable[..., Running
     assert "Called AE Title Not Recognized" in refused.stdout + refused.stderr
 
 
+def test_a_console_that_associates_again_at_once_is_not_refused_at_the_limit(
+        print_server: Callable[..., RunningPrinter]) -> None:
+    """Consoles poll the printer on short associations, one after another. The association just
+    released must not still count against max_associations while its thread winds down."""
+    box = print_server(max_associations=1)
+    refused = 0
+    for _ in range(20):
+        with PrintSCU(box.port, "TESTPRINT") as scu:
+            if not scu.established:
+                refused += 1
+                continue
+            assert scu.printer_status().status == 0
+    assert refused == 0, f"{refused} of 20 associations refused"
+
+
 def test_printer_status_reflects_the_backend(print_server: Callable[..., RunningPrinter]) -> None:
     from .conftest import free_port
 
