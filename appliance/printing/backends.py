@@ -5,7 +5,7 @@ read for the Printer N-GET.
 * ``socket``: raw TCP to an AppSocket/JetDirect port (9100), one connection per copy,
   state from whether the port accepts a connection;
 * ``directory``: a durable copy of the PostScript (and a PDF made by ``ps2pdf`` if asked),
-  state from whether the directory is writable.
+  readable by all (0644), state from whether the directory is writable.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ..durable import durable_copy, place
+from ..durable import durable_file, place
 from .settings import PrinterConfig
 
 LOG = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 120.0
+# A directory printer's files are read by the admin's other tools (a file share, a script
+# collecting the PDFs), as other users: readable by all, whatever the service's umask (the
+# systemd unit's is 0027). The directory itself keeps the mode it is made with.
+ARCHIVED_FILE_MODE = 0o644
 # lp's -q range is 1..100 (default 50).
 _LP_PRIORITY = {"HIGH": 80, "MED": 50, "LOW": 20}
 
@@ -188,13 +192,21 @@ class DirectoryBackend:
         target = self.directory / path.name
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            durable_copy(path, target)
+            self._copy(path, target)
             if self.printer.pdf:
                 self._pdf(path, target.with_suffix(".pdf"))
         except OSError as exc:
             raise BackendError(f"{self.directory}: {exc}") from exc
         for _ in range(copies):
             copy_sent()
+
+    @staticmethod
+    def _copy(source: Path, target: Path) -> None:
+        """Written beside the target and renamed over it; the mode is set before the rename so
+        no reader ever sees the file under its name and unreadable."""
+        with durable_file(target) as out, source.open("rb") as src:
+            os.fchmod(out.fileno(), ARCHIVED_FILE_MODE)
+            shutil.copyfileobj(src, out, 1 << 20)
 
     @staticmethod
     def _pdf(source: Path, target: Path) -> None:
@@ -210,6 +222,8 @@ class DirectoryBackend:
             temp.unlink(missing_ok=True)
             raise BackendError(f"ps2pdf exit {done.returncode}: {done.stderr.strip()}")
         with temp.open("rb") as written:
+            # ps2pdf creates it after the umask.
+            os.fchmod(written.fileno(), ARCHIVED_FILE_MODE)
             os.fsync(written.fileno())
         place(temp, target)
 

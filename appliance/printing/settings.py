@@ -87,7 +87,7 @@ class PrinterConfig:
 
     ae_title: AETitle
     # cups: `lp -d cups_queue`; socket: raw TCP (AppSocket/JetDirect) to host:socket_port;
-    # directory: PostScript (and optionally PDF) files in `directory`.
+    # directory: PostScript (and optionally PDF) files in `directory`, readable by all (0644).
     backend: Literal["cups", "socket", "directory"]
     description: str = ""
     cups_queue: str | None = None

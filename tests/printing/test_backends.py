@@ -218,6 +218,29 @@ def test_directory_backend_archives_pdf(print_server: Callable[..., RunningPrint
     assert len(pdfs) == 1 and pdfs[0].read_bytes().startswith(b"%PDF")
 
 
+def test_directory_backend_files_are_readable_by_the_admins_other_tools(
+        print_server: Callable[..., RunningPrinter]) -> None:
+    """A file share or a script collecting the PDFs reads the archive as another user: its files
+    are 0644 whatever the service's umask (the systemd unit's is 0027), and each appears complete
+    under its name, with nothing else left beside it."""
+    if not shutil.which("ps2pdf"):
+        pytest.skip("needs ps2pdf (Ghostscript)")
+    previous = os.umask(0o027)
+    try:
+        box = print_server({"archive": printer("ARCHIVE", pdf=True)})
+        print_one(box, "ARCHIVE")
+        job = box.wait_jobs(1)[0]
+    finally:
+        os.umask(previous)
+    ps, pdf = box.printed_files(), box.printed_files(".pdf")
+    assert len(ps) == 1 and len(pdf) == 1
+    assert sorted(box.out.iterdir()) == sorted([ps[0], pdf[0]])
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in (ps[0], pdf[0])} == \
+        {ps[0].name: "0o644", pdf[0].name: "0o644"}
+    assert hashlib.sha256(ps[0].read_bytes()).hexdigest() == job.ps_sha256
+    assert pdf[0].read_bytes().startswith(b"%PDF")
+
+
 # ---- a private CUPS scheduler ---------------------------------------------------------------------
 
 class Cups:
