@@ -1,6 +1,7 @@
 """The Print SCP on the network: one pynetdicom AE on one port, answering to one called AE
 title per configured printer, with Basic Grayscale and Basic Color Print Management Meta,
-Presentation LUT, Basic Annotation Box and Verification.
+Presentation LUT, Basic Annotation Box and Verification, and the Printer SOP class on its own
+for consoles that check the printer's state on an association of its own.
 
 Handlers are thin: find the association's print state, call the session model, turn a
 ``PrintError`` into its status. State lives per association and disappears with it (the
@@ -69,8 +70,10 @@ class PrintSCP:
             ae.require_calling_aet = [t.strip() for t in self.config.allowed_calling_aes]
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = 0  # image box N-SETs are 0.25-60 MB: no reason to split them finely
+        # Printer on its own: PS3.4 H.3.1 lets an association negotiate only the printer-related
+        # SOP classes, and consoles poll the printer's state that way.
         for uid in (model.GRAYSCALE_META, model.COLOR_META, model.PRESENTATION_LUT, model.ANNOTATION_BOX,
-                    VERIFICATION):
+                    model.PRINTER, VERIFICATION):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -131,10 +134,21 @@ class PrintSCP:
             LOG.info("%s -> %s: association ended; discarding %d film box(es) %s", state.calling_ae,
                      state.printer.ae_title.strip(), len(unprinted), ", ".join(unprinted))
 
-    def _guard(self, event: Event, what: str, call: Callable[[PrintAssociation], Any]) -> Any:
+    @staticmethod
+    def _require_meta(assoc: Association) -> None:
+        """Film sessions, film boxes, image boxes, annotation boxes and Presentation LUTs come with
+        a Meta SOP class (PS3.4 H.3.1). pynetdicom hands a request to its handler by the request's
+        SOP class whatever context it came on, so an association that negotiated only the Printer
+        SOP class would otherwise print: it gets "unrecognized operation" (not agreed on it)."""
+        if not any(cx.abstract_syntax in (model.GRAYSCALE_META, model.COLOR_META) for cx in assoc.accepted_contexts):
+            raise PrintError(statuses.UNRECOGNIZED_OPERATION, "no Print Management Meta SOP class on this association")
+
+    def _guard(self, event: Event, what: str, call: Callable[[PrintAssociation], Any], needs_meta: bool = True) -> Any:
         """Run a model call; PrintError -> its status (no dataset); anything else -> 0x0110."""
         failure_shape = what in ("N-DELETE",)
         try:
+            if needs_meta:
+                self._require_meta(event.assoc)
             return call(self._state(event.assoc))
         except PrintError as exc:
             LOG.warning("%s -> %s %s: %s", event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title, what, exc)
@@ -175,7 +189,7 @@ class PrintSCP:
             self._log_printer_state(state, printer_state)
             return statuses.SUCCESS, ds
 
-        return self._guard(event, "N-GET", get)  # type: ignore[no-any-return]
+        return self._guard(event, "N-GET", get, needs_meta=False)  # type: ignore[no-any-return]
 
     def _log_printer_state(self, state: PrintAssociation, printer_state: PrinterState) -> None:
         """One line when a printer's state, as modalities see it, changes."""

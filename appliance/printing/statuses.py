@@ -19,6 +19,9 @@ NO_SUCH_SOP_CLASS = 0x0118
 CLASS_INSTANCE_CONFLICT = 0x0119
 MISSING_ATTRIBUTE = 0x0120
 MISSING_ATTRIBUTE_VALUE = 0x0121
+# A request whose SOP class was not negotiated on the association (a film session on an
+# association that negotiated only the Printer SOP class).
+UNRECOGNIZED_OPERATION = 0x0211
 RESOURCE_LIMITATION = 0x0213
 
 # ---- print management warnings (PS3.4 H) ----

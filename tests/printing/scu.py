@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PresentationLUT,
     Printer,
     PrinterInstance,
+    Verification,
 )
 
 
@@ -61,13 +62,22 @@ def color_item(rgb: np.ndarray, planar: int = 0) -> Dataset:
 
 
 class PrintSCU:
-    """One association to a Print SCP."""
+    """One association to a Print SCP. ``meta=False`` proposes no Meta SOP class, as a console
+    that only checks the printer does (``printer=True``: the Printer SOP class on its own);
+    requests then go through the Printer SOP class's context."""
 
     def __init__(self, port: int, called_ae: str, color: bool = False, annotation: bool = False,
-                 plut: bool = False, calling_ae: str = "TESTSCU") -> None:
-        self.meta = BasicColorPrintManagementMeta if color else BasicGrayscalePrintManagementMeta
+                 plut: bool = False, calling_ae: str = "TESTSCU", meta: bool = True, printer: bool = False,
+                 verification: bool = False) -> None:
+        meta_class = BasicColorPrintManagementMeta if color else BasicGrayscalePrintManagementMeta
+        self.meta = meta_class if meta else Printer
         ae = AE(ae_title=calling_ae)
-        ae.add_requested_context(self.meta)
+        if meta:
+            ae.add_requested_context(meta_class)
+        if printer:
+            ae.add_requested_context(Printer)
+        if verification:
+            ae.add_requested_context(Verification)
         if annotation:
             ae.add_requested_context(BasicAnnotationBox)
         if plut:

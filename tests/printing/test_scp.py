@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicFilmBox,
@@ -21,6 +22,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicGrayscaleImageBox,
     BasicGrayscalePrintManagementMeta,
     PresentationLUT,
+    Printer,
+    Verification,
 )
 
 from appliance.printing import statuses
@@ -481,6 +484,57 @@ def test_printer_status_reflects_the_backend(print_server: Callable[..., Running
     with PrintSCU(box.port, "DOWN") as scu:
         reply = scu.printer_status()
         assert (reply.dataset.PrinterStatus, reply.dataset.PrinterStatusInfo) == ("FAILURE", "PRINTER OFFLINE")
+
+
+def test_a_console_checks_the_printer_on_an_association_of_its_own(
+        print_server: Callable[..., RunningPrinter], caplog: pytest.LogCaptureFixture) -> None:
+    """Before a print job, and to poll, consoles associate with only the Printer SOP class (and
+    Verification). The N-GET answers as inside a Meta SOP class; film sessions, boxes and LUTs
+    were not negotiated there: 0x0211, and the association carries on."""
+    from .conftest import free_port
+
+    caplog.set_level(logging.INFO, logger="appliance.printing")
+    box = print_server({
+        "ok": printer("OK"),
+        "down": printer("DOWN", backend="socket", host="127.0.0.1", socket_port=free_port(), status_timeout=0.3),
+    })
+    asked = [0x21100010, 0x00081090, 0x21100099]  # Printer Status, Manufacturer Model Name, not an attribute
+    with PrintSCU(box.port, "OK") as scu:
+        inside_meta, inside_meta_asked = scu.printer_status(), scu.printer_status(asked)
+    with PrintSCU(box.port, "OK", meta=False, printer=True, verification=True, calling_ae="CT_CONSOLE") as scu:
+        assert scu.established
+        assert {str(cx.abstract_syntax) for cx in scu.assoc.accepted_contexts} == {Printer, Verification}
+        assert scu.assoc.send_c_echo().Status == 0
+        alone, alone_asked = scu.printer_status(), scu.printer_status(asked)
+        assert (alone.status, alone_asked.status) == (0, 0)
+        assert alone.dataset == inside_meta.dataset and len(alone.dataset) == 9
+        assert alone.dataset.PrinterStatus == "NORMAL" and alone.dataset.PrinterName == "ok"
+        assert alone_asked.dataset == inside_meta_asked.dataset
+        assert list(alone_asked.dataset.keys()) == [0x00081090, 0x21100010]
+
+        session_uid, film_uid = generate_uid(), generate_uid()
+        assert scu.create(BasicFilmSession, None, session_uid).status == statuses.UNRECOGNIZED_OPERATION
+        film = Dataset()
+        film.ImageDisplayFormat = r"STANDARD\1,1"
+        assert scu.create(BasicFilmBox, film, film_uid).status == statuses.UNRECOGNIZED_OPERATION
+        lut = Dataset()
+        lut.PresentationLUTShape = "IDENTITY"
+        assert scu.create(PresentationLUT, lut, None).status == statuses.UNRECOGNIZED_OPERATION
+        image = Dataset()
+        image.ImageBoxPosition = 1
+        status, _ = scu.assoc.send_n_set(image, BasicGrayscaleImageBox, generate_uid(), meta_uid=Printer)
+        assert status.Status == statuses.UNRECOGNIZED_OPERATION
+        status, _ = scu.assoc.send_n_action(None, 1, BasicFilmSession, session_uid, meta_uid=Printer)
+        assert status.Status == statuses.UNRECOGNIZED_OPERATION
+        assert scu.delete(BasicFilmBox, film_uid) == statuses.UNRECOGNIZED_OPERATION
+        assert scu.established and scu.printer_status().status == 0
+    with PrintSCU(box.port, "DOWN", meta=False, printer=True, calling_ae="CT_CONSOLE") as scu:
+        for _ in range(3):
+            assert scu.printer_status().dataset.PrinterStatusInfo == "PRINTER OFFLINE"
+    # The state is logged once for the console polling, as on a print association.
+    offline = [r.getMessage() for r in caplog.records if "PRINTER OFFLINE" in r.getMessage()]
+    assert len(offline) == 1 and offline[0].startswith("CT_CONSOLE -> DOWN")
+    assert box.jobs() == []
 
 
 def test_verification(print_server: Callable[..., RunningPrinter]) -> None:
