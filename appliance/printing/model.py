@@ -38,13 +38,25 @@ ANNOTATION_BOX = "1.2.840.10008.5.1.1.15"
 PRINTER = "1.2.840.10008.5.1.1.16"
 PRINTER_INSTANCE = "1.2.840.10008.5.1.1.17"
 PRESENTATION_LUT = "1.2.840.10008.5.1.1.23"
+PRINTER_CONFIGURATION = "1.2.840.10008.5.1.1.16.376"
+PRINTER_CONFIGURATION_INSTANCE = "1.2.840.10008.5.1.1.17.376"
+
+# What the SCP offers (PS3.4 H.3): the Meta SOP classes, and the optional SOP classes that may
+# be negotiated with them.
+META_SOP_CLASSES = (GRAYSCALE_META, COLOR_META)
+OPTIONAL_SOP_CLASSES = (PRESENTATION_LUT, ANNOTATION_BOX, PRINTER_CONFIGURATION)
 
 # Pixels one association may hold before image box N-SETs fail with 0xC605 (a Pi has little RAM).
 MAX_ASSOCIATION_BYTES = 512 * 2**20
 
+# Image boxes in one row (ROW, STANDARD) or one column (COL), and rows or columns in a film.
+MAX_BOXES_PER_LINE = 12
+
 MAGNIFICATIONS = ("REPLICATE", "BILINEAR", "CUBIC", "NONE")
 PRIORITIES = ("HIGH", "MED", "LOW")
 MEDIUM_TYPES = ("PAPER", "CLEAR FILM", "BLUE FILM", "MAMMO CLEAR FILM", "MAMMO BLUE FILM")
+# Everything prints on paper; another Medium Type a modality asks for is recorded and echoed.
+PRINTED_MEDIUM = "PAPER"
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,8 @@ class DisplayFormat:
             result = DisplayFormat(clean, kind, numbers)  # type: ignore[arg-type]
         else:
             raise PrintError(statuses.INVALID_ATTRIBUTE_VALUE, f"Image Display Format {text!r} not supported")
-        if result.cells > max_cells or max(result.counts) > 12 or len(result.counts) > 12:
+        if result.cells > max_cells or max(result.counts) > MAX_BOXES_PER_LINE \
+                or len(result.counts) > MAX_BOXES_PER_LINE:
             raise PrintError(statuses.INVALID_ATTRIBUTE_VALUE, f"Image Display Format {text!r}: too many boxes")
         return result
 
@@ -144,15 +157,27 @@ class FilmBox:
         return any(box.pixels is not None for box in self.image_boxes)
 
     def film_points(self) -> tuple[float, float]:
-        width, height = (v * 72.0 for v in self.film_size)
-        return (height, width) if self.orientation == "LANDSCAPE" else (width, height)
+        return oriented_film_points(self.film_size, self.orientation)
 
     def cells(self) -> list[Rect]:
         """Image box rectangles in film points, position 1 first."""
-        film_w, film_h = self.film_points()
-        band = annotation_band_height(film_w, film_h) if self.annotations else 0.0
-        area, gap = film_area(film_w, film_h, band)
-        return cell_rects(self.display_format.kind, self.display_format.counts, area, gap)
+        return image_box_rects(self.film_size, self.orientation, self.display_format, bool(self.annotations))
+
+
+def oriented_film_points(film_size: tuple[float, float], orientation: str) -> tuple[float, float]:
+    """A film's (width, height) in points, as oriented; ``film_size`` in inches, portrait."""
+    width, height = (v * 72.0 for v in film_size)
+    return (height, width) if orientation == "LANDSCAPE" else (width, height)
+
+
+def image_box_rects(film_size: tuple[float, float], orientation: str, display_format: DisplayFormat,
+                    annotations: bool) -> list[Rect]:
+    """The image box rectangles of a film box, in film points, position 1 first; a film box with
+    annotation boxes keeps a band at the bottom for their text."""
+    film_w, film_h = oriented_film_points(film_size, orientation)
+    band = annotation_band_height(film_w, film_h) if annotations else 0.0
+    area, gap = film_area(film_w, film_h, band)
+    return cell_rects(display_format.kind, display_format.counts, area, gap)
 
 
 @dataclass
@@ -160,7 +185,7 @@ class FilmSession:
     uid: str
     copies: int = 1
     priority: str = "MED"
-    medium: str = "PAPER"
+    medium: str = PRINTED_MEDIUM
     destination: str = "MAGAZINE"
     label: str = ""
     owner: str = ""
@@ -280,7 +305,7 @@ class PrintAssociation:
             if medium in MEDIUM_TYPES:
                 session.medium = medium
             else:
-                outcome.default("MediumType", medium, "PAPER")
+                outcome.default("MediumType", medium, PRINTED_MEDIUM)
         destination = _text(attrs, "FilmDestination")
         if destination is not None:
             if destination in ("MAGAZINE", "PROCESSOR") or destination.startswith("BIN_"):

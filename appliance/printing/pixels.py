@@ -23,6 +23,10 @@ from .layout import density_to_gray
 # Rows per chunk when streaming an image: ~1-4 MB of pixels at a time.
 CHUNK_ROWS = 256
 
+# (Bits Allocated, Bits Stored) of the grayscale images an image box takes; color is 8-bit RGB.
+GRAY_BIT_DEPTHS = ((8, 8), (16, 8), (16, 10), (16, 12), (16, 16))
+COLOR_BITS = 8
+
 
 @dataclass(frozen=True)
 class PresentationLut:
@@ -102,12 +106,12 @@ def decode_image(item: Dataset, color: bool) -> ImagePixels:
     if representation != 0:
         raise PrintError(invalid, "signed pixels (Pixel Representation 1) are not allowed in print")
     if color:
-        if samples != 3 or photometric != "RGB" or bits_allocated != 8 or bits_stored != 8:
+        if samples != 3 or photometric != "RGB" or bits_allocated != COLOR_BITS or bits_stored != COLOR_BITS:
             raise PrintError(invalid, f"color image must be 8-bit RGB, got {samples}x{bits_allocated} {photometric}")
     else:
         if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise PrintError(invalid, f"grayscale image must be MONOCHROME1/2, got {samples} x {photometric}")
-        if (bits_allocated, bits_stored) not in ((8, 8), (16, 12), (16, 16), (16, 8), (16, 10)):
+        if (bits_allocated, bits_stored) not in GRAY_BIT_DEPTHS:
             raise PrintError(invalid, f"Bits Allocated/Stored {bits_allocated}/{bits_stored} not supported")
     if not (bits_stored - 1 <= high_bit < bits_allocated):
         raise PrintError(invalid, f"High Bit {high_bit} with Bits Stored {bits_stored}")

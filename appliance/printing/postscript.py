@@ -19,6 +19,8 @@ from .layout import Placement, Rect
 
 # ASCII85 line width; DSC asks for lines under 255 characters.
 A85_LINE = 78
+# Every image goes to the printer with 8 bits per gray or RGB component, after the tone pipeline.
+BITS_PER_COMPONENT = 8
 
 
 def _number(value: float) -> str:
@@ -147,7 +149,8 @@ class PostScriptWriter:
         self._line(f"{space} setcolorspace")
         # The image's first row is its top: flip y in the image matrix. One entry a line: DSC
         # asks for lines under 255 characters, and the dictionary as one line is longer.
-        self._line(f"<< /ImageType 1 /Width {width} /Height {height} /BitsPerComponent 8 /Decode {ranges}")
+        self._line(f"<< /ImageType 1 /Width {width} /Height {height} /BitsPerComponent {BITS_PER_COMPONENT}"
+                   f" /Decode {ranges}")
         self._line(f"   /ImageMatrix [{width} 0 0 -{height} 0 {height}] /Interpolate {str(interpolate).lower()}")
         self._line(f"   /DataSource currentfile /ASCII85Decode filter {decode} filter")
         self._line(">> image")
@@ -166,7 +169,8 @@ class PostScriptWriter:
         row prediction (neighbouring pixels of medical images are alike; their differences
         compress far better than the pixels)."""
         colors = 3 if color else 1
-        decode = f"<< /Predictor 15 /Colors {colors} /BitsPerComponent 8 /Columns {width} >> /FlateDecode"
+        decode = (f"<< /Predictor 15 /Colors {colors} /BitsPerComponent {BITS_PER_COMPONENT} /Columns {width} >>"
+                  " /FlateDecode")
         self._image_header(rect, clip, width, height, color, interpolate, decode)
         # After prediction the data are mostly small differences: run-length matching plus
         # Huffman coding is both faster and smaller than full LZ77 search (measured on CR and US).

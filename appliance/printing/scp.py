@@ -1,7 +1,8 @@
 """The Print SCP on the network: one pynetdicom AE on one port, answering to one called AE
 title per configured printer, with Basic Grayscale and Basic Color Print Management Meta,
-Presentation LUT, Basic Annotation Box and Verification, and the Printer SOP class on its own
-for consoles that check the printer's state on an association of its own.
+Presentation LUT, Basic Annotation Box, Printer Configuration Retrieval and Verification, and
+the Printer SOP class on its own for consoles that check the printer's state on an association
+of its own.
 
 Handlers are thin: find the association's print state, call the session model, turn a
 ``PrintError`` into its status. State lives per association and disappears with it (the
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -29,6 +30,7 @@ from .. import __version__
 from ..dicomnet import application_entity
 from . import model, statuses
 from .backends import PrinterState
+from .configuration import printer_configuration
 from .errors import PrintError
 from .model import PrintAssociation, PrintRequest
 from .settings import PrintConfig
@@ -40,6 +42,18 @@ TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 
 Submit = Callable[[PrintRequest, str, str], int]
 StateOf = Callable[[str], PrinterState]
+
+
+def _only_asked_for(ds: Dataset, wanted: list[BaseTag]) -> Dataset:
+    """An N-GET's attribute list applied: all attributes when it is empty; asked-for attributes
+    we do not have are left out rather than failing the N-GET."""
+    if not wanted:
+        return ds
+    kept = Dataset()
+    for tag in wanted:
+        if tag in ds:
+            kept[tag] = ds[tag]
+    return kept
 
 
 class PrintSCP:
@@ -72,8 +86,7 @@ class PrintSCP:
         ae.maximum_pdu_size = 0  # image box N-SETs are 0.25-60 MB: no reason to split them finely
         # Printer on its own: PS3.4 H.3.1 lets an association negotiate only the printer-related
         # SOP classes, and consoles poll the printer's state that way.
-        for uid in (model.GRAYSCALE_META, model.COLOR_META, model.PRESENTATION_LUT, model.ANNOTATION_BOX,
-                    model.PRINTER, VERIFICATION):
+        for uid in (*model.META_SOP_CLASSES, *model.OPTIONAL_SOP_CLASSES, model.PRINTER, VERIFICATION):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -140,7 +153,7 @@ class PrintSCP:
         a Meta SOP class (PS3.4 H.3.1). pynetdicom hands a request to its handler by the request's
         SOP class whatever context it came on, so an association that negotiated only the Printer
         SOP class would otherwise print: it gets "unrecognized operation" (not agreed on it)."""
-        if not any(cx.abstract_syntax in (model.GRAYSCALE_META, model.COLOR_META) for cx in assoc.accepted_contexts):
+        if not any(cx.abstract_syntax in model.META_SOP_CLASSES for cx in assoc.accepted_contexts):
             raise PrintError(statuses.UNRECOGNIZED_OPERATION, "no Print Management Meta SOP class on this association")
 
     def _guard(self, event: Event, what: str, call: Callable[[PrintAssociation], Any], needs_meta: bool = True) -> Any:
@@ -161,35 +174,40 @@ class PrintSCP:
 
     def _on_n_get(self, event: Event) -> tuple[int, Dataset | None]:
         request = cast(N_GET, event.request)
+        sop_class = str(request.RequestedSOPClassUID)
+        uid = str(request.RequestedSOPInstanceUID)
 
         def get(state: PrintAssociation) -> tuple[int, Dataset | None]:
-            if request.RequestedSOPClassUID != model.PRINTER:
-                raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-GET of {request.RequestedSOPClassUID} not supported")
-            if request.RequestedSOPInstanceUID != model.PRINTER_INSTANCE:
-                raise PrintError(statuses.NO_SUCH_SOP_INSTANCE, "N-GET of a Printer other than the well-known one")
-            printer_state = self.printer_state(state.printer_name)
-            ds = Dataset()
-            ds.PrinterStatus = printer_state.status
-            ds.PrinterStatusInfo = printer_state.info
-            ds.PrinterName = state.printer_name[:64]
-            ds.Manufacturer = state.printer.manufacturer
-            ds.ManufacturerModelName = state.printer.model_name
-            ds.DeviceSerialNumber = ""
-            ds.SoftwareVersions = __version__
-            ds.DateOfLastCalibration = ""
-            ds.TimeOfLastCalibration = ""
             wanted = [Tag(t) for t in (event.attribute_identifiers or [])]
-            if wanted:
-                # Asked-for attributes we do not have are left out rather than failing the N-GET.
-                kept = Dataset()
-                for tag in wanted:
-                    if tag in ds:
-                        kept[tag] = ds[tag]
-                ds = kept
-            self._log_printer_state(state, printer_state)
-            return statuses.SUCCESS, ds
+            if sop_class == model.PRINTER:
+                if uid != model.PRINTER_INSTANCE:
+                    raise PrintError(statuses.NO_SUCH_SOP_INSTANCE, "N-GET of a Printer other than the well-known one")
+                return statuses.SUCCESS, _only_asked_for(self._printer(state), wanted)
+            if sop_class == model.PRINTER_CONFIGURATION:
+                if uid != model.PRINTER_CONFIGURATION_INSTANCE:
+                    raise PrintError(statuses.NO_SUCH_SOP_INSTANCE,
+                                     "N-GET of a Printer Configuration other than the well-known one")
+                configuration = printer_configuration(state.printer_name, state.printer)
+                return statuses.SUCCESS, _only_asked_for(configuration, wanted)
+            raise PrintError(statuses.NO_SUCH_SOP_CLASS, f"N-GET of {sop_class} not supported")
 
         return self._guard(event, "N-GET", get, needs_meta=False)  # type: ignore[no-any-return]
+
+    def _printer(self, state: PrintAssociation) -> Dataset:
+        """The Printer SOP instance: its state as the backend reports it, logged when it changes."""
+        printer_state = self.printer_state(state.printer_name)
+        ds = Dataset()
+        ds.PrinterStatus = printer_state.status
+        ds.PrinterStatusInfo = printer_state.info
+        ds.PrinterName = state.printer_name[:64]
+        ds.Manufacturer = state.printer.manufacturer
+        ds.ManufacturerModelName = state.printer.model_name
+        ds.DeviceSerialNumber = ""
+        ds.SoftwareVersions = __version__
+        ds.DateOfLastCalibration = ""
+        ds.TimeOfLastCalibration = ""
+        self._log_printer_state(state, printer_state)
+        return ds
 
     def _log_printer_state(self, state: PrintAssociation, printer_state: PrinterState) -> None:
         """One line when a printer's state, as modalities see it, changes."""

@@ -97,7 +97,8 @@ class PrinterConfig:
     socket_port: Port = 9100
     directory: str | None = None
     pdf: bool = False
-    # Film Size ID -> paper; film sizes not listed go on default_paper.
+    # Film Size ID -> paper; film sizes not listed go on default_paper. Printer Configuration
+    # Retrieval lists default_film_size and these film sizes as the media installed.
     paper: PaperMap = field(default_factory=lambda: MappingProxyType({}))
     default_paper: Paper = "A4"
     # fit: scale each film to fill the printable area; true-size: 1:1 unless it does not fit.

@@ -20,6 +20,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     BasicGrayscalePrintManagementMeta,
     PresentationLUT,
     Printer,
+    PrinterConfigurationRetrieval,
+    PrinterConfigurationRetrievalInstance,
     PrinterInstance,
     Verification,
 )
@@ -63,12 +65,13 @@ def color_item(rgb: np.ndarray, planar: int = 0) -> Dataset:
 
 class PrintSCU:
     """One association to a Print SCP. ``meta=False`` proposes no Meta SOP class, as a console
-    that only checks the printer does (``printer=True``: the Printer SOP class on its own);
-    requests then go through the Printer SOP class's context."""
+    that only checks the printer does (``printer=True``: the Printer SOP class on its own;
+    ``configuration=True``: Printer Configuration Retrieval); requests then go through the
+    Printer SOP class's context."""
 
     def __init__(self, port: int, called_ae: str, color: bool = False, annotation: bool = False,
                  plut: bool = False, calling_ae: str = "TESTSCU", meta: bool = True, printer: bool = False,
-                 verification: bool = False) -> None:
+                 verification: bool = False, configuration: bool = False) -> None:
         meta_class = BasicColorPrintManagementMeta if color else BasicGrayscalePrintManagementMeta
         self.meta = meta_class if meta else Printer
         ae = AE(ae_title=calling_ae)
@@ -78,6 +81,8 @@ class PrintSCU:
             ae.add_requested_context(Printer)
         if verification:
             ae.add_requested_context(Verification)
+        if configuration:
+            ae.add_requested_context(PrinterConfigurationRetrieval)
         if annotation:
             ae.add_requested_context(BasicAnnotationBox)
         if plut:
@@ -114,6 +119,11 @@ class PrintSCU:
 
     def printer_status(self, identifiers: Sequence[int] = ()) -> Reply:
         status, ds = self.assoc.send_n_get(list(identifiers), Printer, PrinterInstance, meta_uid=self.meta)
+        return Reply(self._status(status), ds)
+
+    def printer_configuration(self, identifiers: Sequence[int] = ()) -> Reply:
+        status, ds = self.assoc.send_n_get(list(identifiers), PrinterConfigurationRetrieval,
+                                           PrinterConfigurationRetrievalInstance)
         return Reply(self._status(status), ds)
 
     def create(self, sop_class: str, ds: Dataset | None, uid: str | None, meta: bool = True) -> Reply:

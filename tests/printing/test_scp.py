@@ -17,12 +17,15 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    BasicAnnotationBox,
+    BasicColorPrintManagementMeta,
     BasicFilmBox,
     BasicFilmSession,
     BasicGrayscaleImageBox,
     BasicGrayscalePrintManagementMeta,
     PresentationLUT,
     Printer,
+    PrinterConfigurationRetrieval,
     Verification,
 )
 
@@ -535,6 +538,72 @@ def test_a_console_checks_the_printer_on_an_association_of_its_own(
     offline = [r.getMessage() for r in caplog.records if "PRINTER OFFLINE" in r.getMessage()]
     assert len(offline) == 1 and offline[0].startswith("CT_CONSOLE -> DOWN")
     assert box.jobs() == []
+
+
+def test_printer_configuration_retrieval_describes_this_printer(print_server: Callable[..., RunningPrinter]) -> None:
+    """A modality asking for the printer's configuration (PS3.4 H.4.11), on an association of its
+    own or beside a Meta SOP class, gets this printer as configured: the SOP classes, its film
+    sizes on paper and density range, every STANDARD layout it accepts with the pixels each image
+    box prints at the printer's resolution, and the bit depths it takes and prints."""
+    ward = printer("WARD", default_film_size="8INX10IN", paper={"11INX14IN": "A3", "8INX10IN": "A4"},
+                   min_density=20, max_density=250, resolution_dpi=100, default_magnification="CUBIC",
+                   max_image_boxes=6, manufacturer="ACME Imaging", model_name="WardLaser 2")
+    box = print_server({"ward": ward})
+    with PrintSCU(box.port, "WARD", meta=False, configuration=True) as scu:
+        assert scu.established
+        reply = scu.printer_configuration()
+        assert reply.status == 0 and list(reply.dataset.keys()) == [0x2000001E]
+        # The attribute list filters as for the Printer N-GET: asked-for attributes it lacks are left out.
+        assert scu.printer_configuration([0x2000001E]).dataset == reply.dataset
+        absent = scu.printer_configuration([0x21100010])
+        assert absent.status == 0 and not absent.dataset
+    gray, color = reply.dataset.PrinterConfigurationSequence
+    assert (gray.SOPClassesSupported[0], color.SOPClassesSupported[0]) == (BasicGrayscalePrintManagementMeta,
+                                                                           BasicColorPrintManagementMeta)
+    optional = {PresentationLUT, BasicAnnotationBox, PrinterConfigurationRetrieval}
+    assert set(gray.SOPClassesSupported[1:]) == set(color.SOPClassesSupported[1:]) == optional
+    assert (gray.MemoryBitDepth, color.MemoryBitDepth) == (16, 8)  # 12- and 16-bit gray; 8-bit RGB
+    layouts = {rf"STANDARD\{c},{r}" for c in range(1, 7) for r in range(1, 7) if c * r <= 6}
+    for item in (gray, color):
+        assert item.PrintingBitDepth == 8 and item.MaximumMemoryAllocation == 0
+        assert [(m.ItemNumber, m.MediumType, m.FilmSizeID, m.MinDensity, m.MaxDensity)
+                for m in item.MediaInstalledSequence] == [(1, "PAPER", "8INX10IN", 20, 250),
+                                                          (2, "PAPER", "11INX14IN", 20, 250)]
+        assert len(item.OtherMediaAvailableSequence) == 0
+        assert item.DefaultMagnificationType == "CUBIC"
+        assert sorted(item.OtherMagnificationTypesAvailable) == ["BILINEAR", "NONE", "REPLICATE"]
+        assert (item.DefaultPrinterResolutionID, item.DecimateCropResult) == ("STANDARD", "DEF DECIMATE")
+        assert int(item.MaximumCollatedFilms) > 1  # film-session printing collates all films
+        assert (item.Manufacturer, item.ManufacturerModelName, item.PrinterName) == \
+            ("ACME Imaging", "WardLaser 2", "ward")
+        formats = [(f.ImageDisplayFormat, f.FilmOrientation, f.FilmSizeID)
+                   for f in item.SupportedImageDisplayFormatsSequence]
+        assert len(formats) == len(set(formats))
+        assert set(formats) == {(layout, orientation, size) for layout in layouts
+                                for orientation in ("PORTRAIT", "LANDSCAPE") for size in ("8INX10IN", "11INX14IN")}
+        for supported in item.SupportedImageDisplayFormatsSequence:
+            assert (supported.PrinterResolutionID, supported.RequestedImageSizeFlag) == ("STANDARD", "YES")
+            assert [float(v) for v in supported.PrinterPixelSpacing] == pytest.approx([0.254, 0.254])  # 100 dpi
+
+    wanted = (r"STANDARD\2,1", "LANDSCAPE", "11INX14IN")
+    layout = next(f for f in gray.SupportedImageDisplayFormatsSequence
+                  if (f.ImageDisplayFormat, f.FilmOrientation, f.FilmSizeID) == wanted)
+    # 14 x 11 inches at 100 dpi, less the margins and the gap between two boxes side by side.
+    assert 1000 < layout.Rows < 1100 and 650 < layout.Columns < 700
+    with PrintSCU(box.port, "WARD", configuration=True) as scu:
+        assert scu.printer_configuration().dataset == reply.dataset
+        # An image of the announced size prints whole at printer resolution; one a little larger
+        # (a pixel of slack absorbs rounding) has to be shrunk.
+        scu.create_session()
+        film = scu.create_film_box(layout.ImageDisplayFormat, FilmOrientation="LANDSCAPE", FilmSizeID="11INX14IN",
+                                   MagnificationType="NONE")
+        assert film.status == 0
+        announced = np.zeros((layout.Rows, layout.Columns), np.uint8)
+        assert scu.set_image(film.dataset, 1, gray_item(announced)).status == 0
+        wider = np.zeros((layout.Rows, layout.Columns + 2), np.uint8)
+        assert scu.set_image(film.dataset, 2, gray_item(wider)).status == statuses.IMAGE_DEMAGNIFIED
+        taller = np.zeros((layout.Rows + 2, layout.Columns), np.uint8)
+        assert scu.set_image(film.dataset, 2, gray_item(taller)).status == statuses.IMAGE_DEMAGNIFIED
 
 
 def test_verification(print_server: Callable[..., RunningPrinter]) -> None:
