@@ -103,7 +103,8 @@ class Storage:
 @dataclass(frozen=True)
 class Retry:
     """Backoff for a destination: initial delay, growth factor, cap, random jitter, and when to
-    give up (after ``max_attempts`` attempts, or ``give_up_after`` since the first one)."""
+    give up on an instance: after ``max_attempts`` attempts (tries that reached the PACS: an
+    outage is not the instance's failure), or ``give_up_after`` since it was queued."""
 
     # 0 would retry a destination that is down as fast as it refuses; max_delay is at least
     # initial_delay (a cross-check).
@@ -113,9 +114,10 @@ class Retry:
     jitter: Annotated[float, Check(lambda j: 0.0 <= j <= 1.0, "a fraction 0-1")] = 0.2
     max_attempts: Annotated[int, Check(lambda n: n >= 0, "0 (no limit) or more")] = 0
     # Unlike max_attempts, 0 is no "no limit": every instance would be given up at its first
-    # failure.
+    # failure, the link's included.
     give_up_after: Annotated[float, DURATION, above_zero(
-        "7d", "0 would give up at the first failure: for that write max_attempts: 1")] = 7 * 86400.0
+        "7d", "0 would give up at the first failure, the link's included: to give up on an image at the"
+        " PACS's first failure with it, write max_attempts: 1")] = 7 * 86400.0
 
 
 @dataclass(frozen=True)

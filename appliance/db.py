@@ -786,7 +786,7 @@ class Database:
 
     def finish(self, work: Work, outcome: str, status: int | None, error: str | None,
                next_attempt_at: float | None = None, transcoded: bool = False, maybe_sent: bool = False,
-               following: Work | None = None) -> bool:
+               following: Work | None = None, offered: bool = True) -> bool:
         """Record one attempt and move its delivery on: ``delivered``, ``dead``, or back to
         pending at ``next_attempt_at`` (outcomes ``retry`` and ``unknown``). An ``unknown``
         outcome (or ``maybe_sent``: one given up on as dead) marks the delivery as maybe sent
@@ -805,16 +805,20 @@ class Database:
         outcome was applied.
 
         ``following``: the delivery whose request goes out next, marked as :meth:`sending` in
-        the same commit."""
+        the same commit.
+
+        ``offered``: whether the instance reached the destination at all. A try that opened no
+        association (the PACS down, refusing for now) is recorded in the history but is not one
+        of the instance's ``attempts``, the count ``retry.max_attempts`` limits."""
         now = time.time()
         scheduled = next_attempt_at or self.schedule_now()
         state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
         with self.transaction(durable=False) as conn:
             applied = conn.execute(
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?,"
+                "UPDATE deliveries SET state = ?, attempts = attempts + ?, last_status = ?, last_error = ?,"
                 " next_attempt_at = ?, delivered_at = ?, transcoded = ?, maybe_sent = max(maybe_sent, ?)"
                 " WHERE id = ? AND state = 'in_flight' AND (SELECT path FROM instances WHERE id = ?) = ?",
-                (state, status, error, scheduled, now if state == "delivered" else None,
+                (state, int(offered), status, error, scheduled, now if state == "delivered" else None,
                  int(transcoded), int(maybe_sent or outcome == "unknown"), work.delivery_id, work.instance_id,
                  work.path),
             ).rowcount == 1

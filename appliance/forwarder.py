@@ -528,7 +528,7 @@ class Forwarder:
             # (_send_one). Not a failure of the destination: what it does take goes on at once.
             self._failures[name] = 0
             for work in batch:
-                self._dead(name, work, None, error)
+                self._dead(name, work, None, error, offered=False)
             return
         if exc.kind == AssociationFailed.BUSY and self._others_linked(name):
             # Another of our associations to it is open: it takes fewer at once than
@@ -553,11 +553,11 @@ class Forwarder:
             log.error("%s refused for good (%s): %s to the dead letters; the next instance is tried in %.0f s,"
                       " and `appliance retry %s` puts the dead letters back once the refusal is fixed",
                       name, error, first.sop_instance_uid, delay, name)
-            self.db.finish(first, "dead", None, error)
+            self.db.finish(first, "dead", None, error, offered=False)
             return
         log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
                     name, error, delay, len(batch))
-        self._retry_or_give_up(name, destination, first, "retry", None, error, blocked_until)
+        self._retry_or_give_up(name, destination, first, "retry", None, error, blocked_until, offered=False)
         self._give_up_waiting(name, destination, error)
 
     def _others_linked(self, name: str) -> bool:
@@ -588,25 +588,34 @@ class Forwarder:
             return "replaced"
         return self._dead(name, work, None, f"cached file is missing: {exc}")
 
-    def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False) -> str:
+    def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False,
+              offered: bool = True) -> str:
         self._dead_letter_lines.say(name, work.sop_instance_uid, error)
-        self.db.finish(work, "dead", status, error, maybe_sent=maybe_sent)
+        self.db.finish(work, "dead", status, error, maybe_sent=maybe_sent, offered=offered)
         return "dead"
 
     def _retry_or_give_up(self, name: str, destination: Destination, work: Work, outcome: str, status: int | None,
-                          error: str, next_attempt_at: float | None = None) -> str:
+                          error: str, next_attempt_at: float | None = None, offered: bool = True) -> str:
         """Back to the queue after the backoff (or at ``next_attempt_at``), unless the retry
-        policy gives up: then a dead letter."""
+        policy gives up: then a dead letter.
+
+        ``offered=False``: no association was opened, the instance never reached the PACS. The
+        try is recorded but is not one of its attempts: ``max_attempts`` gives up on an instance
+        the PACS fails on, while an outage is bounded by ``give_up_after`` alone. (Counted, a
+        link down for a day with ``max_attempts`` set made a dead letter of the instance at the
+        front every ``max_attempts`` tries, one after another, each a hole in a study at the PACS.)"""
         policy = destination.retry
-        attempts = work.attempts + 1
+        attempts = work.attempts + int(offered)
         # Both on the schedule clock: a step of the wall clock, or days switched off, do not age it.
         expired = self.db.schedule_now() - work.waiting_since >= policy.give_up_after
-        if (policy.max_attempts and attempts >= policy.max_attempts) or expired:
-            return self._dead(name, work, status, f"gave up after {attempts} attempts: {error}",
-                              maybe_sent=outcome == "unknown")
+        if (offered and policy.max_attempts and attempts >= policy.max_attempts) or expired:
+            given_up = f"gave up after {attempts} attempts" if not expired else \
+                f"gave up after waiting {_duration(policy.give_up_after)} (retry.give_up_after), {attempts} attempts"
+            return self._dead(name, work, status, f"{given_up}: {error}", maybe_sent=outcome == "unknown",
+                              offered=offered)
         if next_attempt_at is None:
-            next_attempt_at = self.db.schedule_now() + backoff(policy, attempts)
-        self.db.finish(work, outcome, status, error, next_attempt_at)
+            next_attempt_at = self.db.schedule_now() + backoff(policy, max(1, attempts))
+        self.db.finish(work, outcome, status, error, next_attempt_at, offered=offered)
         return outcome
 
     # ---- one association, one instance -----------------------------------------------------

@@ -101,7 +101,8 @@ BAD = [
      '2:46: destinations.c.retry.max_delay: expected a duration above zero, such as "10m", got "0s"'),
     ("give up at once", "destinations:\n  c: {ae_title: P, host: h, port: 1, retry: {give_up_after: 0s}}\n",
      '2:46: destinations.c.retry.give_up_after: expected a duration above zero, such as "7d" (0 would give up '
-     'at the first failure: for that write max_attempts: 1), got "0s"'),
+     "at the first failure, the link's included: to give up on an image at the PACS's first failure with it, "
+     'write max_attempts: 1), got "0s"'),
     ("cap below the first delay", "destinations:\n  c:\n    ae_title: P\n    host: h\n    port: 1\n"
      "    retry: {initial_delay: 30s, max_delay: 10s}\n",
      "6:33: destinations.c.retry.max_delay: 10 s is shorter than initial_delay (30 s): the wait between attempts "

@@ -50,6 +50,34 @@ def test_max_attempts_then_dead_letter_then_retry(appliance_factory, tmp_path: P
                    lambda: f"not delivered after retry: {dict(deliveries(box, 'busy')[uid])}")
 
 
+def test_an_outage_does_not_use_up_max_attempts(appliance_factory, tmp_path: Path) -> None:
+    """max_attempts gives up on an instance the PACS fails on, not on one it never reached. The
+    PACS is down through many tries (``max_attempts: 2``): each try is in the history of the
+    instance it would have sent first, none is counted as its attempt, nothing becomes a dead
+    letter, and once the PACS is up the whole study arrives."""
+    port = closed_port()
+    box = appliance_factory({
+        "destinations": {"down": destination("LATER", port, retry={
+            "initial_delay": "0.2s", "max_delay": "0.3s", "jitter": 0, "max_attempts": 2})},
+        "routes": [{"send_to": ["down"]}],
+    })
+    files = write_series(tmp_path / "ct", "outage-attempts", 1, 1, Series("CT", 4, 64, 64))
+    assert not storescu(box.port, files).failed
+    wait_until(lambda: sum(len(tried) for tried in attempts(box, "down").values()) >= 6, 30,
+               lambda: f"not tried often enough: {queue_of(box, 'down')}")
+    state = queue_of(box, "down")
+    assert state["dead"] == 0, state
+    assert all(row["attempts"] == 0 for row in deliveries(box, "down").values())
+    assert all(a["outcome"] == "retry" and "refused" in a["error"]
+               for tried in attempts(box, "down").values() for a in tried)
+
+    with RecordingSCP("LATER", port=port, keep_datasets=False) as scp:
+        wait_until(lambda: queue_of(box, "down")["delivered"] == len(files), 30,
+                   lambda: f"not delivered once up: {queue_of(box, 'down')}")
+        assert sorted(r.sop_instance_uid for r in scp.receptions()) == sorted(sop_uid(f) for f in files)
+    assert all(row["attempts"] == 1 for row in deliveries(box, "down").values())
+
+
 def test_give_up_after_a_duration(appliance_factory, tmp_path: Path) -> None:
     with ExitStack() as stack:
         scp = stack.enter_context(RecordingSCP("SLOWPACS", status=0xA700))
