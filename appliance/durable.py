@@ -44,7 +44,10 @@ def durable_file(target: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def durable_copy(source: Path, target: Path) -> None:
-    """Copy so that ``target`` either does not exist or is complete, even after a power cut."""
+def durable_copy(source: Path, target: Path, mode: int | None = None) -> None:
+    """Copy so that ``target`` either does not exist or is complete, even after a power cut.
+    ``mode``: set before the rename, so the file is never seen under its name with another."""
     with durable_file(target) as out, source.open("rb") as src:
+        if mode is not None:
+            os.fchmod(out.fileno(), mode)
         shutil.copyfileobj(src, out, 1 << 20)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ..durable import durable_file, place
+from ..durable import durable_copy, place
 from .settings import PrinterConfig
 
 LOG = logging.getLogger(__name__)
@@ -192,21 +192,13 @@ class DirectoryBackend:
         target = self.directory / path.name
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._copy(path, target)
+            durable_copy(path, target, ARCHIVED_FILE_MODE)
             if self.printer.pdf:
                 self._pdf(path, target.with_suffix(".pdf"))
         except OSError as exc:
             raise BackendError(f"{self.directory}: {exc}") from exc
         for _ in range(copies):
             copy_sent()
-
-    @staticmethod
-    def _copy(source: Path, target: Path) -> None:
-        """Written beside the target and renamed over it; the mode is set before the rename so
-        no reader ever sees the file under its name and unreadable."""
-        with durable_file(target) as out, source.open("rb") as src:
-            os.fchmod(out.fileno(), ARCHIVED_FILE_MODE)
-            shutil.copyfileobj(src, out, 1 << 20)
 
     @staticmethod
     def _pdf(source: Path, target: Path) -> None:
