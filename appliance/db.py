@@ -323,6 +323,10 @@ class StudySummary:
     state: str
 
 
+# Bytes the WAL file is cut back to after a checkpoint (it fills ~4 MB between automatic ones).
+WAL_SIZE_LIMIT = 8 << 20
+
+
 class Database:
     """One connection, one lock: the single writer of this process."""
 
@@ -335,6 +339,10 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=30000")
+        # The WAL grows while a reader holds an old snapshot (appliance ls over a big cache, the
+        # status page during a backlog) and by default keeps its peak size on the card for good;
+        # past this limit it is cut back once it has been checkpointed.
+        self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         # The writers of all processes (receiver, forwarder, CLI) queue on this lock before they
         # ask SQLite for its own. A writer that finds SQLite's lock taken sleeps 1, 2, 5... ms
         # (SQLite's busy handler polls) where a commit takes a fraction of that, and the

@@ -6,7 +6,7 @@ import multiprocessing
 import threading
 from pathlib import Path
 
-from appliance.db import Database
+from appliance.db import WAL_SIZE_LIMIT, Database
 
 
 def _count_up(path: str, times: int) -> None:
@@ -101,3 +101,31 @@ def test_the_schedule_clock_is_shared_within_a_boot_and_a_new_boot_resumes_where
     assert rebooted.schedule_now() == 1_000_090.0
     for db in (first, second, rebooted):
         db.close()
+
+
+def test_the_wal_does_not_keep_its_peak_size(tmp_path: Path) -> None:
+    """A reader holding an old snapshot (a long ``appliance ls``) while the forwarder works
+    through a backlog lets the WAL grow past any checkpoint. Once the reader is gone, the WAL is
+    cut back to WAL_SIZE_LIMIT, not kept at its peak on the card."""
+    import os
+    import sqlite3
+
+    path = tmp_path / "a.db"
+    db = Database(path)
+    with db.transaction() as conn:
+        conn.execute("CREATE TABLE ballast (b BLOB)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM ballast").fetchone()
+    for _ in range(40):
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO ballast VALUES (?)", (os.urandom(1 << 20),))
+    wal = Path(f"{path}-wal")
+    peak = wal.stat().st_size
+    assert peak > 3 * WAL_SIZE_LIMIT
+    reader.execute("COMMIT")
+    reader.close()
+    for _ in range(2):  # a commit that checkpoints (SQLite's automatic one), one that starts the WAL afresh
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM ballast WHERE rowid = (SELECT min(rowid) FROM ballast)")
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT, (peak, wal.stat().st_size)
