@@ -75,18 +75,12 @@ class PrintSCU:
         meta_class = BasicColorPrintManagementMeta if color else BasicGrayscalePrintManagementMeta
         self.meta = meta_class if meta else Printer
         ae = AE(ae_title=calling_ae)
-        if meta:
-            ae.add_requested_context(meta_class)
-        if printer:
-            ae.add_requested_context(Printer)
-        if verification:
-            ae.add_requested_context(Verification)
-        if configuration:
-            ae.add_requested_context(PrinterConfigurationRetrieval)
-        if annotation:
-            ae.add_requested_context(BasicAnnotationBox)
-        if plut:
-            ae.add_requested_context(PresentationLUT)
+        proposed = ((meta, meta_class), (printer, Printer), (verification, Verification),
+                    (configuration, PrinterConfigurationRetrieval), (annotation, BasicAnnotationBox),
+                    (plut, PresentationLUT))
+        for wanted, sop_class in proposed:
+            if wanted:
+                ae.add_requested_context(sop_class)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         self._created_uid: str | None = None
         handlers = [(evt.EVT_DIMSE_RECV, self._on_dimse)]
