@@ -88,12 +88,15 @@ def install() -> bool:
     DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]
     DULServiceProvider.stop_dul = _dul_stop  # type: ignore[method-assign]
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+    Association.kill = _assoc_kill  # type: ignore[method-assign]
+    Association.run_reactor = _assoc_thread  # type: ignore[method-assign]
     _installed = True
     return True
 
 
 _original_send_pdu = DULServiceProvider.send_pdu
 _original_kill_dul = DULServiceProvider.kill_dul
+_original_assoc_thread = Association.run_reactor
 
 
 class _Wakeup:
@@ -246,6 +249,9 @@ def _dul_run_reactor(self: Any) -> None:
             assoc_wakeup.set()  # a decoded message, a release or an abort may be waiting
             idle = False
     finally:
+        # Before is_alive() turns False: the association loop must not take a DUL that is
+        # ending for one that goes on, and wait for a wakeup that will never come again.
+        self._appliance_ended = True
         assoc_wakeup.set()
         wakeup.close()
 
@@ -317,6 +323,11 @@ def _read_pdu(dul: Any) -> None:
         return
     if (receiver is not None and pdu_type == 0x04 and dul.state_machine.current_state == "Sta6"
             and receiver.take(memoryview(body))):
+        if not dul.assoc.dimse.msg_queue.empty():
+            # A response decoded directly (pdata) and queued without a state-machine action:
+            # a sender waits for it on the queue itself, but one nobody waits for is the
+            # association loop's to take, as it takes what pynetdicom queues.
+            _assoc_wakeup(dul.assoc).set()
         return
     if pdu_type == 0x03:
         body = _readable_rejection(dul, body)
@@ -447,7 +458,7 @@ def _assoc_run_reactor(self: Any) -> None:
             self.kill()
             return
 
-        if not self.dul.is_alive():
+        if not self.dul.is_alive() or self.dul.__dict__.get("_appliance_ended"):
             self.kill()
             return
 
@@ -468,3 +479,26 @@ def _assoc_run_reactor(self: Any) -> None:
             wakeup.wait(_TICK)
         wakeup.clear()
 
+
+def _assoc_thread(self: Any) -> None:
+    """``Association.run_reactor``, the association thread's body: pynetdicom's, then a wakeup
+    for the DUL. Leaving, pynetdicom's acceptor closes the connection — while the DUL may still
+    wait on it, if the association loop ended on a kill() from another thread — and a socket
+    closed by another thread is no event for select() until the connection changes state."""
+    try:
+        _original_assoc_thread(self)
+    finally:
+        wakeup = self.dul.__dict__.get("_appliance_wakeup")  # none if the DUL never ran
+        if wakeup is not None:
+            wakeup.signal()
+
+
+def _assoc_kill(self: Any) -> None:
+    """``Association.kill``: as pynetdicom's, but wakes the association loop to see the flag."""
+    self._reactor_checkpoint.set()
+    self._kill = True
+    self.is_established = False
+    self._is_paused = True
+    _assoc_wakeup(self).set()
+    while self.dul.is_alive() and not self.dul.stop_dul():
+        time.sleep(0.01)
