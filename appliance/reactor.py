@@ -9,16 +9,49 @@ the response for the DUL — about 2 ms of pure waiting per instance against a p
 association still wakes 2 000 times a second.
 
 :func:`install` replaces the two loops (the bodies are pynetdicom's, step for step; only the
-waiting differs):
+waiting differs). Neither loop wakes on a clock: each sleeps until it has something to do, and
+every source of work wakes the loop that takes it — an idle association costs no CPU.
 
-* the DUL thread blocks in ``select()`` on the association's socket and an ``eventfd`` that
-  :meth:`send_pdu` and :meth:`kill_dul` signal, so it wakes for incoming data and for outgoing
-  primitives at once;
-* the association thread blocks on a :class:`threading.Event` that the DUL thread sets after
-  every state-machine action (a decoded DIMSE message, a release or abort request);
-* both still wake every :data:`_TICK` seconds to see timers and kill flags, as the originals did;
+* The DUL thread blocks in ``select()`` on the association's socket and an ``eventfd``, for at
+  most what is left of the ARTIM timer while that runs. It wakes for
+
+  - bytes, or the end, on the socket: the peer's PDUs. TLS bytes already decrypted, which
+    ``select()`` cannot see, are read before it waits;
+  - the eventfd, written by :meth:`send_pdu` (a primitive to send: an A-ASSOCIATE answer, a
+    DIMSE message, a release, an abort), by :meth:`kill_dul` and :meth:`stop_dul` (its stop
+    flag), and by the association thread as it ends: pynetdicom's acceptor closes the
+    connection then, possibly under a DUL waiting on it, and a socket closed by another thread
+    is no event for ``select()`` until the connection changes state (if ever: a link gone down
+    never acknowledges the FIN);
+  - the ARTIM timer falling due: no A-ASSOCIATE-RQ after the connection (Sta2), or a peer that
+    does not close after the release or abort (Sta13).
+
+  What it queues for itself (a PDU's state-machine event, a closed connection) it takes in the
+  same turn, and the eventfd is written only while it waits, so a C-STORE's dozens of PDUs
+  cost one write.
+
+* The association thread blocks on a :class:`threading.Event`, for at most what is left of the
+  network timeout's idle timer. It wakes for
+
+  - every state-machine action of the DUL thread: a decoded DIMSE message, a release or an
+    abort from the peer;
+  - a C-STORE response the DUL thread decoded itself (``pdata.py``) and queued with no action
+    of the state machine: the sender waiting on the queue takes it, and one nobody waits for
+    is the loop's, as pynetdicom's;
+  - ``Association.kill()`` from another thread (its stop flag);
+  - the end of the DUL thread, which sets a flag first: it wakes the loop for the last time
+    while ``is_alive()`` still says True, and the loop must not wait again on a DUL that
+    stopped without a release or abort for it (an abort that does not wait, as every abort
+    from an event handler, leaves none);
+  - the idle timer falling due: the network timeout, which ends the association.
+
+* Both also wake after :data:`_BACKSTOP` seconds without any of these. Nothing relies on it:
+  a wake by it that finds work logs a warning and counts in :data:`missed_wakeups`, which the
+  tests require to stay 0. It is there so that a source overlooked costs seconds, not a stalled
+  association.
 * ``_is_paused``, which pynetdicom's SCU-side ``send_*()`` wait for, is handled so that a stale
   value can never let the user and the loop both take a response (see :func:`_assoc_run_reactor`).
+  It is True while the loop waits, so a ``send_*()`` never has to wake it.
 
 It also puts pynetdicom's ``Timer`` (the ARTIM timer and the network timeout's idle timer) on the
 monotonic clock. It measured with ``time.time()``: when the wall clock stepped forward (NTP's
@@ -54,6 +87,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
 from .hotpath import FileMessage
 
@@ -65,8 +99,15 @@ _assoc_log = logging.getLogger("pynetdicom.association")
 # The pynetdicom releases whose loops these are (see the module docstring).
 _WRITTEN_FOR = ("3.0.",)
 
-# Longest wait without an event: bounds how late a timer (ARTIM, idle) or a kill flag is seen.
-_TICK = 0.02
+# Longest wait without an event or a timer falling due. Nothing relies on it: every source of
+# work signals the loop that takes it (see the module docstring). It only bounds the harm of a
+# source overlooked, and a wake by it that finds work is logged as a missed wakeup (_missed).
+_BACKSTOP = 5.0
+
+# How many times a loop woke by the backstop and found work nobody had signalled (each is
+# logged as a warning). Stays 0 unless a wakeup source was overlooked.
+missed_wakeups = 0
+_missed_lock = threading.Lock()
 
 _installed = False
 # What pynetdicom's timer module sees as ``time``: its timers measure on the monotonic clock.
@@ -117,11 +158,13 @@ class _Wakeup:
                 if not self._closed:
                     os.eventfd_write(self.fd, 1)
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
+        """Reset the eventfd; whether it had been written."""
         try:
             os.eventfd_read(self.fd)
         except BlockingIOError:
-            pass
+            return False
+        return True
 
     def close(self) -> None:
         with self._lock:
@@ -168,15 +211,60 @@ def _dul_stop(self: Any) -> bool:
     return True
 
 
+def _running(timer: Any) -> bool:
+    """Whether a pynetdicom ``Timer`` is started, not stopped, and has a timeout at all."""
+    return timer.timeout is not None and timer._start_time is not None and timer._end_time is None
+
+
+def _missed(loop: str, what: str) -> None:
+    """A loop woke by the backstop and found work that no signal told it about."""
+    global missed_wakeups
+    with _missed_lock:
+        missed_wakeups += 1
+    log.warning("the %s loop woke by its %g s backstop and found %s: that wakeup was not signalled",
+                loop, _BACKSTOP, what)
+
+
+def _readable(dul: Any) -> bool | None:
+    """Whether the DUL's socket has bytes (or an end) to read; None if it has no open socket."""
+    raw = dul.socket.socket if dul.socket is not None else None
+    if raw is None or not dul.socket._is_connected:
+        return None
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return True  # decrypted bytes already buffered: select() would not see them
+    try:
+        return bool(select.select([raw], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True  # closed under us: the loop's next read finds out
+
+
+def _dul_pending(dul: Any) -> str:
+    """What the DUL loop would act on now, or ''."""
+    if dul._kill_thread:
+        return "its stop flag set"
+    if not dul.to_provider_queue.empty():
+        return "a primitive queued to send"
+    if not dul.event_queue.empty():
+        return "a state-machine event queued"
+    if _running(dul.artim_timer) and dul.artim_timer.expired:
+        return "the ARTIM timer expired"
+    if _readable(dul):
+        return "data to read on its socket"
+    return ""
+
+
 def _dul_wait(dul: Any, wakeup: _Wakeup) -> None:
-    """Block until the socket is readable, something was queued for the DUL, or a tick passed."""
+    """Block until the socket is readable, something is queued for the DUL or its stop flag set
+    (each signals the eventfd), or the ARTIM timer falls due."""
     wakeup.waiting = True
     try:
         if not dul.to_provider_queue.empty() or not dul.event_queue.empty() or dul._kill_thread:
             return
-        timeout = _TICK
-        if dul.artim_timer._start_time is not None and dul.artim_timer._end_time is None:
-            timeout = max(0.0, min(timeout, dul.artim_timer.remaining))
+        timeout, by_backstop = _BACKSTOP, True
+        if _running(dul.artim_timer):
+            remaining = max(0.0, dul.artim_timer.remaining)
+            if remaining < timeout:
+                timeout, by_backstop = remaining, False
         watched: list[Any] = [wakeup.fd]
         raw = dul.socket.socket if dul.socket is not None else None
         if raw is not None and dul.socket._is_connected:
@@ -189,6 +277,10 @@ def _dul_wait(dul: Any, wakeup: _Wakeup) -> None:
             return
         if wakeup.fd in ready:
             wakeup.drain()
+        elif by_backstop and not ready:
+            pending = _dul_pending(dul)
+            if pending and not wakeup.drain():  # (a signal written since select() timed out is not missed)
+                _missed("DUL", pending)
     finally:
         wakeup.waiting = False
 
@@ -476,8 +568,33 @@ def _assoc_run_reactor(self: Any) -> None:
 
         self._is_paused = True  # idle: nothing is touched before the checkpoint is read again
         if self.dimse.msg_queue.empty():
-            wakeup.wait(_TICK)
+            timeout, by_backstop = _BACKSTOP, True
+            idle_timer = self.dul._idle_timer
+            if _running(idle_timer):
+                remaining = max(0.0, idle_timer.remaining)
+                if remaining < timeout:
+                    timeout, by_backstop = remaining, False
+            if not wakeup.wait(timeout) and by_backstop:
+                pending = _assoc_pending(self)
+                if pending and not wakeup.is_set():  # (a signal since the wait timed out is not missed)
+                    _missed("association", pending)
         wakeup.clear()
+
+
+def _assoc_pending(assoc: Any) -> str:
+    """What the association loop would act on now, or ''."""
+    if assoc._kill:
+        return "its stop flag set"
+    if not assoc._reactor_checkpoint.is_set():
+        return ""  # paused: a sender takes what comes
+    if not assoc.dimse.msg_queue.empty():
+        return "a DIMSE message queued"
+    head = assoc.dul.peek_next_pdu()
+    if isinstance(head, (A_ABORT, A_P_ABORT)) or (isinstance(head, A_RELEASE) and head.result is None):
+        return "a release or abort from the peer"
+    if not assoc.dul.is_alive() or assoc.dul.__dict__.get("_appliance_ended"):
+        return "its DUL thread ended"
+    return ""
 
 
 def _assoc_thread(self: Any) -> None:
@@ -502,3 +619,4 @@ def _assoc_kill(self: Any) -> None:
     _assoc_wakeup(self).set()
     while self.dul.is_alive() and not self.dul.stop_dul():
         time.sleep(0.01)
+

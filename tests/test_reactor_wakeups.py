@@ -1,12 +1,12 @@
 """Every source of work for pynetdicom's two association loops reaches the loop that takes it.
 
-The loops (appliance/reactor.py) wait for events: the DUL thread for its socket, its eventfd or
-its ARTIM timer, the association thread for its Event or its network idle timer. They also wake
-every 20 ms, and that tick finds, within 20 ms, what no event reports. Each test here goes
-through one source of work that is *not* the usual path — a state-machine action of the DUL
-after a PDU, a primitive queued with send_pdu — and checks that the loop acts at once, where
-the timers involved are 30 s. Each fails with the tick simply removed (a wait for events and
-timers only): the loop then sleeps until the network timeout, or for ever.
+The loops (appliance/reactor.py) wait for events and the timers they own: the DUL thread for its
+socket, its eventfd or its ARTIM timer, the association thread for its Event or its network
+idle timer; no clock ticks. Each test here goes through one source of work that is *not* the
+usual path — a state-machine action of the DUL after a PDU, a primitive queued with send_pdu —
+and checks that the loop acts at once, where the timers involved are 30 s and the loops'
+backstop 5 s, and that no loop found work by its backstop. Without the wakeup each tests, the
+loop sleeps until the network timeout (the backstop: 5 s, and a warning), or kill() for ever.
 
 The associations run in this process (both ends on the appliance's loops), so that each one's
 threads can be watched.
@@ -41,7 +41,7 @@ from appliance.dicomnet import application_entity
 from .corpus import Series, write_series
 from .peers import free_port, require_tool
 
-# "At once", against the 30 s network, ACSE and DIMSE timeouts.
+# "At once", against the 30 s network, ACSE and DIMSE timeouts and the loops' 5 s backstop.
 PROMPT = 2.0
 TIMEOUT = 30
 
@@ -64,6 +64,15 @@ def quiet_pynetdicom() -> Iterator[None]:
     log.setLevel(logging.WARNING)
     yield
     log.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def no_missed_wakeups() -> Iterator[None]:
+    """No loop in this process may find work by its backstop that nobody signalled."""
+    reactor.install()
+    before = reactor.missed_wakeups
+    yield
+    assert reactor.missed_wakeups == before, "a loop found work by its backstop (see the warning logged)"
 
 
 @contextmanager
