@@ -210,7 +210,8 @@ def test_a_response_nobody_waits_for_is_taken_by_the_association_loop(monkeypatc
             assert assoc.send_c_echo().Status == 0x0000
             assert decoded.wait(PROMPT), "the stray response never came"
             assert _wait_for(lambda: assoc.dimse.msg_queue.empty()), "the stray response is still queued"
-            assert "Received unexpected C-STORE service message" in caplog.text  # pynetdicom's loop took it
+            # pynetdicom's loop took it (and says so just after taking it off the queue)
+            assert _wait_for(lambda: "Received unexpected C-STORE service message" in caplog.text)
             assert assoc.send_c_echo().Status == 0x0000  # the next request gets its own response,
             time.sleep(0.2)
             assert "unexpected C-ECHO" not in caplog.text  # not the stray one (leaving its own over)
