@@ -39,12 +39,12 @@ def _associate(box: ApplianceProcess, ae: AE | None = None):
     return assoc
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+def _wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.05)
+        time.sleep(poll)
     return predicate()
 
 

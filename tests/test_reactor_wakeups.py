@@ -40,6 +40,7 @@ from appliance.dicomnet import application_entity
 
 from .corpus import Series, write_series
 from .peers import free_port, require_tool
+from .test_reactor import _wait_for as wait_for
 
 # "At once", against the 30 s network, ACSE and DIMSE timeouts and the loops' 5 s backstop.
 PROMPT = 2.0
@@ -47,12 +48,7 @@ TIMEOUT = 30
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = PROMPT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+    return wait_for(predicate, timeout, poll=0.01)
 
 
 @pytest.fixture(autouse=True)
