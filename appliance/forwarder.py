@@ -614,7 +614,7 @@ class Forwarder:
             return self._dead(name, work, status, f"{given_up}: {error}", maybe_sent=outcome == "unknown",
                               offered=offered)
         if next_attempt_at is None:
-            next_attempt_at = self.db.schedule_now() + backoff(policy, max(1, attempts))
+            next_attempt_at = self.db.schedule_now() + backoff(policy, attempts)
         self.db.finish(work, outcome, status, error, next_attempt_at, offered=offered)
         return outcome
 
