@@ -11,7 +11,7 @@ compete for the same CPUs, and these say how much of the machine each path neede
 
 * **direct**: storescu straight into Orthanc;
 * **appliance**: storescu into the appliance, which forwards to Orthanc (``max_associations: 1``,
-  or ``BENCH_FORWARD_ASSOCIATIONS``);
+  or ``BENCH_FORWARD_ASSOCIATIONS``; ``BENCH_PACS_CPU=N`` runs the central Orthanc alone on CPU N);
   also its intake time (storescu's exit) and its peak RSS (``VmHWM``) during the run;
 * **appliance-intake-only** (a reference): storescu into the appliance with no routes, until
   storescu exits — what receiving alone costs;
@@ -52,6 +52,10 @@ pytestmark = pytest.mark.bench
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 # The destination's max_associations (the appliance's parallel associations to Orthanc).
 ASSOCIATIONS = int(os.environ.get("BENCH_FORWARD_ASSOCIATIONS", "1"))
+# The CPU the central Orthanc runs on alone, the other CPUs running the rest (storescu, the
+# appliance, the router Orthanc): at a site, the PACS is on a machine of its own, and does not
+# compete with the modality and the box for their CPUs. Unset: everything shares every CPU.
+PACS_CPU = os.environ.get("BENCH_PACS_CPU")
 CT_COUNT = 500
 RESULTS_DIR = REPO / "bench-results"
 TARGET_DIRECT, TARGET_ROUTER = 1.15, 0.8
@@ -111,10 +115,28 @@ def _machine_busy_seconds() -> float:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pacs_cpu() -> Iterator[None]:
+    """With ``BENCH_PACS_CPU``: this process, and so every peer it starts, off that CPU."""
+    before = os.sched_getaffinity(0)
+    if PACS_CPU is not None:
+        os.sched_setaffinity(0, before - {int(PACS_CPU)})
+    yield
+    os.sched_setaffinity(0, before)
+
+
 def _deliver(sender_port: int, aec: str, files: list[Path], central: Orthanc) -> dict[str, float]:
     """storescu the files; the time until storescu exits and until Orthanc holds them all, and
     the CPU time the machine and the central Orthanc spent meanwhile."""
     assert central.process is not None
+    if PACS_CPU is not None:
+        _pin(central.process.pid, {int(PACS_CPU)})
     central_cpu = _cpu_seconds(central.process.pid)
     busy = _machine_busy_seconds()
     start = time.monotonic()
@@ -242,6 +264,7 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
             "orthanc": _version(["Orthanc", "--version"]), "dcmtk": _version(["storescu", "--version"]),
             "commit": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
             "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+            "pacs_cpu": PACS_CPU,
         },
         "duration_s": time.time() - started,
     }
@@ -272,7 +295,9 @@ def write_report(runs: dict[str, list[dict[str, float]]], started: float, load_b
         f"Orthanc's /statistics counts all {CT_COUNT}; medians of {ROUNDS} interleaved rounds. "
         f"Machine: {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}, {m['orthanc']}, {m['dcmtk']}; "
         f"commit {m['commit']}; load average {fmt(m['load_average_before'])} before, "
-        f"{fmt(m['load_average_after'])} after.",
+        f"{fmt(m['load_average_after'])} after."
+        + (f" The central Orthanc alone on CPU {PACS_CPU}, everything else on the others (BENCH_PACS_CPU)."
+           if PACS_CPU is not None else ""),
         "",
         "| path | seconds to all in Orthanc | inst/s | × direct | target |",
         "|---|---|---|---|---|",
