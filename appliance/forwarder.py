@@ -599,11 +599,12 @@ class Forwarder:
         """Back to the queue after the backoff (or at ``next_attempt_at``), unless the retry
         policy gives up: then a dead letter.
 
-        ``offered=False``: no association was opened, the instance never reached the PACS. The
-        try is recorded but is not one of its attempts: ``max_attempts`` gives up on an instance
-        the PACS fails on, while an outage is bounded by ``give_up_after`` alone. (Counted, a
-        link down for a day with ``max_attempts`` set made a dead letter of the instance at the
-        front every ``max_attempts`` tries, one after another, each a hole in a study at the PACS.)"""
+        ``offered=False``: the instance never reached the PACS (no association was opened, or
+        the box could not make its copy). The try is recorded but is not one of its attempts:
+        ``max_attempts`` gives up on an instance the PACS fails on, while an outage is bounded
+        by ``give_up_after`` alone. (Counted, a link down for a day with ``max_attempts`` set
+        made a dead letter of the instance at the front every ``max_attempts`` tries, one after
+        another, each a hole in a study at the PACS.)"""
         policy = destination.retry
         attempts = work.attempts + int(offered)
         # Both on the schedule clock: a step of the wall clock, or days switched off, do not age it.
@@ -742,7 +743,9 @@ class Forwarder:
             if exc.errno not in _OUT_OF_RESOURCES:
                 return self._dead(name, work, None, error)
             # A full disk (or no file descriptors, no memory) passes: try again after the backoff.
-            return self._retry_or_give_up(name, destination, work, "retry", None, error)
+            # The box's own trouble, not the PACS failing with the image: not one of its
+            # max_attempts, or a full disk would make dead letters the PACS never saw.
+            return self._retry_or_give_up(name, destination, work, "retry", None, error, offered=False)
         except Exception as exc:  # noqa: BLE001 - a decoder or an edit that fails is that instance's problem
             return self._dead(name, work, None,
                               f"cannot prepare the copy for {name} (transcoding or tag edits failed): {exc}")
