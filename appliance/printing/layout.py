@@ -162,7 +162,7 @@ Outcome = Literal["fit", "cropped", "demagnified", "too-large"]
 @dataclass(frozen=True)
 class ImagePlacement:
     rect: Rect  # where the whole image is drawn (may extend past the cell when cropped)
-    clip: bool  # draw through a clip to the cell
+    clip: bool  # draw through a clip to the cell: whatever extends past it is not printed
     outcome: Outcome
 
 
@@ -180,7 +180,9 @@ def place_image(
     printer resolution (Magnification Type NONE), or as large as fits; centred.
 
     An image larger than its box is shrunk to fit ("demagnified"), cropped (CROP) or refused
-    (FAIL), as Requested Decimate/Crop Behavior asks."""
+    (FAIL), as Requested Decimate/Crop Behavior asks. The image box N-SET refuses a FAIL image
+    that does not fit; one that a later change (the film box's Magnification Type) made too
+    large is placed as for CROP, so that no image is ever drawn outside its box (PS3.3 C.13.5)."""
     vertical, horizontal = aspect
     width_units, height_units = columns * horizontal, rows * vertical
     if requested_size_mm:
@@ -196,7 +198,7 @@ def place_image(
     clip = False
     if not cell.contains(Rect(0, 0, w, h)):
         if decimate_crop == "FAIL":
-            outcome = "too-large"
+            outcome, clip = "too-large", True
         elif decimate_crop == "CROP":
             outcome, clip = "cropped", True
         else:

@@ -21,7 +21,15 @@ from pydicom.uid import generate_uid
 
 from . import statuses
 from .errors import PrintError
-from .layout import Rect, annotation_band_height, cell_rects, film_area, parse_density, parse_film_size
+from .layout import (
+    Rect,
+    annotation_band_height,
+    cell_rects,
+    film_area,
+    parse_density,
+    parse_film_size,
+    place_image,
+)
 from .pixels import ImagePixels, PresentationLut, decode_image
 from .settings import PrinterConfig
 
@@ -569,23 +577,31 @@ class PrintAssociation:
             else:
                 outcome.default("Polarity", polarity, "NORMAL")
                 new_polarity = "NORMAL"
-        magnification = _text(attrs, "MagnificationType")
-        if magnification is not None and magnification not in MAGNIFICATIONS:
-            outcome.default("MagnificationType", magnification, film.magnification)
-            magnification = None
-        requested = None
-        if "RequestedImageSize" in attrs and attrs.RequestedImageSize not in (None, ""):
-            try:
-                requested = float(attrs.RequestedImageSize)
-            except (TypeError, ValueError):
-                requested = -1.0
-            if requested <= 0:
-                outcome.default("RequestedImageSize", attrs.RequestedImageSize, None)
-                requested = None
-        behaviour = _text(attrs, "RequestedDecimateCropBehavior")
-        if behaviour is not None and behaviour not in ("DECIMATE", "CROP", "FAIL"):
-            outcome.default("RequestedDecimateCropBehavior", behaviour, "DECIMATE")
-            behaviour = "DECIMATE"
+        # What decides the image's size in its box, as the box will have it: an N-SET changes only
+        # the attributes it carries (PS3.7 10.1.3), and one sent empty goes back to its default.
+        magnification = box.magnification
+        if "MagnificationType" in attrs:
+            magnification = _text(attrs, "MagnificationType")
+            if magnification is not None and magnification not in MAGNIFICATIONS:
+                outcome.default("MagnificationType", magnification, film.magnification)
+                magnification = None
+        requested = box.requested_size_mm
+        if "RequestedImageSize" in attrs:
+            requested = None
+            if attrs.RequestedImageSize not in (None, ""):
+                try:
+                    requested = float(attrs.RequestedImageSize)
+                except (TypeError, ValueError):
+                    requested = -1.0
+                if requested <= 0:
+                    outcome.default("RequestedImageSize", attrs.RequestedImageSize, None)
+                    requested = None
+        behaviour = box.decimate_crop
+        if "RequestedDecimateCropBehavior" in attrs:
+            behaviour = _text(attrs, "RequestedDecimateCropBehavior")
+            if behaviour is not None and behaviour not in ("DECIMATE", "CROP", "FAIL"):
+                outcome.default("RequestedDecimateCropBehavior", behaviour, "DECIMATE")
+                behaviour = "DECIMATE"
         plut = box.plut
         if "ReferencedPresentationLUTSequence" in attrs and attrs.ReferencedPresentationLUTSequence:
             plut = self._plut(str(attrs.ReferencedPresentationLUTSequence[0].ReferencedSOPInstanceUID))
@@ -595,10 +611,9 @@ class PrintAssociation:
             box.max_density if box.max_density is not None else film.max_density,
             outcome,
         )
-        # Does it fit its box? Checked now so the modality hears about it on this N-SET.
+        # Does it fit its box? Checked now so the modality hears about it on this N-SET, with
+        # what the box will print it with.
         if pixels is not None:
-            from .layout import place_image
-
             cell = film.cells()[box.position - 1]
             placed = place_image(
                 cell, pixels.rows, pixels.columns, pixels.aspect, magnification or film.magnification,
@@ -613,18 +628,15 @@ class PrintAssociation:
         box.pixels = pixels
         film.printed = False
         box.polarity = new_polarity
-        if magnification is not None:
-            box.magnification = magnification
+        box.magnification = magnification
         if "SmoothingType" in attrs:
             box.smoothing = str(attrs.SmoothingType or "")
         if "MinDensity" in attrs:
             box.min_density = low
         if "MaxDensity" in attrs:
             box.max_density = high
-        if requested is not None:
-            box.requested_size_mm = requested
-        if behaviour is not None:
-            box.decimate_crop = behaviour
+        box.requested_size_mm = requested
+        box.decimate_crop = behaviour
         box.plut = plut
         if "ConfigurationInformation" in attrs:
             box.configuration = str(attrs.ConfigurationInformation or "")

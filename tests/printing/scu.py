@@ -181,6 +181,18 @@ class PrintSCU:
                                               meta_uid=self.meta)
         return Reply(self._status(status), reply)
 
+    def set_film_box(self, uid: str, plut_uid: str | None = None, **attrs: object) -> Reply:
+        ds = Dataset()
+        if plut_uid:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = PresentationLUT
+            ref.ReferencedSOPInstanceUID = plut_uid
+            ds.ReferencedPresentationLUTSequence = DicomSequence([ref])
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        status, reply = self.assoc.send_n_set(ds, BasicFilmBox, uid, meta_uid=self.meta)
+        return Reply(self._status(status), reply)
+
     def set_annotation(self, film_box: Dataset, position: int, text: str) -> Reply:
         ref = film_box.ReferencedBasicAnnotationBoxSequence[position - 1]
         ds = Dataset()

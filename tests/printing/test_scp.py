@@ -248,6 +248,79 @@ def test_requested_image_size_and_crop(print_server: Callable[..., RunningPrinte
                              RequestedDecimateCropBehavior="DECIMATE").status == statuses.IMAGE_DECIMATED
 
 
+def printed_page(box: RunningPrinter, scu: PrintSCU, film_uid: str) -> np.ndarray:
+    """Print a film box on an open association; its page as Ghostscript renders it."""
+    before = set(box.printed_files())
+    assert scu.print_film_box(film_uid) == 0
+    box.wait_jobs(len(before) + 1)
+    (new,) = set(box.printed_files()) - before
+    return ghostscript(new)[0]
+
+
+# STANDARD\2,1 on 8INX10IN at 72 dpi: the image boxes' columns on the page.
+LEFT_BOX = range(5, 287)
+RIGHT_BOX = range(290, 571)
+
+
+def dark_columns(page: np.ndarray) -> np.ndarray:
+    return np.nonzero((page < 128).any(axis=0))[0]
+
+
+def test_image_box_n_set_answers_for_the_attributes_it_kept_from_earlier_n_sets(
+        print_server: Callable[..., RunningPrinter]) -> None:
+    """An N-SET changes only the attributes it carries (PS3.7 10.1.3): a console that sends a new
+    image without repeating Requested Decimate/Crop Behavior, Magnification Type or Requested
+    Image Size keeps those of its earlier N-SET. The reply must say what then happens to the new
+    image (PS3.4 H.4.3), and the film must print what the reply said, inside the image box."""
+    box = print_server()
+    small, large = gray_item(flat(0, size=64)), gray_item(flat(0, size=400))  # 400 pt: wider than a box
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        scu.create_session()
+        # FAIL kept: the large image is refused and the box keeps its image.
+        film = scu.create_film_box(r"STANDARD\2,1", MagnificationType="NONE")
+        assert scu.set_image(film.dataset, 1, small, RequestedDecimateCropBehavior="FAIL").status == 0
+        assert scu.set_image(film.dataset, 1, large).status == statuses.IMAGE_LARGER_THAN_BOX
+        page = printed_page(box, scu, film.uid)
+        columns = dark_columns(page)
+        assert abs(len(columns) - 64) <= 2, f"box 1 printed {len(columns)} points wide, not its 64-pixel image"
+        # CROP kept: cropped, said so, and nothing outside the box.
+        film = scu.create_film_box(r"STANDARD\2,1", MagnificationType="NONE")
+        assert scu.set_image(film.dataset, 1, small, RequestedDecimateCropBehavior="CROP").status == 0
+        assert scu.set_image(film.dataset, 1, large).status == statuses.IMAGE_CROPPED
+        columns = dark_columns(printed_page(box, scu, film.uid))
+        assert columns.min() >= LEFT_BOX.start and columns.max() < LEFT_BOX.stop, (columns.min(), columns.max())
+        assert len(columns) >= len(LEFT_BOX) - 4
+        # The image box's Magnification Type NONE kept: the large image is shrunk, and said so.
+        film = scu.create_film_box(r"STANDARD\2,1", MagnificationType="BILINEAR")
+        assert scu.set_image(film.dataset, 1, small, MagnificationType="NONE").status == 0
+        assert scu.set_image(film.dataset, 1, large).status == statuses.IMAGE_DEMAGNIFIED
+        columns = dark_columns(printed_page(box, scu, film.uid))
+        assert columns.min() >= LEFT_BOX.start and columns.max() < LEFT_BOX.stop, (columns.min(), columns.max())
+        # Requested Image Size kept with DECIMATE: decimated again.
+        film = scu.create_film_box(r"STANDARD\2,1")
+        assert scu.set_image(film.dataset, 1, small, RequestedImageSize="400",
+                             RequestedDecimateCropBehavior="DECIMATE").status == statuses.IMAGE_DECIMATED
+        assert scu.set_image(film.dataset, 1, large).status == statuses.IMAGE_DECIMATED
+
+
+def test_an_image_a_film_box_n_set_makes_too_large_stays_in_its_box(
+        print_server: Callable[..., RunningPrinter]) -> None:
+    """Magnification Type NONE set on the film box after its images: an image that fitted (and
+    whose N-SET asked for FAIL rather than a smaller or cropped image) is now larger than its
+    box. It must not be drawn over its neighbour, the border and off the film."""
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT") as scu:
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\2,1")
+        assert scu.set_image(film.dataset, 1, gray_item(flat(0, size=400)),
+                             RequestedDecimateCropBehavior="FAIL").status == 0
+        assert scu.set_film_box(film.uid, MagnificationType="NONE").status == 0
+        page = printed_page(box, scu, film.uid)
+    columns = dark_columns(page)
+    assert columns.min() >= LEFT_BOX.start and columns.max() < LEFT_BOX.stop, (columns.min(), columns.max())
+    assert page[FILM_H // 2, (RIGHT_BOX.start + RIGHT_BOX.stop) // 2] == 255
+
+
 # ---- orientation, film size, paper ---------------------------------------------------------------
 
 def test_landscape_film_is_turned_onto_portrait_paper(print_server: Callable[..., RunningPrinter]) -> None:
