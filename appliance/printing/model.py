@@ -392,7 +392,8 @@ class PrintAssociation:
                 film.film_size_id = size
             else:
                 outcome.default("FilmSizeID", size, film.film_size_id)
-        self._apply_film_box(film, attrs, outcome)
+        for name, value in self._film_box_changes(film, attrs, outcome).items():
+            setattr(film, name, value)
         for keyword, name in (("Illumination", "illumination"), ("ReflectedAmbientLight", "reflected_ambient_light")):
             value = _int(attrs, keyword)
             if value is not None and value >= 0:
@@ -427,40 +428,48 @@ class PrintAssociation:
         if self.session is not None and self.session.film_boxes and self.session.film_boxes[-1] is not film:
             raise PrintError(statuses.INVALID_ATTRIBUTE_VALUE, "only the last created film box may be changed")
         outcome = _Outcome(True, self._context("film box", uid))
-        self._apply_film_box(film, attrs, outcome)
+        changes = self._film_box_changes(film, attrs, outcome)
+        for name, value in changes.items():
+            setattr(film, name, value)
         film.printed = False
         return outcome.status, self._film_box_attributes(film)
 
-    def _apply_film_box(self, film: FilmBox, attrs: Dataset, outcome: _Outcome) -> None:
+    def _film_box_changes(self, film: FilmBox, attrs: Dataset, outcome: _Outcome) -> dict[str, object]:
+        """The film box attributes an N-CREATE or N-SET asks for, by field, checked and not yet
+        applied: a request that fails (a Presentation LUT that does not exist) must change
+        nothing (PS3.7 C: a failure status means the operation was not performed)."""
+        changes: dict[str, object] = {}
         magnification = _text(attrs, "MagnificationType")
         if magnification is not None:
             if magnification in MAGNIFICATIONS:
-                film.magnification = magnification
+                changes["magnification"] = magnification
             else:
                 outcome.default("MagnificationType", magnification, film.magnification)
         if "SmoothingType" in attrs:
-            film.smoothing = str(attrs.SmoothingType or "")
+            changes["smoothing"] = str(attrs.SmoothingType or "")
         for keyword, name in (("BorderDensity", "border_density"), ("EmptyImageDensity", "empty_image_density")):
             if keyword in attrs and attrs[keyword].value not in (None, ""):
                 density = parse_density(attrs[keyword].value)
                 if density is None:
                     outcome.default(keyword, attrs[keyword].value, getattr(film, name))
                 else:
-                    setattr(film, name, density)
-        film.min_density, film.max_density = self._densities(
+                    changes[name] = density
+        changes["min_density"], changes["max_density"] = self._densities(
             attrs, film.min_density, film.max_density, outcome
         )
         trim = _text(attrs, "Trim")
         if trim is not None:
             if trim in ("YES", "NO"):
-                film.trim = trim == "YES"
+                changes["trim"] = trim == "YES"
             else:
                 outcome.default("Trim", trim, "NO")
         if "ConfigurationInformation" in attrs:
-            film.configuration = str(attrs.ConfigurationInformation or "")
+            changes["configuration"] = str(attrs.ConfigurationInformation or "")
         if "ReferencedPresentationLUTSequence" in attrs and attrs.ReferencedPresentationLUTSequence:
-            film.plut_uid = str(attrs.ReferencedPresentationLUTSequence[0].ReferencedSOPInstanceUID)
-            film.plut = self._plut(film.plut_uid)
+            plut_uid = str(attrs.ReferencedPresentationLUTSequence[0].ReferencedSOPInstanceUID)
+            changes["plut"] = self._plut(plut_uid)
+            changes["plut_uid"] = plut_uid
+        return changes
 
     def _densities(self, attrs: Dataset, low: int, high: int, outcome: _Outcome) -> tuple[int, int]:
         printer = self.printer

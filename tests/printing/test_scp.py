@@ -507,6 +507,29 @@ def test_error_statuses(print_server: Callable[..., RunningPrinter]) -> None:
     assert box.jobs() == []
 
 
+def test_a_film_box_n_set_that_fails_changes_nothing(print_server: Callable[..., RunningPrinter]) -> None:
+    """A failure status means the operation was not performed (PS3.7 C): a film box N-SET refused
+    for a Presentation LUT that does not exist must leave every other attribute it carried unset."""
+    box = print_server()
+    with PrintSCU(box.port, "TESTPRINT", plut=True) as scu:
+        scu.create_session()
+        film = scu.create_film_box(r"STANDARD\2,1", BorderDensity="WHITE", EmptyImageDensity="WHITE")
+        assert scu.set_image(film.dataset, 1, gray_item(flat(128))).status == 0
+        reply = scu.set_film_box(film.uid, plut_uid=generate_uid(), BorderDensity="BLACK",
+                                 EmptyImageDensity="BLACK", MaxDensity=100, Trim="YES", MagnificationType="NONE")
+        assert reply.status == statuses.INVALID_ATTRIBUTE_VALUE
+        page = printed_page(box, scu, film.uid)
+    assert page[1, 1] == 255, "border printed BLACK"
+    y, x = cell_centre("ROW", (2,), 2)
+    assert page[y, x] == 255, "empty image box printed BLACK"
+    y, x = cell_centre("ROW", (2,), 1)
+    assert abs(int(page[y, x]) - 128) <= 1, "image printed with Max Density 100"
+    # Magnification NONE would print the 64-pixel image 64 points wide; fitted it fills its box.
+    assert np.count_nonzero((page < 200).any(axis=0)) > 200, "image printed at Magnification Type NONE"
+    # No trim line above the image.
+    assert page[:150].min() == 255, "trim lines printed"
+
+
 def test_called_ae_title_selects_the_printer(print_server: Callable[..., RunningPrinter], tmp_path: Any) -> None:
     box = print_server({
         "one": printer("PRINTONE", directory=str(tmp_path / "one")),
