@@ -239,11 +239,12 @@ class Forwarder:
             due = self.db.make_due(name, self.db.schedule_now())
             log.info("destination %s now %s@%s:%d: %d waiting instance(s) are tried now", name,
                      destination.ae_title, destination.host, destination.port, due)
-        for name, destination in config.destinations.items():
-            for index in range(destination.max_associations):
-                worker = self._threads.get((name, index))
-                if worker is None or not worker.is_alive():  # new, or removed earlier and now back
-                    self._spawn(name, index, self._work, name, index)
+        with self._lock:  # a worker that stops looks at the configuration under it (_work)
+            for name, destination in config.destinations.items():
+                for index in range(destination.max_associations):
+                    worker = self._threads.get((name, index))
+                    if worker is None or not worker.is_alive():  # new, or removed earlier and now back
+                        self._spawn(name, index, self._work, name, index)
         # A destination removed or renamed in the file leaves its queue behind, kept for it: say
         # so where the admin looks after a reload, not only in `appliance queue`.
         for name, waiting in self.db.waiting_for_others(config.destinations).items():
@@ -257,7 +258,7 @@ class Forwarder:
         self._listener.stop()
         self.wake()
         deadline = time.monotonic() + timeout
-        for thread in self._threads.values():
+        for thread in list(self._threads.values()):
             thread.join(max(0.1, deadline - time.monotonic()))
         self._dead_letter_lines.flush(everything=True)
 
@@ -384,6 +385,27 @@ class Forwarder:
     # ---- workers --------------------------------------------------------------------------------
 
     def _work(self, name: str, index: int) -> None:
+        """Worker ``index`` of destination ``name``, while it is configured. One that stops
+        (its destination removed by a reload, or fewer ``max_associations``) first closes its
+        association, which can take up to the ACSE timeout (a PACS slow to answer A-RELEASE):
+        a reload that puts it back meanwhile finds it alive and starts no other. So it looks
+        again, under the lock :meth:`apply` takes the configuration with, before it ends:
+        configured again, it goes on; otherwise it leaves its slot, and the next reload that
+        configures it starts a worker there."""
+        while True:
+            self._serve(name, index)
+            with self._lock:
+                if self._stop.is_set() or not self._configured(name, index):
+                    if self._threads.get((name, index)) is threading.current_thread():
+                        del self._threads[(name, index)]
+                    return
+            log.info("destination %s worker %d goes on: configured again", name, index)
+
+    def _configured(self, name: str, index: int) -> bool:
+        destination = self.config.destinations.get(name)
+        return destination is not None and index < destination.max_associations
+
+    def _serve(self, name: str, index: int) -> None:
         link: _Link | None = None
         last_study: str | None = None
         self._worker.index, self._worker.busy_until, self._worker.busy_tries = index, 0.0, 0

@@ -1296,6 +1296,47 @@ def test_a_reload_that_corrects_an_address_is_tried_at_once(appliance_factory, s
     assert time.monotonic() - reloaded < 15
 
 
+def test_a_destination_removed_and_added_again_while_its_association_closes_gets_its_worker_again(
+        appliance_factory, stack, tmp_path, monkeypatch) -> None:
+    """A reload removes a destination while its association is open, and the next one puts it
+    back while that association is still closing (a PACS slow to answer A-RELEASE, across a
+    slow VPN): what arrives afterwards goes out, with the PACS up, without waiting for yet
+    another reload."""
+    from pynetdicom.acse import ACSE
+
+    send_release = ACSE.send_release
+    slow = threading.Event()
+
+    def late_release_answer(self, is_response=False):  # the SCP runs in this process, the box in its own
+        if is_response and slow.is_set():
+            time.sleep(8)  # longer than the box's ACSE timeout (5 s): it gives up waiting and aborts
+        return send_release(self, is_response)
+
+    monkeypatch.setattr(ACSE, "send_release", late_release_answer)
+    pacs = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
+    configured = {"destinations": {"pacs": destination(pacs.ae_title, pacs.port)}, "routes": [{"send_to": ["pacs"]}]}
+    box = appliance_factory(configured)
+    before = write_series(tmp_path / "before", "readded", 1, 1, Series("CT", 2, 64, 64))
+    after = write_series(tmp_path / "after", "readded", 2, 1, Series("CT", 2, 64, 64), patient="PAT002")
+    send(box, before)
+    wait_until(lambda: set(pacs.stored_uids()) == uids(before), 20, lambda: f"queue: {queue(box)}")
+    slow.set()
+    edit_config(box, destinations={}, routes=[])
+    box.reload()
+    wait_until(lambda: "destination pacs worker 0 stops: no longer configured" in box.log(), 10,
+               lambda: box.log()[-2000:])
+    edit_config(box, **configured)
+    box.reload()
+    wait_until(lambda: box.log().count("forwarder: configuration reloaded") >= 2, 10, lambda: box.log()[-2000:])
+    assert "association to PACS closed" not in box.log(), "the association closed before the destination was back"
+    wait_until(lambda: "association to PACS closed" in box.log(), 15, lambda: box.log()[-2000:])
+    slow.clear()
+    send(box, after)
+    wait_until(lambda: set(pacs.stored_uids()) == uids(before) | uids(after), 20,
+               lambda: f"not sent after the destination came back: {queue(box)}")
+    assert pacs.stored_uids() == Counter(uids(before) | uids(after))
+
+
 def test_an_instance_the_pacs_aborts_on_does_not_hold_back_the_others(appliance_factory, stack,
                                                                       tmp_path) -> None:
     """A PACS that aborts the association on two instances of a study (ones it cannot parse),
