@@ -27,7 +27,8 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .. import __version__
-from ..dicomnet import application_entity
+from ..config import Timeouts
+from ..dicomnet import application_entity, tune_socket
 from . import model, statuses
 from .backends import PrinterState
 from .configuration import printer_configuration
@@ -59,8 +60,10 @@ def _only_asked_for(ds: Dataset, wanted: list[BaseTag]) -> Dataset:
 class PrintSCP:
     """Accepts print associations and keeps each one's film session."""
 
-    def __init__(self, config: PrintConfig, submit: Submit, printer_state: StateOf, port: int | None = None) -> None:
+    def __init__(self, config: PrintConfig, submit: Submit, printer_state: StateOf, port: int | None = None,
+                 timeouts: Timeouts | None = None) -> None:
         self.config = config
+        self.timeouts = timeouts or Timeouts()
         self.submit = submit
         self.printer_state = printer_state
         self.port = port if port is not None else config.port
@@ -84,11 +87,19 @@ class PrintSCP:
             ae.require_calling_aet = [t.strip() for t in self.config.allowed_calling_aes]
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = 0  # image box N-SETs are 0.25-60 MB: no reason to split them finely
+        # The Storage SCP's timeouts and socket tuning (tune_socket): without a receive timeout a
+        # peer that stops in the middle of a PDU (its first, or an image box N-SET) holds the
+        # association's thread, and one of max_associations, for as long as its socket is open.
+        ae.connection_timeout = self.timeouts.connect
+        ae.acse_timeout = self.timeouts.acse
+        ae.dimse_timeout = self.timeouts.dimse
+        ae.network_timeout = self.timeouts.network
         # Printer on its own: PS3.4 H.3.1 lets an association negotiate only the printer-related
         # SOP classes, and consoles poll the printer's state that way.
         for uid in (*model.META_SOP_CLASSES, *model.OPTIONAL_SOP_CLASSES, model.PRINTER, VERIFICATION):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, tune_socket),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_N_GET, self._on_n_get),
             (evt.EVT_N_CREATE, self._on_n_create),

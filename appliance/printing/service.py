@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..config import Timeouts
 from ..db import Database, open_database
 from ..valuetypes import Space
 from .backends import CachedState, PrinterState, make_backend
@@ -21,11 +22,13 @@ class PrintService:
     """``root`` is the appliance's data directory (``storage.path``); the spool is ``root/print``.
     Pass the process's ``db`` to share its single writer; otherwise one is opened on ``root``.
     ``port`` overrides ``config.port`` (0 = any free port, for tests). ``min_free``
-    (storage.disk.min_free) is the free space a print job may not take."""
+    (storage.disk.min_free) is the free space a print job may not take. ``timeouts`` are the
+    associations' (``node.timeouts``, as the Storage SCP's; their defaults when not given)."""
 
     def __init__(self, config: PrintConfig, root: Path, db: Database | None = None, port: int | None = None,
-                 min_free: Space | None = None) -> None:
+                 min_free: Space | None = None, timeouts: Timeouts | None = None) -> None:
         self.config = config
+        self.timeouts = timeouts or Timeouts()
         self.root = Path(root)
         self.min_free = min_free
         self._own_db = db is None
@@ -56,7 +59,7 @@ class PrintService:
         self.workers = [SpoolWorker(self.spool, name, self.config.keep_printed_for) for name in self.backends]
         for worker in self.workers:
             worker.start()
-        self.scp = PrintSCP(self.config, self._submit, self.printer_state, port=self._port)
+        self.scp = PrintSCP(self.config, self._submit, self.printer_state, port=self._port, timeouts=self.timeouts)
         self.scp.start()
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from appliance.config import Timeouts
 from appliance.db import PrintJob
 from appliance.printing.jobs import list_jobs
 from appliance.printing.service import PrintService
@@ -72,12 +73,12 @@ class RunningPrinter:
 
 @pytest.fixture
 def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
-    """``print_server(printers={"name": PrinterConfig}, root=, min_free=, **PrintConfig fields)``
+    """``print_server(printers={"name": PrinterConfig}, root=, min_free=, timeouts=, **PrintConfig fields)``
     -> RunningPrinter. Directory printers without a directory write to ``tmp_path/out``."""
     started: list[PrintService] = []
 
     def start(printers: dict[str, PrinterConfig] | None = None, root: Path | None = None,
-              min_free: Space | None = None, **config: Any) -> RunningPrinter:
+              min_free: Space | None = None, timeouts: Timeouts | None = None, **config: Any) -> RunningPrinter:
         out = tmp_path / "out"
         printers = printers or {"film": printer()}
         printers = {
@@ -89,7 +90,7 @@ def print_server(tmp_path: Path) -> Iterator[Callable[..., RunningPrinter]]:
         directories = [Path(str(p.directory)) for p in printers.values() if p.backend == "directory"]
         out = directories[0] if directories else out
         data = root or tmp_path / "data"
-        service = PrintService(settings, data, port=0, min_free=min_free)
+        service = PrintService(settings, data, port=0, min_free=min_free, timeouts=timeouts)
         service.start()
         started.append(service)
         return RunningPrinter(service, data, out)

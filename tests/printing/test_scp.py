@@ -5,7 +5,9 @@ printed film is rendered with Ghostscript and checked where a person would look.
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from appliance.config import Timeouts
 from appliance.printing import statuses
 
 from ..peers import DCMTK_ENV, require_tool
@@ -566,6 +569,28 @@ def test_a_console_that_associates_again_at_once_is_not_refused_at_the_limit(
                 continue
             assert scu.printer_status().status == 0
     assert refused == 0, f"{refused} of 20 associations refused"
+
+
+def test_peers_that_stop_in_their_first_pdu_give_their_slot_back_after_the_network_timeout(
+        print_server: Callable[..., RunningPrinter]) -> None:
+    """A connection that sends the 6-byte header of an A-ASSOCIATE-RQ and then nothing (a link
+    that died mid-PDU, a half-written request) holds one of print.max_associations. It must give
+    it back after the network timeout, as the Storage SCP's do, or a few of them lock every
+    console out of printing for as long as their sockets stay open: for ever, if they vanished."""
+    box = print_server(max_associations=2, timeouts=Timeouts(connect=5, acse=2, dimse=5, network=2))
+    peers = [socket.create_connection(("127.0.0.1", box.port)) for _ in range(2)]
+    try:
+        for peer in peers:
+            peer.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00]))  # announces 256 bytes, sends none
+        with PrintSCU(box.port, "TESTPRINT") as scu:
+            assert not scu.established, "the silent peers hold no slot: the test shows nothing"
+        time.sleep(3)
+        echo = subprocess.run([require_tool("echoscu"), "-aet", "CONSOLE", "-aec", "TESTPRINT", "127.0.0.1",
+                               str(box.port)], env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+    finally:
+        for peer in peers:
+            peer.close()
 
 
 def test_printer_status_reflects_the_backend(print_server: Callable[..., RunningPrinter]) -> None:
