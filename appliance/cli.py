@@ -188,11 +188,12 @@ def cmd_move(args: argparse.Namespace) -> int:
     if args.new not in config.destinations:
         return _unknown_destination(config, args.new)
     _as_data_owner(config.storage.root)
-    moved, kept = open_database(config.storage.root).move_deliveries(args.old, args.new)
-    if moved:
+    result = open_database(config.storage.root).move_queue(args.old, args.new)
+    if result.moved:
         Nudger(config.storage.root).nudge()
-    print(f"{moved} instance(s) waiting for {args.old} now wait for {args.new}"
-          + (f"; {kept} that {args.new} already has (or is sending) stay with {args.old}" if kept else ""))
+    print(f"{result.moved} instance(s) waiting for {args.old} now wait for {args.new}"
+          + (f"; {result.kept} that {args.new} already has (or is sending) stay with {args.old}" if result.kept else "")
+          + (f"; {result.following} being sent to {args.old} follow unless it takes them" if result.following else ""))
     return 0
 
 

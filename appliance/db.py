@@ -206,6 +206,9 @@ MIGRATIONS: list[list[str]] = [
     # 13: the few transcoded deliveries, counted by `appliance queue` and the status page
     # without reading every delivery row (see queue_summaries).
     ["CREATE INDEX deliveries_transcoded ON deliveries(destination) WHERE transcoded = 1"],
+    # 14: where an in-flight delivery goes once its worker lets go of it, when `appliance move`
+    # moved its destination's queue meanwhile (see move_queue and _FOLLOW_MOVE).
+    ["ALTER TABLE deliveries ADD COLUMN moved_to TEXT"],
 ]
 
 
@@ -251,6 +254,15 @@ _NOT_IN_FLIGHT = ("d.study_instance_uid NOT IN (SELECT study_instance_uid FROM d
 # A claimed delivery's request is going out (Database.sending, and finish's ``following``).
 _ON_WIRE = "UPDATE deliveries SET on_wire = 1 WHERE id = ? AND state = 'in_flight'"
 
+# A delivery that was in flight when `appliance move` moved its destination's queue, once its
+# worker let go of it without delivering it (put back, failed, given up, the box stopped): it
+# starts over at the new destination as the moved ones did (Database.move_queue), unless that
+# one has a delivery of the instance already. Delivered, it stays the old one's history.
+_FOLLOW_MOVE = ("UPDATE OR IGNORE deliveries SET destination = moved_to, state = 'pending', attempts = 0,"
+                " next_attempt_at = :now, requeued_at = :now, deferred = 0, maybe_sent = 0, on_wire = 0,"
+                " moved_to = NULL WHERE id = :id AND moved_to IS NOT NULL AND state IN ('pending', 'dead')")
+_MOVE_DONE = "UPDATE deliveries SET moved_to = NULL WHERE id = :id AND moved_to IS NOT NULL AND state != 'in_flight'"
+
 # A delivery of a new version of its instance (a replacement) starts over: due now (``:now``,
 # schedule clock), nothing attempted, nothing delivered. The same whether the rules queued it
 # again or it was in flight when `appliance send --to` replaced the file it was sending.
@@ -290,6 +302,17 @@ class Work:
     # An earlier attempt of this version had no answer, or the appliance stopped while sending
     # it (migration 8): the destination may have it already.
     maybe_sent: bool = False
+
+
+@dataclass(frozen=True)
+class MovedQueue:
+    """What ``appliance move`` did (:meth:`Database.move_queue`): how many deliveries start over
+    at the new destination, how many stay (it has those instances already), and how many being
+    sent to the old one follow if that send does not deliver them."""
+
+    moved: int
+    kept: int
+    following: int
 
 
 @dataclass(frozen=True)
@@ -668,17 +691,29 @@ class Database:
         but, like it, they are marked as maybe sent (see :class:`Work`) — after a power cut,
         the non-durable records of the latest sends (:meth:`finish`) may be lost with the
         outcomes, so which were sent is not certain."""
+        now = self.schedule_now()
         with self.transaction() as conn:
             conn.execute("INSERT INTO attempts (delivery_id, at, outcome, error) SELECT id, ?, 'unknown', ?"
                          " FROM deliveries WHERE state = 'in_flight' AND on_wire", (time.time(), STOPPED_WHILE_SENDING))
+            moved = [row[0] for row in conn.execute(
+                "SELECT id FROM deliveries WHERE state = 'in_flight' AND moved_to IS NOT NULL")]
             # Every right-hand side reads the row as it was: on_wire before it is cleared.
-            return conn.execute(
+            requeued = conn.execute(
                 "UPDATE deliveries SET state = 'pending', maybe_sent = 1, on_wire = 0, attempts = attempts + on_wire,"
                 " last_status = CASE WHEN on_wire THEN NULL ELSE last_status END,"
                 " last_error = CASE WHEN on_wire THEN ? ELSE last_error END,"
                 " last_failure = CASE WHEN on_wire THEN"
                 " (SELECT max(a.id) FROM attempts a WHERE a.delivery_id = deliveries.id) ELSE last_failure END"
                 " WHERE state = 'in_flight'", (STOPPED_WHILE_SENDING,)).rowcount
+            self._follow_moves(conn, moved, now)
+            return requeued
+
+    @staticmethod
+    def _follow_moves(conn: sqlite3.Connection, delivery_ids: Sequence[int], now: float) -> None:
+        """Deliveries just let go of by their worker: those whose destination was moved while
+        they were in flight go where it was moved to (see :data:`_FOLLOW_MOVE`)."""
+        conn.executemany(_FOLLOW_MOVE, [{"id": i, "now": now} for i in delivery_ids])
+        conn.executemany(_MOVE_DONE, [{"id": i} for i in delivery_ids])
 
     def release_stable_studies(self, now: float) -> list[tuple[str, str]]:
         """Release every held study whose quiet period has passed by ``now`` (schedule clock);
@@ -754,10 +789,12 @@ class Database:
         while each is still this claim of this version (as in :meth:`finish`): a replacement
         that arrived meanwhile has queued the delivery afresh, and another association may
         have claimed it since."""
+        now = self.schedule_now()
         with self.transaction() as conn:
             conn.executemany("UPDATE deliveries SET state = 'pending' WHERE id = ? AND state = 'in_flight'"
                              " AND (SELECT path FROM instances WHERE id = ?) = ?",
                              [(w.delivery_id, w.instance_id, w.path) for w in works])
+            self._follow_moves(conn, [w.delivery_id for w in works], now)
 
     def next_due(self, destination: str) -> float | None:
         """When the next pending delivery that :meth:`claim` could take is due (studies in
@@ -767,12 +804,14 @@ class Database:
                           f" AND {_NOT_IN_FLIGHT} ORDER BY next_attempt_at LIMIT 1", (destination, destination))
         return float(rows[0][0]) if rows else None
 
-    def postpone(self, work: Work, until: float) -> None:
+    def postpone(self, work: Work, until: float, destination: str | None = None) -> None:
         """Make a delivery back in the queue wait at least until ``until`` (schedule clock), and
-        defer it: its own send failed, so the others go first (see :meth:`claim`)."""
+        defer it: its own send failed, so the others go first (see :meth:`claim`). Given
+        ``destination``, only while it still waits for that one (not once it followed a move)."""
         with self.transaction(durable=False) as conn:
             conn.execute("UPDATE deliveries SET next_attempt_at = max(next_attempt_at, ?), deferred = 1 WHERE id = ?"
-                         " AND state = 'pending'", (until, work.delivery_id))
+                         " AND state = 'pending' AND (? IS NULL OR destination = ?)",
+                         (until, work.delivery_id, destination, destination))
 
     def give_up_waiting(self, destination: str, waiting_since: float, error: str) -> int:
         """Every pending delivery to ``destination`` waiting since before ``waiting_since``
@@ -819,7 +858,8 @@ class Database:
         association (the PACS down, refusing for now) is recorded in the history but is not one
         of the instance's ``attempts``, the count ``retry.max_attempts`` limits."""
         now = time.time()
-        scheduled = next_attempt_at or self.schedule_now()
+        scheduled_now = self.schedule_now()
+        scheduled = next_attempt_at or scheduled_now
         state = {"delivered": "delivered", "dead": "dead"}.get(outcome, "pending")
         with self.transaction(durable=False) as conn:
             applied = conn.execute(
@@ -839,6 +879,7 @@ class Database:
                              (recorded.lastrowid, work.delivery_id))
             if following is not None:
                 conn.execute(_ON_WIRE, (following.delivery_id,))
+            self._follow_moves(conn, [work.delivery_id], scheduled_now)
         return applied
 
     def waiting_for_others(self, configured: Collection[str]) -> dict[str, int]:
@@ -848,14 +889,29 @@ class Database:
         return {str(name): int(count) for name, count in rows if name not in configured}
 
     def move_deliveries(self, old: str, new: str) -> tuple[int, int]:
+        """:meth:`move_queue`'s (moved, kept)."""
+        moved = self.move_queue(old, new)
+        return moved.moved, moved.kept
+
+    def move_queue(self, old: str, new: str) -> MovedQueue:
         """Give ``new`` what waits for ``old`` (a destination renamed or removed in the file):
         its pending, held and dead deliveries start over there, due now (``old``'s backoff and
         attempts were another destination's); a study waiting to be stable for ``old`` waits
         for ``new``. What ``old`` delivered stays its history. An instance ``new`` already has
-        a delivery of keeps its ``old`` one, where it was. Returns (moved, kept)."""
+        a delivery of keeps its ``old`` one, where it was.
+
+        What ``old``'s worker has in flight (still sending the batch it claimed before the file
+        was changed) follows once that worker lets go of it undelivered — the PACS interrupting
+        the batch, the box stopping — rather than going back to ``old``, where nothing would
+        send it (:data:`_FOLLOW_MOVE`); what it delivers stays ``old``'s, and is not sent to
+        ``new`` again."""
         now = self.schedule_now()
         waiting = "('pending', 'held', 'dead')"
         with self.transaction() as conn:
+            following = conn.execute("UPDATE deliveries SET moved_to = ? WHERE destination = ? AND state = 'in_flight'",
+                                     (new, old)).rowcount
+            # Following an earlier move of ``new`` itself (renamed twice while a batch goes out).
+            conn.execute("UPDATE deliveries SET moved_to = ? WHERE moved_to = ? AND state = 'in_flight'", (new, old))
             moved = conn.execute(
                 "UPDATE OR IGNORE deliveries SET destination = :new,"
                 " state = CASE WHEN state = 'held' THEN 'held' ELSE 'pending' END, attempts = 0,"
@@ -870,7 +926,7 @@ class Database:
             conn.execute("UPDATE deliveries SET state = 'pending' WHERE destination = ? AND state = 'held'"
                          " AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.destination = deliveries.destination"
                          " AND h.study_instance_uid = deliveries.study_instance_uid AND h.state = 'waiting')", (new,))
-        return int(moved), int(kept)
+        return MovedQueue(int(moved), int(kept), int(following))
 
     def has_deliveries(self, destination: str) -> bool:
         """Whether any delivery (in any state) is to ``destination``."""

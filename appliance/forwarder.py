@@ -516,7 +516,7 @@ class Forwarder:
                     # Database.claim): were it due and first when the block ends, it would lead
                     # the next association again, and one instance that the PACS aborts on would
                     # hold back everything behind it for days.
-                    self.db.postpone(batch[position], blocked_until + destination.retry.initial_delay)
+                    self.db.postpone(batch[position], blocked_until + destination.retry.initial_delay, name)
                     self._give_up_waiting(name, destination, batch[position].sop_instance_uid + ": "
                                           + ("no response" if outcome == "unknown" else "refused for now"))
                 interrupted = True

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import threading
 from pathlib import Path
 
-from appliance.db import WAL_SIZE_LIMIT, Database
+from appliance.db import WAL_SIZE_LIMIT, Database, Delivery, Instance, MovedQueue
 
 
 def _count_up(path: str, times: int) -> None:
@@ -129,3 +130,44 @@ def test_the_wal_does_not_keep_its_peak_size(tmp_path: Path) -> None:
         with db.transaction() as conn:
             conn.execute("DELETE FROM ballast WHERE rowid = (SELECT min(rowid) FROM ballast)")
     assert wal.stat().st_size <= WAL_SIZE_LIMIT, (peak, wal.stat().st_size)
+
+
+def _ct(uid: int) -> Instance:
+    return Instance(
+        sop_instance_uid=f"1.2.3.{uid}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_instance_uid="1.2.9",
+        series_instance_uid="1.2.8", patient_id="P", patient_name="N", study_date="", accession_number="",
+        modality="CT", transfer_syntax="1.2.840.10008.1.2.1", calling_ae="M", called_ae="EDGE", source_ip="127.0.0.1",
+        size=1, sha256=str(uid), path=f"/cache/{uid}.dcm", received_at=100.0,
+        decision=json.dumps({"status": "routed"}))
+
+
+def test_what_was_in_flight_when_its_destination_was_moved_follows_unless_delivered(tmp_path: Path) -> None:
+    """``appliance move old new`` while old's worker sends a claimed batch: what it delivers
+    stays old's history; what it lets go of undelivered — put back, failed, given up, or left
+    in flight by a stop — starts over at new, not back at old where nothing sends it. An
+    instance new already has stays with old, as the move leaves it."""
+    db = Database(tmp_path / "appliance.db")
+    for uid in range(6):
+        db.store_instance(_ct(uid), None, [Delivery("old")] + ([Delivery("new")] if uid == 5 else []))
+    batch = db.claim("old", db.schedule_now() + 10**9, 10)
+    assert len(batch) == 6
+    assert db.move_queue("old", "new") == MovedQueue(moved=0, kept=0, following=6)
+    db.finish(batch[0], "delivered", 0, None)
+    db.finish(batch[1], "retry", 0xA700, "refused for now", db.schedule_now() + 60)
+    db.postpone(batch[1], db.schedule_now() + 60, "old")  # its worker's backoff is old's
+    db.finish(batch[2], "dead", 0xA900, "refused")
+    db.unclaim([batch[3], batch[5]])
+    db.close()
+    db = Database(tmp_path / "appliance.db")  # the box stopped with batch[4] in flight
+    db.requeue_in_flight()
+    rows = {(r["sop_instance_uid"], r["destination"]): (r["state"], r["attempts"], r["deferred"]) for r in db.query(
+        "SELECT i.sop_instance_uid, d.destination, d.state, d.attempts, d.deferred FROM deliveries d"
+        " JOIN instances i ON i.id = d.instance_id")}
+    assert rows == {("1.2.3.0", "old"): ("delivered", 1, 0), ("1.2.3.1", "new"): ("pending", 0, 0),
+                    ("1.2.3.2", "new"): ("pending", 0, 0), ("1.2.3.3", "new"): ("pending", 0, 0),
+                    ("1.2.3.4", "new"): ("pending", 0, 0), ("1.2.3.5", "old"): ("pending", 0, 0),
+                    ("1.2.3.5", "new"): ("pending", 0, 0)}
+    assert not db.query("SELECT 1 FROM deliveries WHERE moved_to IS NOT NULL")
+    assert {w.sop_instance_uid for w in db.claim("new", db.schedule_now() + 1, 10)} == {
+        "1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4", "1.2.3.5"}
+    db.close()

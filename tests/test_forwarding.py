@@ -57,6 +57,7 @@ from .peers import (
     DCMTK_ENV,
     ApplianceProcess,
     StoreResult,
+    free_port,
     parse_storescu,
     read_until_acknowledged,
     require_tool,
@@ -1335,6 +1336,45 @@ def test_a_destination_removed_and_added_again_while_its_association_closes_gets
     wait_until(lambda: set(pacs.stored_uids()) == uids(before) | uids(after), 20,
                lambda: f"not sent after the destination came back: {queue(box)}")
     assert pacs.stored_uids() == Counter(uids(before) | uids(after))
+
+
+def test_what_a_renamed_destination_was_sending_when_it_was_moved_follows_to_its_new_name(
+        appliance_factory, stack, tmp_path) -> None:
+    """A destination renamed in the file (reload) and its queue moved to the new name
+    (``appliance move``) while its worker still sends the batch it had claimed, which the PACS
+    then interrupts (0xA700 once): the rest of that batch goes to the new name, not back to the
+    old one that nothing sends to any more — and nothing is sent twice."""
+    port = free_port()
+    box = appliance_factory({"destinations": {"pacs": destination("PACS", port)}, "routes": [{"send_to": ["pacs"]}]})
+    files = write_series(tmp_path / "ct", "moved-in-flight", 1, 1, Series("CT", 60, 32, 32))
+    send(box, files)  # the PACS is down: they wait
+    wait_until(lambda: attempts(box, "pacs"), 20, "no failed try was recorded")
+    pacs = stack.enter_context(RecordingSCP("PACS", delay=0.15, keep_datasets=False, port=port))
+    refuse_next = threading.Event()
+
+    def respond(uid: str, nth: int) -> int:
+        if refuse_next.is_set():
+            refuse_next.clear()
+            return 0xA700
+        return 0x0000
+
+    pacs.respond = respond
+    wait_until(lambda: len(pacs.stored()) >= 5, 20, lambda: f"forwarding did not start: {queue(box)}")
+    edit_config(box, destinations={"pacs2": destination("PACS", port)}, routes=[{"send_to": ["pacs2"]}])
+    box.reload()
+    wait_until(lambda: "forwarder: configuration reloaded" in box.log(), 10, lambda: box.log()[-2000:])
+    box.cli("move", "pacs", "pacs2")
+    sending = len(pacs.stored())
+    assert sending < len(files), "the batch was sent before the move: nothing in flight to follow"
+    refuse_next.set()
+    wait_until(lambda: set(pacs.stored_uids()) == uids(files), 40,
+               lambda: f"{len(pacs.stored_uids())} of {len(files)} stored: {box.cli('queue').stdout}")
+    assert pacs.stored_uids() == Counter(uids(files)), "sent twice"
+    assert any(r.status == 0xA700 for r in pacs.receptions()), "the PACS never refused: the batch was not interrupted"
+    waiting = {entry["name"]: entry for entry in queue(box)["destinations"]}
+    assert waiting.get("pacs", {}).get("pending", 0) == 0, waiting
+    rows = deliveries(box)
+    assert {row["state"] for row in rows.values()} == {"delivered"}, box.cli("queue").stdout
 
 
 def test_an_instance_the_pacs_aborts_on_does_not_hold_back_the_others(appliance_factory, stack,
