@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,17 @@ class StoreReceiver:
     def take(self, body: memoryview) -> bool:
         """Handle one P-DATA-TF PDU body; False leaves it (all of it) to pynetdicom."""
         if self.incoming is None:
-            return self._begin(body)
+            try:
+                pdvs = iter_pdvs(body)
+                context_id, control, fragment = next(pdvs)
+            except (ValueError, StopIteration):
+                return False  # pynetdicom decodes it again, and answers as it does
+            if not self.begin(context_id, control, fragment, lambda: next(pdvs, None) is None):
+                return False
+            if self.incoming is None:  # a response taken, or an abort begun
+                return True
+            self._fragments(pdvs)
+            return True
         self._fragments(iter_pdvs(body))
         return True
 
@@ -189,25 +199,27 @@ class StoreReceiver:
         incoming.received.discard()
         return True
 
-    def _begin(self, body: memoryview) -> bool:
+    def begin(self, context_id: int, control: int, fragment: memoryview, alone: Callable[[], bool]) -> bool:
+        """The first PDV of a P-DATA-TF while no data set is arriving here. True: taken — a
+        response, or a C-STORE-RQ whose data set fragments now come here (:attr:`incoming`),
+        or an abort begun; False: pynetdicom's, with the whole PDU. ``alone``: whether it is
+        the PDU's only PDV (a response is taken only then)."""
         assoc = self.assoc
         if assoc.dimse.message is not None or not assoc.dimse.msg_queue.empty() or assoc._sent_release:
             return False  # pynetdicom is assembling or holds a message, or is releasing: its turn
         try:
-            pdvs = iter_pdvs(body)
-            context_id, control, fragment = next(pdvs)
             if control != COMMAND | LAST:
                 return False
             elements = decode_command(fragment)
             request = c_store_request(elements)
             response = c_store_response(elements) if request is None else None
-            alone = response is not None and next(pdvs, None) is None
-        except (ValueError, StopIteration, UnicodeDecodeError):
+            alone_ = response is not None and alone()
+        except (ValueError, UnicodeDecodeError):
             return False  # pynetdicom decodes it again, and answers as it does
         context = assoc._accepted_cx.get(context_id)
         if context is None:
             return False
-        if response is not None and alone:
+        if response is not None and alone_:
             response._context_id = context_id
             chain = self.chain
             if chain is None or not chain.take(response):
@@ -224,7 +236,6 @@ class StoreReceiver:
             str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), context.transfer_syntax[0]))
         request._context_id = context_id
         self.incoming = _Incoming(context_id, context, request, received)
-        self._fragments(pdvs)
         return True
 
     def _fragments(self, pdvs: Iterator[tuple[int, int, memoryview]]) -> None:
@@ -237,19 +248,35 @@ class StoreReceiver:
 
     def _write_fragments(self, pdvs: Iterator[tuple[int, int, memoryview]]) -> None:
         for context_id, control, fragment in pdvs:
-            incoming = self.incoming
-            if incoming is None:
+            if self.incoming is None:
                 # pynetdicom, too, drops what follows a finished message in the same PDU
                 log.warning("ignored a PDV that follows the end of a C-STORE request in the same PDU")
                 return
-            if context_id != incoming.context_id or control & COMMAND:
-                raise ProtocolError(
-                    f"expected a data set fragment on context {incoming.context_id}, got a "
-                    f"{'command' if control & COMMAND else 'data set'} fragment on context {context_id}")
-            incoming.received.write(fragment)
+            self.check_fragment(context_id, control)
+            self.write(fragment)
             if control & LAST:
-                self.incoming = None
-                self._serve(incoming)
+                self.finish()
+
+    def check_fragment(self, context_id: int, control: int) -> None:
+        """Raise :class:`ProtocolError` unless a PDV is the next fragment of the data set
+        arriving (:attr:`incoming` is set)."""
+        incoming = self.incoming
+        assert incoming is not None
+        if context_id != incoming.context_id or control & COMMAND:
+            raise ProtocolError(
+                f"expected a data set fragment on context {incoming.context_id}, got a "
+                f"{'command' if control & COMMAND else 'data set'} fragment on context {context_id}")
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Data set bytes of the request arriving: a fragment, or a piece of one."""
+        assert self.incoming is not None
+        self.incoming.received.write(data)
+
+    def finish(self) -> None:
+        """The last fragment is in: serve the request."""
+        incoming, self.incoming = self.incoming, None
+        assert incoming is not None
+        self._serve(incoming)
 
     def _serve(self, incoming: _Incoming) -> None:
         """What pynetdicom's association thread does with a finished C-STORE-RQ: run the

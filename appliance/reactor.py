@@ -89,7 +89,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
-from .hotpath import FileMessage
+from .hotpath import COMMAND, LAST, FileMessage
+from .pdata import ProtocolError
 
 log = logging.getLogger(__name__)
 # the loops log under pynetdicom's names, as the originals did
@@ -310,23 +311,21 @@ def _dul_run_reactor(self: Any) -> None:
                 elif _transport_event(self):
                     self._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: any failure aborts the association
-                _dul_log.error("Exception in DUL.run(), aborting association")
-                _dul_log.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                _abort_on_failure(self, exc)
                 return
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:  # noqa: BLE001 - pynetdicom let this end the thread, with no A-ABORT
+                # A request pynetdicom cannot take (a command split over PDVs on a context never
+                # accepted, a split C-STORE without its UIDs) raised here, in the state machine,
+                # and the thread died: the peer got no A-ABORT and waited for a response.
+                _abort_on_failure(self, exc)
+                return
             if acceptor and not requested:
                 state = self.state_machine.current_state
                 if state == "Sta1":
@@ -346,6 +345,27 @@ def _dul_run_reactor(self: Any) -> None:
         self._appliance_ended = True
         assoc_wakeup.set()
         wakeup.close()
+
+
+def _abort_on_failure(dul: Any, exc: Exception) -> None:
+    """What pynetdicom's loop does when handling a PDU or primitive fails: log it, send an
+    A-ABORT (service provider) and end the association and the thread."""
+    _dul_log.error("Exception in DUL.run(), aborting association")
+    _dul_log.exception(exc)
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    try:
+        dul.socket.send(abort_pdu.encode())
+    except Exception:  # noqa: BLE001 - a connection already gone: the association ends all the same
+        pass
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+    dul.assoc._kill = True
+    dul._kill_thread = True
+    # pynetdicom reported no end of the association on this path: the handlers that remove a
+    # partly received file and close the association's record never ran.
+    evt.trigger(dul.assoc, evt.EVT_ABORTED, {})
 
 
 def _process_primitive(dul: Any) -> bool:
@@ -402,11 +422,33 @@ def _read_pdu(dul: Any) -> None:
         _not_dicom(dul, bytes(header))
         dul.event_queue.put("Evt19")
         return
+    body: bytes | bytearray
     try:
-        body = dul.socket.recv(pdu_length)
+        if pdu_type == 0x04 and dul.state_machine.current_state == "Sta6":
+            local = dul.assoc.acceptor if dul.assoc.is_acceptor else dul.assoc.requestor
+            limit = local.maximum_length or 0  # 0: this side announced no limit
+            if receiver is not None and pdu_length > _STREAM_ABOVE:
+                streamed = _stream_pdata(dul, receiver, pdu_length, limit)
+                if streamed is None:
+                    if not dul.assoc.dimse.msg_queue.empty():
+                        _assoc_wakeup(dul.assoc).set()  # as below
+                    return
+                body = streamed
+            else:
+                body = _recv_body(dul, pdu_length)
+        else:
+            body = _recv_body(dul, pdu_length)
     except (OSError, TimeoutError) as exc:
         _dul_log.info("Connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")
+        return
+    except ProtocolError as exc:
+        peer = dul.assoc.requestor if dul.assoc.is_acceptor else dul.assoc.acceptor
+        log.error("aborting the association with %s: %s", peer.address, exc)
+        if receiver is not None:
+            receiver.discard()
+        dul._appliance_not_dicom = f"a P-DATA-TF that was refused: {exc}"  # the rest is not read
+        dul.event_queue.put("Evt19")
         return
     if len(body) != pdu_length:
         _dul_log.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
@@ -432,6 +474,126 @@ def _read_pdu(dul: Any) -> None:
         dul.event_queue.put("Evt19")
         return
     dul._recv_pdu.put(pdu)
+
+
+# A P-DATA-TF longer than this, to a direct C-STORE receiver, is read a PDV and a piece at a
+# time (:func:`_stream_pdata`). Shorter ones are read whole: storescu's are 16 or 128 KiB, and
+# one read into one buffer is the cheapest way in.
+_STREAM_ABOVE = 1 << 20
+_STREAM_PIECE = 1 << 20
+# A command set is a few hundred bytes; a first PDV longer than this is not read as one.
+_COMMAND_LIMIT = 1 << 16
+_PDV_HEADER = struct.Struct(">IBB")
+# A PDU length comes from the peer: never allocate more than this up front on its word alone.
+_PREALLOCATE_LIMIT = 16 * 2**20
+
+
+def _fill(dul: Any, view: memoryview) -> int:
+    """Fill ``view`` from the association's socket; how many bytes came (fewer only when the
+    peer closed). Each piece that arrives restarts the network timeout, which limits a pause,
+    not a PDU: a sender on a slow link takes minutes over one 4 MiB PDU, its data flowing all
+    the while. A read that waits the whole timeout for nothing fails (the socket's timeout)."""
+    raw, timer = dul.socket.socket, dul._idle_timer
+    received, size = 0, len(view)
+    while received < size:
+        count = raw.recv_into(view[received:], size - received)
+        if not count:
+            break
+        received += count
+        timer.restart()
+    return received
+
+
+def _recv_body(dul: Any, size: int) -> bytearray:
+    """The next ``size`` bytes (fewer only when the peer closed), in one buffer."""
+    if size <= _PREALLOCATE_LIMIT:
+        buffer = bytearray(size)
+        received = _fill(dul, memoryview(buffer))
+        return buffer if received == size else buffer[:received]
+    buffer = bytearray()  # grown only as the data really arrives
+    while len(buffer) < size:
+        piece = bytearray(min(_PREALLOCATE_LIMIT, size - len(buffer)))
+        received = _fill(dul, memoryview(piece))
+        buffer += piece[:received]
+        if received < len(piece):
+            break
+    return buffer
+
+
+class _Cut(OSError):
+    """The connection ended inside a PDU."""
+
+
+def _recv_exact(dul: Any, size: int) -> bytearray:
+    body = _recv_body(dul, size)
+    if len(body) != size:
+        raise _Cut(f"connection closed {size - len(body)} bytes short of the end of a PDV")
+    return body
+
+
+def _too_long(pdu_length: int, limit: int) -> str:
+    # PS3.8 9.3.5, D.1: a peer may not send more than the other side announced. A PDU of over
+    # _STREAM_ABOVE that does, and is no C-STORE's data set (written into its file as it
+    # arrives, whatever its PDUs' length), would be held whole in memory: refused, as DCMTK
+    # refuses it. One under _STREAM_ABOVE costs no more than a megabyte, and is taken.
+    return f"a P-DATA-TF PDU of {pdu_length} bytes, above the {limit} this side announced as its maximum"
+
+
+def _stream_pdata(dul: Any, receiver: Any, pdu_length: int, limit: int) -> bytearray | None:
+    """Read a P-DATA-TF of more than :data:`_STREAM_ABOVE` bytes a PDV, and a megabyte, at a
+    time: the data set fragments of a C-STORE-RQ go into its file as they arrive, so that an
+    instance sent in one PDU — to a box whose ``node.max_pdu`` is 0 (no limit), or by a peer
+    that ignores the limit — never sits in memory. Returns the PDU's body when it is no
+    C-STORE's (read whole, and handled as any other PDU); None when it was handled here.
+    Raises ``pdata.ProtocolError`` for a PDV that does not fit, ``OSError`` when the
+    connection ends inside it."""
+    remaining = pdu_length
+    piece = bytearray(_STREAM_PIECE)
+    first = receiver.incoming is None
+    while remaining:
+        if remaining < 6:
+            raise ProtocolError(f"PDV item header cut off ({remaining} bytes left)")
+        item = _recv_exact(dul, 6)
+        remaining -= 6
+        length, context_id, control = _PDV_HEADER.unpack(item)
+        if length < 2 or length - 2 > remaining:
+            raise ProtocolError(f"PDV item length {length} does not fit the PDU")
+        size = length - 2
+        if first:
+            first = False
+            if not control & COMMAND or size > _COMMAND_LIMIT:
+                if limit and pdu_length > limit:
+                    raise ProtocolError(_too_long(pdu_length, limit))
+                return item + _recv_body(dul, remaining)  # pynetdicom's
+            fragment = _recv_exact(dul, size)
+            remaining -= size
+            alone = (lambda: True) if remaining == 0 else (lambda: False)
+            if not receiver.begin(context_id, control, memoryview(fragment), alone):
+                if limit and pdu_length > limit:
+                    raise ProtocolError(_too_long(pdu_length, limit))
+                return item + fragment + _recv_body(dul, remaining)
+            if receiver.incoming is None:  # an abort begun: the rest is not read
+                if remaining:
+                    dul._appliance_not_dicom = "a P-DATA-TF that was aborted"
+                return None
+            continue
+        taking = receiver.incoming is not None
+        if taking:
+            receiver.check_fragment(context_id, control)
+        else:  # pynetdicom, too, drops what follows a finished message in the same PDU
+            log.warning("ignored a PDV that follows the end of a C-STORE request in the same PDU")
+        while size:
+            view = memoryview(piece)[:min(size, _STREAM_PIECE)]
+            if _fill(dul, view) != len(view):
+                raise _Cut("connection closed inside a data set fragment")
+            size -= len(view)
+            remaining -= len(view)
+            if taking:
+                receiver.write(view)
+            del view
+        if taking and control & LAST:
+            receiver.finish()
+    return None
 
 
 def _readable_rejection(dul: Any, body: bytes | bytearray) -> bytes | bytearray:

@@ -22,7 +22,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import _config, acse, evt
+from pynetdicom import AE, _config, acse, evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -34,8 +34,9 @@ from appliance.hotpath import encode_c_store_rq
 from appliance.receiver import Receiver
 from appliance.store import Store
 
+from .bench.data import MULTIFRAME_WORD_SC, write_large_instance
 from .corpus import Series, make_instance
-from .peers import free_port
+from .peers import ApplianceProcess, free_port
 
 CT_SLICE = Series("CT", 1, 64, 64)
 
@@ -131,8 +132,10 @@ class _Box:
 
 
 @pytest.fixture
-def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Box]:
-    """A Storage SCP in this process, so the test can see which path served each request."""
+def box(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Box]:
+    """A Storage SCP in this process, so the test can see which path served each request.
+    Parametrized indirectly: more ``node`` settings, as YAML flow text (``", max_pdu: 0"``)."""
+    more_node = getattr(request, "param", "")
     # Receiver.start sets these process-wide: put them back for the other tests of the session.
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", _config.UNRESTRICTED_STORAGE_SERVICE)
@@ -143,7 +146,7 @@ def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Box]:
     level = pynetdicom_log.level
     pynetdicom_log.setLevel(logging.WARNING)
     cfg = configuration.loads(
-        f"node: {{ae_title: EDGE, bind_address: 127.0.0.1, port: {free_port()}}}\n"
+        f"node: {{ae_title: EDGE, bind_address: 127.0.0.1, port: {free_port()}{more_node}}}\n"
         f"storage: {{path: {tmp_path / 'data'}, disk: {{min_free: 0%}}}}\n"
     )
     store = Store(tmp_path / "data")
@@ -292,6 +295,98 @@ def test_a_store_request_without_its_message_id_aborts_and_leaves_nothing(box: _
     assert set(box.rows()) == {unprioritised.SOPInstanceUID} and box.incoming() == []
 
 
+def _wait_aborted(assoc, seconds: float = 10) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(assoc.is_aborted)
+
+
+def test_a_request_pynetdicom_fails_on_is_aborted_and_its_association_closed(box: _Box) -> None:
+    """A command split over two PDVs (pynetdicom's path) on a presentation context that was
+    never accepted: pynetdicom's state machine raises on it. The DUL thread died of that, with
+    no A-ABORT to the peer (which waited for a response) and the association's end never
+    reported. It is aborted (PS3.8 AA-8), and its end is reported."""
+    assoc = _associate(box.port)
+    ds = make_instance("pdata", 1, 1, 7, CT_SLICE)
+    command = _command(ds, 1)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    assoc.dul.socket.send(_pdu(_pdv(77, 0x01, command[:40]), _pdv(77, 0x03, command[40:])))
+    assoc._reactor_checkpoint.set()
+    assert _wait_aborted(assoc), "no A-ABORT for a request on a context never accepted"
+    deadline = time.monotonic() + 10
+    while box.receiver._stats and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert box.receiver._stats == {}  # the association's end was reported
+    assert box.rows() == {} and box.incoming() == []
+    second = _associate(box.port)  # and the SCP takes the next one
+    try:
+        assert second.send_c_store(ds).Status == 0x0000
+    finally:
+        second.release()
+
+
+@pytest.mark.parametrize("box", [", timeouts: {network: 1s}"], indirect=True)
+def test_a_pdu_arriving_slowly_is_received_whole(box: _Box) -> None:
+    """node.timeouts.network limits a pause, not a PDU: a sender on a slow link (a VPN) that
+    fills the SCP's 4 MiB PDUs takes longer than the timeout over one, its data flowing all
+    the while. It was aborted when the timeout ran out in the middle of the PDU, and every
+    resend failed the same way. Here a 2 MB data set in one PDU takes about 2.5 s, with
+    data every 50 ms, against a 1 s timeout; a sender that stops is still cut off."""
+    assoc = _associate(box.port)
+    try:
+        cx = _context_id(assoc, CTImageStorage)
+        ds = make_instance("pdata", 1, 1, 8, Series("CT", 1, 1024, 1024))
+        data = _encoded(ds)
+        pdu = _pdu(_pdv(cx, 0x03, _command(ds, 1))) + _pdu(_pdv(cx, 0x02, data))
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        try:
+            raw = assoc.dul.socket.socket
+            step = len(pdu) // 50 + 1
+            for offset in range(0, len(pdu), step):
+                raw.sendall(pdu[offset:offset + step])
+                time.sleep(0.05)
+            rsp = assoc.dimse.get_msg(block=True)[1]
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert rsp is not None and rsp.Status == 0x0000, "aborted while its data was still arriving"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    _assert_cached(box, ds, data)
+
+
+@pytest.mark.parametrize("box", [", max_pdu: 16384"], indirect=True)
+def test_a_large_pdu_above_the_announced_maximum_is_refused_unless_streamed(box: _Box) -> None:
+    """A P-DATA-TF of over a megabyte, longer than the maximum this side announced (PS3.8
+    D.1), is refused with an A-ABORT, as DCMTK refuses it, when it would be held whole in
+    memory (pynetdicom's path: here a command split over two PDVs). A C-STORE's data set,
+    written to its file as it arrives, is taken whatever its PDUs' length."""
+    assoc = _associate(box.port)
+    try:
+        cx = _context_id(assoc, CTImageStorage)
+        direct = make_instance("pdata", 1, 1, 9, Series("CT", 1, 1024, 768))
+        data = _encoded(direct)
+        assert len(data) > 2**20
+        rsp = _exchange(assoc, [_pdu(_pdv(cx, 0x03, _command(direct, 1)), _pdv(cx, 0x02, data))])
+        assert rsp is not None and rsp.Status == 0x0000
+        split = make_instance("pdata", 1, 1, 10, Series("CT", 1, 1024, 768))
+        command = _command(split, 2)
+        rsp = _exchange(assoc, [_pdu(_pdv(cx, 0x01, command[:40]), _pdv(cx, 0x03, command[40:]),
+                                     _pdv(cx, 0x02, _encoded(split)))])
+        assert rsp is None
+        assert _wait_aborted(assoc)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    _assert_cached(box, direct, data)
+    assert set(box.rows()) == {direct.SOPInstanceUID}
+
+
 def test_associations_that_report_their_pdus_keep_pynetdicoms_path(box: _Box) -> None:
     """Handlers that want every received PDU keep the association on pynetdicom's path."""
     seen: list[int] = []
@@ -359,3 +454,40 @@ def test_responses_to_our_scu_are_taken_directly(box: _Box, monkeypatch: pytest.
         assoc.release()
     assert taken == [0x0000, 0x0000, 0x0000]
     assert {first.SOPInstanceUID, second.SOPInstanceUID} <= box.rows().keys()
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_instance_sent_in_one_pdu_does_not_sit_in_memory(tmp_path: Path) -> None:
+    """With node.max_pdu: 0 (no limit) the SCP tells its peers they may send PDUs of any
+    length, and pynetdicom's SCU then sends a whole data set as one PDU. The receiver read
+    each PDU whole before writing it to the file: a 168 MB instance took 2.1 times its size
+    in memory (an out-of-memory kill on a Pi for a large one). It is written as it arrives."""
+    big = write_large_instance(tmp_path / "big.dcm", frames=20)  # 20 × 2048² × 2 bytes
+    size = big.stat().st_size
+    box = ApplianceProcess(tmp_path / "box", {"node": {"max_pdu": 0}}).start()
+    try:
+        assert box.process is not None
+        before = _vm_hwm_kib(box.process.pid)
+        ae = AE(ae_title="BIGSCU")
+        ae.add_requested_context(MULTIFRAME_WORD_SC, ExplicitVRLittleEndian)
+        ae.dimse_timeout = ae.network_timeout = 120
+        assoc = ae.associate("127.0.0.1", box.port, ae_title=box.ae_title)
+        assert assoc.is_established and assoc.acceptor.maximum_length == 0
+        try:
+            assert assoc.send_c_store(big).Status == 0x0000
+        finally:
+            assoc.release()
+        grown = (_vm_hwm_kib(box.process.pid) - before) * 1024
+    finally:
+        box.stop()
+    assert grown < size / 4, f"its peak memory grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB instance"
+    db = Database(box.data / "appliance.db")
+    cached = db.query("SELECT size FROM instances")
+    db.close()
+    assert len(cached) == 1 and abs(cached[0]["size"] - size) < 256  # its file meta is the receiver's
