@@ -136,7 +136,9 @@ def _make_service(name: str, config: Config) -> Service:
 
     # storage.disk.min_free is the print spool's floor too: a film must not take the room kept
     # for receiving images and for the database.
-    return PrintService(config.print, config.storage.root, db=db, min_free=config.storage.disk.min_free)
+    # node.timeouts are the print associations' too: a silent peer gives its slot back after them.
+    return PrintService(config.print, config.storage.root, db=db, min_free=config.storage.disk.min_free,
+                        timeouts=config.node.timeouts)
 
 
 def service_main(name: str, config_path: str, base_dir: str, startup_text: str, text: str, updates: Any,

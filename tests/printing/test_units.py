@@ -4,6 +4,8 @@ and the ``print:`` section of the YAML configuration."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -197,3 +199,12 @@ def test_postscript_lines_stay_under_the_dsc_limit() -> None:
     writer.end()
     lines = out.getvalue().decode("ascii").splitlines()
     assert max(len(line) for line in lines) <= 255, max(lines, key=len)
+
+
+def test_the_print_service_takes_the_nodes_timeouts(tmp_path: Path) -> None:
+    """node.timeouts are the Print SCP's too (a silent peer gives its slot back after them)."""
+    from appliance.app import _make_service
+
+    text = f"node: {{timeouts: {{network: 7s, acse: 5s}}}}\nstorage: {{path: {tmp_path}}}\n" + GOOD
+    service = _make_service("print", loads(text, "appliance.yaml"))
+    assert (service.timeouts.network, service.timeouts.acse) == (7.0, 5.0)  # type: ignore[attr-defined]
