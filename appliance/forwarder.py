@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, evt
@@ -57,6 +58,7 @@ from .pdata import StoreReceiver
 from .store import Store
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 BATCH = 200  # deliveries claimed at once (one study); the association outlives the batch
 IDLE_RELEASE = 5.0  # seconds an association stays open without work
@@ -75,6 +77,10 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Failures to make an instance's edited copy that pass with time: the instance is retried, not
 # made a dead letter (which would wait for an admin's `appliance retry`).
 _OUT_OF_RESOURCES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class _Stopping(Exception):
+    """The forwarder is stopping while a worker waits for room to record its work."""
 
 
 class AssociationFailed(Exception):
@@ -393,13 +399,47 @@ class Forwarder:
         configured again, it goes on; otherwise it leaves its slot, and the next reload that
         configures it starts a worker there."""
         while True:
-            self._serve(name, index)
+            try:
+                self._serve(name, index)
+            except _Stopping:  # waiting for room to record its work (_persist): the start-up requeues it
+                return
             with self._lock:
                 if self._stop.is_set() or not self._configured(name, index):
                     if self._threads.get((name, index)) is threading.current_thread():
                         del self._threads[(name, index)]
                     return
             log.info("destination %s worker %d goes on: configured again", name, index)
+
+    def _persist(self, write: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        """A worker's write to the database (a claim, an outcome, a batch put back). On a full
+        disk (SQLITE_FULL) the write is rolled back and has given up the database's reserve
+        (Database.transaction), and the scheduler evicts what it may: the worker waits and
+        writes again, keeping what it holds (its claimed batch, an outcome it knows, its
+        association), as the scheduler does — rather than failing, which ended the whole
+        forwarder and started it over on the same full disk: every destination's associations
+        aborted, and the instance being prepared charged as "stopped while sending it" though
+        never sent. Told to stop meanwhile, it leaves its batch in flight, for the start-up to
+        put back (:meth:`Database.requeue_in_flight`)."""
+        waits = 0
+        while True:
+            try:
+                result = write(*args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                if self._stop.is_set():
+                    raise _Stopping from exc
+                delay = min(CACHE_CHECK, 2.0 ** waits)
+                (log.debug if waits else log.error)("%s: the disk is full (%s): waiting for room to record its work,"
+                                                    " trying again in %.0f s", threading.current_thread().name,
+                                                    exc, delay)
+                waits += 1
+                self._sleep(delay)
+                continue
+            if waits:
+                log.warning("%s: room again on the disk: its work is recorded, it goes on",
+                            threading.current_thread().name)
+            return result
 
     def _configured(self, name: str, index: int) -> bool:
         destination = self.config.destinations.get(name)
@@ -433,7 +473,7 @@ class Forwarder:
                 # that refuses us for good makes one dead letter, not a batch of them. Once it
                 # takes that one, the rest follow on the same association.
                 limit = 1 if self._failures.get(name) else BATCH
-                batch = self.db.claim(name, now, limit, prefer) if due is not None and due <= now else []
+                batch = self._persist(self.db.claim, name, now, limit, prefer) if due is not None and due <= now else []
                 if not batch:
                     if link is not None and time.monotonic() - link.last_used > IDLE_RELEASE:
                         link = self._close(link)
@@ -477,11 +517,18 @@ class Forwarder:
         interrupted = False
         while position < len(batch):
             if self._stop.is_set():
-                self.db.unclaim(batch[position:])
+                self._persist(self.db.unclaim, batch[position:])
+                interrupted = True
+                break
+            if position and not link.assoc.is_established:
+                # Gone between two instances (the peer ended it while a record waited for room
+                # on a full disk): what was not sent goes back, and nothing is charged for it.
+                self._persist(self.db.unclaim, batch[position:])
+                link = self._close(link)
                 interrupted = True
                 break
             if position:  # the claim marked the first; a chain marks its next ones as they go
-                self.db.sending(batch[position])
+                self._persist(self.db.sending, batch[position])
             run = self._chainable(name, link, batch, position)
             if len(run) > 1:
                 delivered, chained = self._send_chain(name, destination, link, run)
@@ -502,7 +549,7 @@ class Forwarder:
                 # The peer is refusing or the link is gone: the rest waits for the backoff.
                 rest = batch[position + 1:]
                 if rest:
-                    self.db.unclaim(rest)
+                    self._persist(self.db.unclaim, rest)
                 link = self._close(link)
                 if outcome in ("retry", "unknown"):
                     self._failures[name] = self._failures.get(name, 0) + 1
@@ -516,7 +563,8 @@ class Forwarder:
                     # Database.claim): were it due and first when the block ends, it would lead
                     # the next association again, and one instance that the PACS aborts on would
                     # hold back everything behind it for days.
-                    self.db.postpone(batch[position], blocked_until + destination.retry.initial_delay, name)
+                    self._persist(self.db.postpone, batch[position], blocked_until + destination.retry.initial_delay,
+                                  name)
                     self._give_up_waiting(name, destination, batch[position].sop_instance_uid + ": "
                                           + ("no response" if outcome == "unknown" else "refused for now"))
                 interrupted = True
@@ -555,7 +603,7 @@ class Forwarder:
         if exc.kind == AssociationFailed.BUSY and self._others_linked(name):
             # Another of our associations to it is open: it takes fewer at once than
             # max_associations. That one goes on; this worker waits, and nothing is charged.
-            self.db.unclaim(batch)
+            self._persist(self.db.unclaim, batch)
             self._worker.busy_tries += 1
             delay = backoff(destination.retry, self._worker.busy_tries)
             self._worker.busy_until = time.monotonic() + delay
@@ -570,12 +618,12 @@ class Forwarder:
         blocked_until = self._blocked_until[name] = self.db.schedule_now() + delay
         first, rest = batch[0], batch[1:]
         if rest:
-            self.db.unclaim(rest)
+            self._persist(self.db.unclaim, rest)
         if exc.kind == AssociationFailed.PERMANENT:
             log.error("%s refused for good (%s): %s to the dead letters; the next instance is tried in %.0f s,"
                       " and `appliance retry %s` puts the dead letters back once the refusal is fixed",
                       name, error, first.sop_instance_uid, delay, name)
-            self.db.finish(first, "dead", None, error, offered=False)
+            self._persist(self.db.finish, first, "dead", None, error, offered=False)
             return
         log.warning("%s unreachable (%s): retrying in %.0f s (%d instance(s) waiting in this study)",
                     name, error, delay, len(batch))
@@ -591,9 +639,9 @@ class Forwarder:
         """The destination failed again: what has waited for it longer than its retry policy's
         give_up_after becomes a dead letter now, all of it, not only what this try carried."""
         policy = destination.retry
-        given_up = self.db.give_up_waiting(name, self.db.schedule_now() - policy.give_up_after,
-                                           f"gave up after waiting {_duration(policy.give_up_after)}"
-                                           f" (retry.give_up_after): {error}")
+        given_up = self._persist(self.db.give_up_waiting, name, self.db.schedule_now() - policy.give_up_after,
+                                 f"gave up after waiting {_duration(policy.give_up_after)}"
+                                 f" (retry.give_up_after): {error}")
         if given_up:
             log.error("%s: %d instance(s) waited longer than retry.give_up_after (%s) and are now dead letters"
                       " (`appliance retry %s` puts them back): %s", name, given_up,
@@ -613,7 +661,7 @@ class Forwarder:
     def _dead(self, name: str, work: Work, status: int | None, error: str, maybe_sent: bool = False,
               offered: bool = True) -> str:
         self._dead_letter_lines.say(name, work.sop_instance_uid, error)
-        self.db.finish(work, "dead", status, error, maybe_sent=maybe_sent, offered=offered)
+        self._persist(self.db.finish, work, "dead", status, error, maybe_sent=maybe_sent, offered=offered)
         return "dead"
 
     def _retry_or_give_up(self, name: str, destination: Destination, work: Work, outcome: str, status: int | None,
@@ -638,7 +686,7 @@ class Forwarder:
                               offered=offered)
         if next_attempt_at is None:
             next_attempt_at = self.db.schedule_now() + backoff(policy, attempts)
-        self.db.finish(work, outcome, status, error, next_attempt_at, offered=offered)
+        self._persist(self.db.finish, work, outcome, status, error, next_attempt_at, offered=offered)
         return outcome
 
     # ---- one association, one instance -----------------------------------------------------
@@ -656,7 +704,7 @@ class Forwarder:
         for index, work in enumerate(batch):
             more = wanted | self._contexts_for([work])
             if len(more) > MAX_CONTEXTS and wanted:
-                self.db.unclaim(batch[index:])
+                self._persist(self.db.unclaim, batch[index:])
                 return batch[:index], wanted
             wanted = more
         return batch, wanted
@@ -800,11 +848,12 @@ class Forwarder:
             # Sent again because an earlier attempt got no answer (or the appliance stopped
             # while sending it): the PACS that refuses duplicates has it from that attempt.
             # Sent for the first time, 0x0111 stays a dead letter: the PACS holds another version.
-            self.db.finish(work, "delivered", status, f"{error} (a duplicate: an earlier attempt that had no"
-                                                      " answer delivered it)", transcoded=transcoded)
+            self._persist(self.db.finish, work, "delivered", status,
+                          f"{error} (a duplicate: an earlier attempt that had no answer delivered it)",
+                          transcoded=transcoded)
             return "delivered"
         if outcome == "delivered":
-            self.db.finish(work, "delivered", status, None, transcoded=transcoded)
+            self._persist(self.db.finish, work, "delivered", status, None, transcoded=transcoded)
             return "delivered"
         if outcome == "dead":
             return self._dead(name, work, status, error)
@@ -838,10 +887,20 @@ class Forwarder:
         def goes_on(response: C_STORE) -> bool:  # DUL thread; if not, the worker records it its usual way
             return statuses.store_outcome(int(response.Status)) == "delivered"  # type: ignore[arg-type]
 
+        unrecorded: dict[int, int] = {}  # index: status, of a response the database had no room for
+
         def record(index: int, response: C_STORE) -> None:  # DUL thread; the next request is going out
             following = works[index + 1] if index + 1 < len(works) else None
-            self.db.finish(works[index], "delivered", int(response.Status), None,  # type: ignore[arg-type]
-                           following=following)
+            try:
+                self.db.finish(works[index], "delivered", int(response.Status), None,  # type: ignore[arg-type]
+                               following=following)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    # The chain ends, the next request (half sent) abandoned with the
+                    # association; but the PACS has this one: the worker records it once there
+                    # is room (_persist), not as an instance that had no response.
+                    unrecorded[index] = int(response.Status)  # type: ignore[arg-type]
+                raise
 
         chain = hotpath.StoreChain(link.assoc, [item for _, item in run], link.next_message_id(), goes_on, record,
                                    self._stop.is_set)
@@ -853,6 +912,10 @@ class Forwarder:
             failed = None
         finally:
             link.message_id = chain.message_id  # the last one the chain used
+        if unrecorded:  # the chain ended there, with the association, whatever the sender saw then
+            (index, status), = unrecorded.items()
+            self._persist(self.db.finish, works[index], "delivered", status, None)
+            return index + 1, None
         if failed is not None:
             log.debug("C-STORE of %s on its own: %s", works[0].sop_instance_uid, failed)
             return 0, self._send_one(name, destination, link, works[0])  # which says why, if it fails

@@ -497,6 +497,55 @@ def test_a_full_disk_while_making_an_edited_copy_is_retried_not_a_dead_letter(ap
     assert reception.dataset is not None and reception.dataset.InstitutionName == "Routed By Edge"
 
 
+def test_a_disk_full_while_recording_deliveries_holds_the_forwarding_up_without_a_restart(
+        appliance_factory, stack, small_disk, tmp_path) -> None:
+    """Something else fills the data disk, and keeps filling what frees up, while a study goes
+    out: the database cannot record the deliveries (SQLITE_FULL). The forwarding waits for room
+    and goes on where it was — no restart of the forwarder (which aborted every destination's
+    associations), no "stopped while sending" attempt for an image never sent, nothing sent
+    twice."""
+    pacs = stack.enter_context(RecordingSCP("PACS", delay=0.3, keep_datasets=False))
+    box = appliance_factory({
+        "storage": {"path": str(small_disk / "data")},
+        "destinations": {"pacs": destination(pacs.ae_title, pacs.port)},
+        "routes": [{"send_to": ["pacs"]}],
+    })
+    files = write_series(tmp_path / "ct", "disk-full", 1, 1, Series("CT", 30, 64, 64))
+    send(box, files)
+    wait_until(lambda: len(pacs.stored()) >= 3, 20, lambda: f"forwarding did not start: {queue(box)}")
+
+    stop_filling = threading.Event()
+
+    def fill() -> None:  # the disk stays full: whatever the box frees (its reserve, evictions) is taken
+        count = 0
+        while not stop_filling.is_set():
+            for size in (1 << 20, 1 << 12):
+                while not stop_filling.is_set():
+                    count += 1
+                    try:
+                        (small_disk / f"filler-{count}").write_bytes(b"\0" * size)
+                    except OSError:
+                        break
+            stop_filling.wait(0.02)
+
+    filler = threading.Thread(target=fill, daemon=True)
+    filler.start()
+    try:
+        wait_until(lambda: "database or disk is full" in box.log(), 20, lambda: box.log()[-2000:])
+        time.sleep(5)
+    finally:
+        stop_filling.set()
+        filler.join(10)
+        for path in small_disk.glob("filler-*"):
+            path.unlink()
+    wait_until(lambda: set(pacs.stored_uids()) == uids(files) and queue_of(box, "pacs")["delivered"] == len(files),
+               60, lambda: f"queue: {queue_of(box, 'pacs')}; log: {box.log()[-2000:]}")
+    log = box.log()
+    assert not re.search(r"forwarder \(pid \d+\) died", log) and "exiting, to be started again" not in log, log[-3000:]
+    assert not [row for rows in attempts(box, "pacs").values() for row in rows if row["outcome"] == "unknown"]
+    assert pacs.stored_uids() == Counter(uids(files)), "sent twice"
+
+
 # ---- 5. statuses: delivered, retried, dead letters; `appliance retry` --------------------------------------
 
 def test_a_study_refused_instance_by_instance_is_one_journal_line_and_a_count(appliance_factory, stack,
