@@ -60,6 +60,10 @@ from .store import Store
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+# The scheduler's key among the threads: no destination's worker has a negative index (a
+# destination may well be named "scheduler").
+_SCHEDULER = ("scheduler", -1)
+
 BATCH = 200  # deliveries claimed at once (one study); the association outlives the batch
 IDLE_RELEASE = 5.0  # seconds an association stays open without work
 # Seconds between looks at the queue. Intake runs in another process and writes only to the
@@ -226,7 +230,7 @@ class Forwarder:
         if requeued:
             log.warning("%d deliveries were in flight when the appliance stopped; sending them again", requeued)
         self._listener.start()
-        self._spawn("scheduler", 0, self._schedule)
+        self._spawn(_SCHEDULER, "forward-scheduler", self._schedule)
         self.apply(self.config)
 
     def apply(self, config: Config) -> None:
@@ -250,7 +254,7 @@ class Forwarder:
                 for index in range(destination.max_associations):
                     worker = self._threads.get((name, index))
                     if worker is None or not worker.is_alive():  # new, or removed earlier and now back
-                        self._spawn(name, index, self._work, name, index)
+                        self._spawn((name, index), f"forward-{name}-{index}", self._work, name, index)
         # A destination removed or renamed in the file leaves its queue behind, kept for it: say
         # so where the admin looks after a reload, not only in `appliance queue`.
         for name, waiting in self.db.waiting_for_others(config.destinations).items():
@@ -273,10 +277,9 @@ class Forwarder:
         with self._wake:
             self._wake.notify_all()
 
-    def _spawn(self, name: str, index: int, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=self._guard, args=(target, *args), name=f"forward-{name}-{index}",
-                                  daemon=True)
-        self._threads[(name, index)] = thread
+    def _spawn(self, key: tuple[str, int], thread_name: str, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=self._guard, args=(target, *args), name=thread_name, daemon=True)
+        self._threads[key] = thread
         thread.start()
 
     def _guard(self, target: Callable[..., None], *args: object) -> None:

@@ -1072,6 +1072,20 @@ def test_parallel_associations_up_to_the_destinations_limit(appliance_factory, t
     assert scp.max_concurrent == 2
 
 
+def test_a_destination_named_scheduler_is_sent_to(appliance_factory, tmp_path) -> None:
+    """The forwarder's scheduler thread was kept under the key of a destination named
+    "scheduler"'s first worker, which was then never started: its images waited for ever."""
+    scp = RecordingSCP("SCHED", keep_datasets=False)
+    box = appliance_factory({
+        "destinations": {"scheduler": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["scheduler"]}],
+    })
+    files = write_series(tmp_path / "s", "scheduler", 1, 1, Series("CT", 3, 64, 64))
+    with scp:
+        send(box, files)
+        wait_until(lambda: len(scp.stored()) >= len(files), 30, lambda: f"queue: {queue_of(box, 'scheduler')}")
+
+
 # ---- 8. one bad destination does not hold up the others ----------------------------------------------
 
 def test_down_or_hung_destination_does_not_block_intake_or_other_destinations(appliance_factory, stack,
