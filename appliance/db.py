@@ -356,7 +356,35 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._schedule: tuple[str, float] | None = None  # (boot id, base) of the schedule clock
+        try:
+            self._open()
+        except (sqlite3.OperationalError, OSError) as exc:
+            # Opening makes files: the WAL and its index (a clean stop removes them), the
+            # writers' lock, a migration's pages. On a disk that another writer filled to the
+            # last byte SQLite cannot (it says "disk I/O error", not "full"), and the box
+            # could neither start nor tell what it holds, its images stranded: the reserve is
+            # there for the database on a full disk (store.py).
+            if not _disk_full(path.parent):
+                raise
+            freed = release_reserve(path.parent)
+            if not freed:
+                raise
+            log.warning("the disk is full (%s): removed the %d MiB reserve so that the database can be opened",
+                        exc, freed >> 20)
+            self._open()
+
+    def _open(self) -> None:
+        path = self.path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        try:
+            self._setup()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _setup(self) -> None:
+        path = self.path
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -372,8 +400,11 @@ class Database:
         # forwarder's next C-STORE waits on its commit; flock wakes the next writer the moment
         # the lock is free. SQLite's lock still guards correctness (busy_timeout).
         self._writers = os.open(f"{path}.writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._migrate()
-        self._schedule: tuple[str, float] | None = None  # (boot id, base) of the schedule clock
+        try:
+            self._migrate()
+        except BaseException:
+            os.close(self._writers)
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -1075,6 +1106,18 @@ class Database:
                 " AND done_at IS NOT NULL AND NOT EXISTS"
                 " (SELECT 1 FROM deliveries d WHERE d.instance_id = instances.id AND d.state != 'delivered')",
                 (instance_id, path)).rowcount == 1
+
+
+# Free space under which a failure to open the database is taken for a full disk.
+_NEARLY_FULL = 4 << 20
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL
 
 
 def open_database(root: Path) -> Database:

@@ -546,6 +546,54 @@ def test_a_disk_full_while_recording_deliveries_holds_the_forwarding_up_without_
     assert pacs.stored_uids() == Counter(uids(files)), "sent twice"
 
 
+def _fill_up(directory: Path) -> list[Path]:
+    """Files in ``directory`` until the disk has not one more byte (as another writer would)."""
+    made: list[Path] = []
+    for size in (1 << 20, 1 << 12, 1):
+        while True:
+            path = directory / f"filler-{len(made)}"
+            try:
+                with open(path, "wb") as f:
+                    f.write(b"\0" * size)
+            except OSError:
+                path.unlink(missing_ok=True)
+                break
+            made.append(path)
+    return made
+
+
+def test_a_box_stopped_cleanly_starts_again_on_a_disk_filled_meanwhile(appliance_factory, stack, small_disk,
+                                                                        tmp_path) -> None:
+    """Images acknowledged while the PACS is down; the box stopped cleanly (which removes the
+    database's WAL files); something else fills the disk to the last byte. SQLite could not
+    make the WAL files again ("disk I/O error"), the box could not start — modalities refused
+    at the door, `appliance queue` failing — and stayed down once space was freed: its images
+    stranded. Opening the database gives up the reserve that is there for it; the box starts,
+    refuses images for want of room (0xA700), and delivers what it holds once the PACS is up."""
+    pacs = RecordingSCP("PACS", keep_datasets=False)
+    box = appliance_factory({
+        "storage": {"path": str(small_disk / "data"), "disk": {"min_free": "10%"}},
+        "destinations": {"pacs": destination(pacs.ae_title, pacs.port)},
+        "routes": [{"send_to": ["pacs"]}],
+    })
+    files = write_series(tmp_path / "ct", "full-start", 1, 1, Series("CT", 10, 64, 64))
+    send(box, files)
+    assert box.stop() == 0
+    assert not (box.data / "appliance.db-wal").exists()
+    fillers = _fill_up(small_disk)
+    try:
+        box.start()
+        assert "removed the 1 MiB reserve so that the database can be opened" in box.log()
+        assert queue_of(box, "pacs")["pending"] == len(files)
+        refused = storescu(box.port, write_series(tmp_path / "more", "full-start", 2, 1, Series("CT", 1, 64, 64)))
+        assert not refused.succeeded and "OutOfResources" in refused.output, refused.output[-1500:]  # 0xA700
+    finally:
+        for path in fillers:
+            path.unlink()
+    with pacs:
+        wait_until(lambda: set(pacs.stored_uids()) == uids(files), 60, lambda: f"queue: {queue_of(box, 'pacs')}")
+
+
 # ---- 5. statuses: delivered, retried, dead letters; `appliance retry` --------------------------------------
 
 def test_a_study_refused_instance_by_instance_is_one_journal_line_and_a_count(appliance_factory, stack,
