@@ -44,7 +44,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from . import clock, hotpath, outgoing, rules, statuses, wakeup
-from .config import Config, Destination, Retry
+from .config import Config, Destination, Disk, Retry
 from .db import Database, Work
 from .dicomnet import (
     TellingTLSSocket,
@@ -355,18 +355,19 @@ class Forwarder:
             if self.db.mark_evicted(instance_id, path):
                 self.store.discard(Path(path))
                 removed += 1
-        evict_above = self.config.storage.disk.evict_above
+        disk = self.config.storage.disk
         while True:
             usage = self.store.usage()
-            if usage.used <= evict_above.of(usage.total):
+            limit = eviction_limit(disk, usage.total)
+            if usage.used <= limit:
                 break
             batch = self.db.evictable(None, limit=50)
             if not batch:
                 warned = self._watermark_warned_at
                 if warned is None or time.monotonic() - warned >= CACHE_SCAN_MAX:
                     self._watermark_warned_at = time.monotonic()
-                    log.warning("disk usage %.0f%% is above storage.disk.evict_above (%s) and nothing delivered"
-                                " is left to evict", 100 * usage.used / usage.total, evict_above)
+                    log.warning("disk usage %.0f%% is above %s and nothing delivered is left to evict",
+                                100 * usage.used / usage.total, _described_limit(disk, usage.total))
                 break
             for instance_id, path in batch:
                 if self.db.mark_evicted(instance_id, path):
@@ -949,6 +950,24 @@ class Forwarder:
         if "Status" not in response:
             return None
         return int(response.Status), str(response.get("ErrorComment", "") or "")
+
+
+def eviction_limit(disk: Disk, total: int) -> int:
+    """The disk usage above which delivered instances are evicted whatever their age: the high
+    watermark (storage.disk.evict_above), or, if it is lower, the usage at which intake would
+    stop for want of room (storage.disk.min_free) less a margin. A min_free larger than the
+    room evict_above leaves (30% free with evict_above 80%; 1GiB on a disk under 5 GiB) had
+    intake refuse every image (0xA700) with the cache full of delivered ones, nothing evicted
+    until their retention ran out, a day by default."""
+    margin = max(min(total // 100, 64 << 20), 1 << 20)
+    return min(disk.evict_above.of(total), total - disk.min_free.of(total) - margin)
+
+
+def _described_limit(disk: Disk, total: int) -> str:
+    if eviction_limit(disk, total) < disk.evict_above.of(total):
+        return (f"the room storage.disk.min_free ({disk.min_free}) keeps, which comes before"
+                f" evict_above ({disk.evict_above})")
+    return f"storage.disk.evict_above ({disk.evict_above})"
 
 
 def _status_of(response: C_STORE) -> tuple[int, str]:

@@ -284,3 +284,36 @@ def test_a_disk_filled_by_something_else_is_freed_by_evicting_delivered_instance
         assert "the disk is full: removed the 1 MiB reserve" in log
         assert "died with exit code" not in log and "exiting, to be started again" not in log, log[-2000:]
         wait_until(lambda: (data / "reserve").exists(), 30, "the reserve was not laid down again")
+
+
+def test_a_min_free_above_the_room_evict_above_leaves_still_lets_intake_resume(
+        appliance_factory, small_disk: Path, tmp_path: Path) -> None:
+    """``min_free: 30%`` with ``evict_above: 80%``: intake stops at 70 % used, eviction began
+    only above 80 %. With the cache full of delivered instances every new image was refused
+    (0xA700) until their retention ran out, a day later. Delivered instances now go once the
+    disk comes near the point where intake stops, and intake resumes by itself."""
+    import os
+
+    with ExitStack() as stack:
+        scp = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
+        data = small_disk / "data"
+        box = appliance_factory({
+            "storage": {"path": str(data), "disk": {"min_free": "30%", "evict_above": "80%"}},
+            "destinations": {"pacs": destination(scp.ae_title, scp.port)},
+            "routes": [{"send_to": ["pacs"]}],
+            "retention": {"keep_delivered_for": "1d"},
+        })
+        files = write_series(tmp_path / "ct", "gap", 1, 1, Series("CT", 40, 512, 512))  # 21 MB of 64
+        assert not storescu(box.port, files).failed
+        wait_until(lambda: len(scp.stored_uids()) == len(files), 30, lambda: f"delivered {len(scp.stored_uids())}")
+        st = os.statvfs(small_disk)
+        total, used = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bavail) * st.f_frsize
+        (small_disk / "ballast").write_bytes(b"\0" * int(0.76 * total - used))  # between 70 % and 80 % used
+        more = write_series(tmp_path / "more", "gap", 2, 1, Series("CT", 1, 512, 512), patient="PAT002")
+
+        def accepted() -> bool:
+            return bool(storescu(box.port, more).succeeded)
+
+        wait_until(accepted, 40, lambda: f"intake still refused; log: {box.log()[-800:]}")
+        assert "evicted" in box.log() and "delivered instance(s) from the cache" in box.log()
+        wait_until(lambda: sop_uid(more[0]) in scp.stored_uids(), 30, "the new image was not forwarded")
