@@ -22,7 +22,7 @@ from .pacs import (
     sop_uid,
     wait_until,
 )
-from .peers import storescu
+from .peers import ApplianceProcess, storescu
 
 
 def test_max_attempts_then_dead_letter_then_retry(appliance_factory, tmp_path: Path) -> None:
@@ -241,6 +241,22 @@ def test_above_high_watermark_what_is_delivered_later_is_evicted_within_seconds(
                 if uid in {sop_uid(p) for p in ct}} == {"evicted"}
 
 
+def _delivered_cache(appliance_factory, scp: RecordingSCP, data: Path, tmp_path: Path, name: str,
+                     disk: dict[str, str]) -> ApplianceProcess:
+    """An appliance with these watermarks whose cache holds 40 CT (21 MB), all delivered to
+    ``scp`` and kept for a day."""
+    box = appliance_factory({
+        "storage": {"path": str(data), "disk": disk},
+        "destinations": {"pacs": destination(scp.ae_title, scp.port)},
+        "routes": [{"send_to": ["pacs"]}],
+        "retention": {"keep_delivered_for": "1d"},
+    })
+    files = write_series(tmp_path / "ct", name, 1, 1, Series("CT", 40, 512, 512))
+    assert not storescu(box.port, files).failed
+    wait_until(lambda: len(scp.stored_uids()) == len(files), 30, lambda: f"delivered {len(scp.stored_uids())}")
+    return box
+
+
 def test_a_disk_filled_by_something_else_is_freed_by_evicting_delivered_instances(
         appliance_factory, small_disk: Path, tmp_path: Path) -> None:
     """Something else (the print spool, logs, an admin's copy) fills the data disk to the last
@@ -254,15 +270,7 @@ def test_a_disk_filled_by_something_else_is_freed_by_evicting_delivered_instance
     with ExitStack() as stack:
         scp = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
         data = small_disk / "data"
-        box = appliance_factory({
-            "storage": {"path": str(data), "disk": {"min_free": "5%", "evict_above": "60%"}},
-            "destinations": {"pacs": destination(scp.ae_title, scp.port)},
-            "routes": [{"send_to": ["pacs"]}],
-            "retention": {"keep_delivered_for": "1d"},
-        })
-        files = write_series(tmp_path / "ct", "full", 1, 1, Series("CT", 40, 512, 512))  # 21 MB of 64
-        assert not storescu(box.port, files).failed
-        wait_until(lambda: len(scp.stored_uids()) == len(files), 30, lambda: f"delivered {len(scp.stored_uids())}")
+        box = _delivered_cache(appliance_factory, scp, data, tmp_path, "full", {"min_free": "5%", "evict_above": "60%"})
         assert (data / "reserve").exists()
 
         subprocess.run(["dd", "if=/dev/zero", f"of={small_disk / 'filler'}", "bs=1M", "count=100"],
@@ -297,15 +305,7 @@ def test_a_min_free_above_the_room_evict_above_leaves_still_lets_intake_resume(
     with ExitStack() as stack:
         scp = stack.enter_context(RecordingSCP("PACS", keep_datasets=False))
         data = small_disk / "data"
-        box = appliance_factory({
-            "storage": {"path": str(data), "disk": {"min_free": "30%", "evict_above": "80%"}},
-            "destinations": {"pacs": destination(scp.ae_title, scp.port)},
-            "routes": [{"send_to": ["pacs"]}],
-            "retention": {"keep_delivered_for": "1d"},
-        })
-        files = write_series(tmp_path / "ct", "gap", 1, 1, Series("CT", 40, 512, 512))  # 21 MB of 64
-        assert not storescu(box.port, files).failed
-        wait_until(lambda: len(scp.stored_uids()) == len(files), 30, lambda: f"delivered {len(scp.stored_uids())}")
+        box = _delivered_cache(appliance_factory, scp, data, tmp_path, "gap", {"min_free": "30%", "evict_above": "80%"})
         st = os.statvfs(small_disk)
         total, used = st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bavail) * st.f_frsize
         (small_disk / "ballast").write_bytes(b"\0" * int(0.76 * total - used))  # between 70 % and 80 % used

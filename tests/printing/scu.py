@@ -141,15 +141,9 @@ class PrintSCU:
         if display_format is not None:
             ds.ImageDisplayFormat = display_format
         if reference_session:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = BasicFilmSession
-            ref.ReferencedSOPInstanceUID = self.session_uid
-            ds.ReferencedFilmSessionSequence = DicomSequence([ref])
+            ds.ReferencedFilmSessionSequence = _referenced(BasicFilmSession, self.session_uid)
         if plut_uid:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = PresentationLUT
-            ref.ReferencedSOPInstanceUID = plut_uid
-            ds.ReferencedPresentationLUTSequence = DicomSequence([ref])
+            ds.ReferencedPresentationLUTSequence = _referenced(PresentationLUT, plut_uid)
         for key, value in attrs.items():
             setattr(ds, key, value)
         return self.create(BasicFilmBox, ds, None if assign else generate_uid())
@@ -184,10 +178,7 @@ class PrintSCU:
     def set_film_box(self, uid: str, plut_uid: str | None = None, **attrs: object) -> Reply:
         ds = Dataset()
         if plut_uid:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = PresentationLUT
-            ref.ReferencedSOPInstanceUID = plut_uid
-            ds.ReferencedPresentationLUTSequence = DicomSequence([ref])
+            ds.ReferencedPresentationLUTSequence = _referenced(PresentationLUT, plut_uid)
         for key, value in attrs.items():
             setattr(ds, key, value)
         status, reply = self.assoc.send_n_set(ds, BasicFilmBox, uid, meta_uid=self.meta)
@@ -212,3 +203,11 @@ class PrintSCU:
     def delete(self, sop_class: str, uid: str) -> int:
         status = self.assoc.send_n_delete(sop_class, uid, meta_uid=self.meta)
         return self._status(status)
+
+
+def _referenced(sop_class: str, uid: str) -> DicomSequence:
+    """A one-item sequence referencing an instance (Referenced SOP Class / Instance UID)."""
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = sop_class
+    ref.ReferencedSOPInstanceUID = uid
+    return DicomSequence([ref])
