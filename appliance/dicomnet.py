@@ -166,14 +166,10 @@ def why_not_associated(assoc: Association, where: str, timeout: float | None) ->
     return f"no association with {where} (refused, timed out or aborted)"
 
 
-# A PDU length comes from the peer: never allocate more than this up front on its word alone.
-_PREALLOCATE_LIMIT = 16 * 2**20
-
-
 def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with the same contract (blocking; short only when the peer
     closed), reading straight into one preallocated buffer."""
-    if nr_bytes > _PREALLOCATE_LIMIT:  # let the buffer grow only as data really arrives
+    if nr_bytes > reactor.PREALLOCATE_LIMIT:  # let the buffer grow only as data really arrives
         return bytearray(AssociationSocket.recv(self, nr_bytes))
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)

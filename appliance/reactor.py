@@ -485,7 +485,7 @@ _STREAM_PIECE = 1 << 20
 _COMMAND_LIMIT = 1 << 16
 _PDV_HEADER = struct.Struct(">IBB")
 # A PDU length comes from the peer: never allocate more than this up front on its word alone.
-_PREALLOCATE_LIMIT = 16 * 2**20
+PREALLOCATE_LIMIT = 16 * 2**20
 
 
 def _fill(dul: Any, view: memoryview) -> int:
@@ -506,13 +506,13 @@ def _fill(dul: Any, view: memoryview) -> int:
 
 def _recv_body(dul: Any, size: int) -> bytearray:
     """The next ``size`` bytes (fewer only when the peer closed), in one buffer."""
-    if size <= _PREALLOCATE_LIMIT:
+    if size <= PREALLOCATE_LIMIT:
         buffer = bytearray(size)
         received = _fill(dul, memoryview(buffer))
         return buffer if received == size else buffer[:received]
     buffer = bytearray()  # grown only as the data really arrives
     while len(buffer) < size:
-        piece = bytearray(min(_PREALLOCATE_LIMIT, size - len(buffer)))
+        piece = bytearray(min(PREALLOCATE_LIMIT, size - len(buffer)))
         received = _fill(dul, memoryview(piece))
         buffer += piece[:received]
         if received < len(piece):
@@ -572,7 +572,7 @@ def _stream_pdata(dul: Any, receiver: Any, pdu_length: int, limit: int) -> bytea
                 if limit and pdu_length > limit:
                     raise ProtocolError(_too_long(pdu_length, limit))
                 return item + fragment + _recv_body(dul, remaining)
-            if receiver.incoming is None:  # an abort begun: the rest is not read
+            if receiver.incoming is None:  # a response taken (alone in its PDU), or an abort begun
                 if remaining:
                     dul._appliance_not_dicom = "a P-DATA-TF that was aborted"
                 return None
