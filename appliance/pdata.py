@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,26 @@ class _Incoming:
         self.context = context
         self.request = request
         self.received = received
+
+
+# How long the DUL thread waits for the association's thread to mark an accepted association
+# established (it sends the A-ASSOCIATE-AC, runs the EVT_ACCEPTED handlers, then sets the flag).
+_ESTABLISHED_WAIT = 5.0
+
+
+def _wait_established(assoc: Any) -> None:
+    """Wait until the association's thread has marked it established. This thread can take a
+    whole C-STORE — a small one, or one refused at once — between the A-ASSOCIATE-AC going out
+    and that mark; pynetdicom's Storage SCP then takes the association for one aborted or
+    released and drops the response, and the sender waits for it until its timeout (seen in
+    1-3 of 300 associations whose one C-STORE was refused for want of room). That thread waits
+    on nothing of this one's meanwhile."""
+    if assoc.is_established:
+        return
+    deadline = time.monotonic() + _ESTABLISHED_WAIT
+    while (not assoc.is_established and not assoc.is_aborted and not assoc.is_released and not assoc._kill
+           and time.monotonic() < deadline):
+        time.sleep(0.0005)
 
 
 class StoreReceiver:
@@ -285,6 +306,7 @@ class StoreReceiver:
         request._dataset_file = received  # type: ignore[assignment]  # pynetdicom types it as its NTF
         request._dataset_path = Path(received.name)
         assoc = self.assoc
+        _wait_established(assoc)
         try:
             assoc.dimse.cancel_req = {}
             StorageServiceClass(assoc).SCP(request, incoming.context)

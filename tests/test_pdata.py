@@ -387,6 +387,25 @@ def test_a_large_pdu_above_the_announced_maximum_is_refused_unless_streamed(box:
     assert set(box.rows()) == {direct.SOPInstanceUID}
 
 
+def test_a_store_served_before_its_association_is_marked_established_is_answered(box: _Box) -> None:
+    """The DUL thread can take a whole C-STORE between the A-ASSOCIATE-AC going out and the
+    association's thread marking the association established (after its EVT_ACCEPTED
+    handlers). pynetdicom's Storage SCP then dropped the response, taking the association for
+    one aborted or released: the instance was stored, and its sender waited for an answer
+    until its timeout. Here the acceptor's EVT_ACCEPTED handler takes a second."""
+    server = box.receiver._server
+    assert server is not None
+    server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(1.0))
+    assoc = _associate(box.port)
+    try:
+        ds = make_instance("pdata", 1, 1, 11, CT_SLICE)
+        rsp = assoc.send_c_store(ds)
+        assert "Status" in rsp and rsp.Status == 0x0000, "no answer to the C-STORE"
+    finally:
+        assoc.release()
+    assert ds.SOPInstanceUID in box.rows()
+
+
 def test_associations_that_report_their_pdus_keep_pynetdicoms_path(box: _Box) -> None:
     """Handlers that want every received PDU keep the association on pynetdicom's path."""
     seen: list[int] = []
