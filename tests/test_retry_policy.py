@@ -312,9 +312,8 @@ def test_a_min_free_above_the_room_evict_above_leaves_still_lets_intake_resume(
         more = write_series(tmp_path / "more", "gap", 2, 1, Series("CT", 1, 512, 512), patient="PAT002")
 
         def accepted() -> bool:
-            # -td: an answer lost to the race of a C-STORE served before its association's
-            # thread marks it established (seen in 1-3 of 300 refused associations; under
-            # investigation) costs this poll 5 s, not the box's 60 s network timeout.
+            # -td: a poll that got no answer (as a C-STORE served before its association was
+            # marked established did: test_pdata) costs 5 s, not the box's 60 s network timeout.
             return bool(storescu(box.port, more, extra=["-td", "5"]).succeeded)
 
         wait_until(accepted, 60, lambda: f"intake still refused; log: {box.log()[-800:]}")
