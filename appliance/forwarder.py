@@ -918,6 +918,11 @@ class Forwarder:
             link.message_id = chain.message_id  # the last one the chain used
         if unrecorded:  # the chain ended there, with the association, whatever the sender saw then
             (index, status), = unrecorded.items()
+            if link.assoc.is_established:
+                # Its next request, half sent, was abandoned: the association may not have
+                # ended yet. End it now, so that the rest of the batch goes back uncharged
+                # (_send_batch) instead of out on it, unanswered, as "no response".
+                link.assoc.abort()
             self._persist(self.db.finish, works[index], "delivered", status, None)
             return index + 1, None
         if failed is not None:
